@@ -1,0 +1,692 @@
+"""Captioner backends: write one auxiliary caption per clip ahead of training (the "AC" part of the method).
+
+Every backend is a callable class with the same interface, so the Ray Data pipeline (``workflows/caption.py``) can
+run any of them as an actor pool with ``ds.map_batches(Cls, fn_constructor_kwargs=..., compute=ActorPoolStrategy(..))``:
+
+* ``__init__(model, device="cpu", **params)`` loads the model once per actor. A setup failure (model missing, wrong
+  kind of model, unknown parameter) raises :class:`~hci_atr.errors.CaptionerError` saying what to fix.
+* ``__call__(batch) -> batch`` maps a column batch (dict of equal-length numpy arrays or lists) with the columns
+  ``audio_id, audio_path, video_path (None/"" when absent), start_time (float, NaN when unknown), split, captions``
+  to the columns ``audio_id, generated_caption, captioner, model, params (JSON), seconds (float32), error``.
+  A per-row failure never raises: that row gets ``generated_caption=""`` and a one-line ``error``; the other rows of
+  the batch are still captioned. ``seconds`` is the row's own decode time plus an equal share of the batched
+  model time.
+
+Backends (``build_captioner(name, model, device, **params)``):
+
+``blip`` -- image captioning of video frames (BLIP, ``BlipProcessor`` + ``BlipForConditionalGeneration.generate``).
+    ``model``: HF id (must already be in the local cache unless ``allow_download=True``) or a local directory.
+    Params: ``num_frames`` (3) frames per clip; ``clip_seconds`` (10.0) the clip's duration window in the video;
+    ``max_new_tokens`` (20); ``num_beams`` (3); ``merge`` ("join" | "most_frequent", default "join");
+    ``allow_download`` (False).
+    Frame sampling: the window ``[start, start + clip_seconds]`` (start = the row's ``start_time``, 0 when NaN) is
+    clamped to the video's length and cut into ``num_frames`` equal parts; the frame nearest the centre of each part
+    is decoded with PyAV (see :func:`frame_times`).
+    Merge rule: ``join`` -- the frames' captions, whitespace-normalised and lower-cased, deduplicated (first
+    occurrence kept), in time order, joined with ``" ; "``; ``most_frequent`` -- the caption produced for the most
+    frames, ties going to the earliest frame. Rows without a video get the error ``"no video for clip"``.
+
+``audio`` -- an audio-to-text sequence-to-sequence model (``AutoProcessor`` + ``AutoModelForSpeechSeq2Seq``, e.g. a
+    Whisper-architecture audio captioner). ``model``: HF id or local directory (required).
+    Params: ``max_new_tokens`` (30); ``num_beams`` (3); ``max_seconds`` (30.0) audio kept from the clip's start;
+    ``allow_download`` (False). Audio is decoded by the project's front end (``hci_atr.data.audio.load_audio``:
+    soundfile, mixed to mono, torchaudio resampling to the processor's sampling rate); the batch is generated in
+    one call (on failure, row by row, so one bad clip only fails itself).
+
+``nearest`` -- the offline default: no captioning model at all, but a trained hci-atr model
+    (``HciAtrModel.from_pretrained(model)``) and the training feature shards (``features=`` a parquet directory,
+    schema in docs/architecture.md). At construction it embeds every training clip's mel (clip level, [N, D]) and
+    every training caption (sentence level). For an input clip it computes the mel from ``audio_path`` with the
+    model's saved audio config, embeds it, and returns a caption of the TRAINING clip with the highest clip-level
+    audio-audio cosine similarity, leave-one-out: a training clip with the same ``audio_id`` is never chosen, and
+    (``exclude_own_captions``, default True) neither is a caption equal (normalised) to one of the row's own
+    captions, so a clip never gets its own reference captions back. Of the chosen clip's captions, the one whose
+    sentence embedding is closest to the input clip's audio embedding is returned.
+    Params: ``features`` (required); ``split`` ("train") the feature rows used as the caption bank;
+    ``embed_batch_size`` (32); ``exclude_own_captions`` (True).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from hci_atr.data.audio import clip_features, load_audio
+from hci_atr.errors import CaptionerError, HciAtrError
+
+OUTPUT_COLUMNS = ("audio_id", "generated_caption", "captioner", "model", "params", "seconds", "error")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared by the backends
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def one_line(exc: BaseException | str) -> str:
+    """A one-line reason for the errors table: ``"ExcType: first line"``; project errors (whose messages already
+    name the file and the fix) and plain strings as they are."""
+    if isinstance(exc, HciAtrError):
+        msg = str(exc)
+    elif isinstance(exc, BaseException):
+        text = str(exc).strip()
+        head = text.splitlines()[0] if text else ""
+        msg = f"{type(exc).__name__}: {head}" if head else type(exc).__name__
+    else:
+        msg = str(exc)
+    return " ".join(msg.split())[:500]
+
+
+def normalize_caption(text: str) -> str:
+    """Lower-case, collapse whitespace, strip trailing punctuation: the key used to deduplicate captions."""
+    return " ".join(str(text).lower().split()).strip(" .;,")
+
+
+def merge_captions(captions: Sequence[str], rule: str = "join") -> str:
+    """Merge the per-frame captions of one clip (given in time order) into one auxiliary caption.
+
+    ``join``: distinct normalised captions in time order joined with ``" ; "``.
+    ``most_frequent``: the normalised caption produced for most frames; ties go to the earliest frame.
+    Empty captions are ignored; all empty -> ``""``.
+    """
+    norm = [normalize_caption(c) for c in captions]
+    norm = [c for c in norm if c]
+    if not norm:
+        return ""
+    if rule == "join":
+        return " ; ".join(dict.fromkeys(norm))
+    if rule == "most_frequent":
+        counts = Counter(norm)
+        best = max(counts.values())
+        return next(c for c in norm if counts[c] == best)
+    raise CaptionerError(f"merge rule '{rule}' is unknown; use 'join' or 'most_frequent'")
+
+
+def frame_times(start: float | None, clip_seconds: float, num_frames: int,
+                video_seconds: float | None = None) -> list[float]:
+    """Timestamps (seconds) of the frames to caption for one clip.
+
+    The window ``[start, start + clip_seconds]`` is clamped to ``[0, video_seconds]`` and cut into ``num_frames``
+    equal parts; the result is the centre of each part, in increasing order. ``start`` None/NaN means 0.
+    Raises ValueError when the start lies past the end of the video.
+    """
+    s = 0.0 if start is None or (isinstance(start, float) and math.isnan(start)) else max(0.0, float(start))
+    e = s + float(clip_seconds)
+    if video_seconds is not None and video_seconds > 0:
+        if s >= video_seconds:
+            raise ValueError(f"start_time {s:.2f} s is past the end of the video ({video_seconds:.2f} s)")
+        e = min(e, float(video_seconds))
+    step = (e - s) / num_frames
+    return [s + (i + 0.5) * step for i in range(num_frames)]
+
+
+def read_frames(path: str, times: Sequence[float]) -> list[tuple[float, np.ndarray]]:
+    """Decode the frames nearest to ``times`` (sorted seconds) from a video file with PyAV.
+
+    Returns ``[(frame_time, rgb uint8 [H, W, 3])]``, one per requested time: the first frame whose presentation
+    time reaches the target minus half a frame period; targets past the last frame get the last frame.
+    Seeks once to the keyframe before the first target, then decodes forward (clips are short, so one forward pass
+    is cheaper than one seek per frame).
+    """
+    import av
+
+    out: list[tuple[float, np.ndarray]] = []
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("file has no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate) if stream.average_rate else 25.0
+        half = 0.5 / rate
+        if times and times[0] > 1.0 and stream.time_base is not None:
+            container.seek(int(max(0.0, times[0] - 1.0) / stream.time_base), stream=stream, backward=True)
+        last = None
+        k = 0
+        for frame in container.decode(stream):
+            t = float(frame.time) if frame.time is not None else 0.0
+            while k < len(times) and t + half >= times[k]:
+                out.append((t, frame.to_ndarray(format="rgb24")))
+                k += 1
+            last = frame
+            if k == len(times):
+                break
+        if last is None:
+            raise ValueError("no frame could be decoded")
+        while k < len(times):
+            lt = float(last.time) if last.time is not None else 0.0
+            out.append((lt, last.to_ndarray(format="rgb24")))
+            k += 1
+    return out
+
+
+def video_seconds(path: str) -> float | None:
+    """The video stream's length in seconds (None when the container does not say)."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0] if container.streams.video else None
+        if stream is not None and stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        if container.duration:
+            return container.duration / 1_000_000
+    return None
+
+
+def _column(batch: dict[str, Any], name: str, n: int, default: Any = None) -> list[Any]:
+    if name not in batch:
+        return [default] * n
+    return list(batch[name])
+
+
+def _batch_len(batch: dict[str, Any]) -> int:
+    if "audio_id" not in batch:
+        raise CaptionerError(f"caption batch has no 'audio_id' column (columns: {', '.join(batch)})")
+    return len(batch["audio_id"])
+
+
+def _text(value: Any) -> str:
+    """A cell as a string: None/NaN -> ""."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return str(value)
+
+
+def _check_model_ref(model: str | None, backend: str) -> str:
+    """A model argument must be an existing local directory or an HF id (``org/name``)."""
+    if not model:
+        raise CaptionerError(f"captioner '{backend}' needs a model: pass an HF id (already in the local cache) "
+                             f"or a local directory written by save_pretrained")
+    model = str(model)
+    looks_local = os.path.isabs(model) or model.startswith(".") or os.path.exists(model) or model.count("/") > 1
+    if looks_local:
+        p = Path(model)
+        if not p.exists():
+            raise CaptionerError(f"captioner '{backend}': model directory {p} not found; pass an existing "
+                                 f"save_pretrained directory or an HF id")
+        if not (p / "config.json").is_file():
+            raise CaptionerError(f"captioner '{backend}': {p} has no config.json, so it is not a transformers "
+                                 f"model directory; pass the folder written by save_pretrained")
+    return model
+
+
+def _pretrained_error(backend: str, model: str, exc: BaseException) -> CaptionerError:
+    return CaptionerError(f"captioner '{backend}': cannot load model '{model}' ({one_line(exc)}); pass a local "
+                          f"save_pretrained directory, or an HF id that is in the local cache "
+                          f"(or allow_download=True where the network is reachable)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# base
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Captioner:
+    """Base class: parameter checking, the per-row bookkeeping and the output columns.
+
+    Subclasses set ``name`` and ``defaults`` and implement :meth:`caption_rows`, which returns one
+    ``(caption, error, seconds)`` per row and must not raise for per-row problems.
+    """
+
+    name: str = ""
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, model: str | None, device: str = "cpu", **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise CaptionerError(f"captioner '{self.name}': unknown parameter(s) {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(self.defaults))})")
+        self.params: dict[str, Any] = {**self.defaults, **params}
+        self.model_ref = "" if model is None else str(model)
+        self.device = device
+
+    @property
+    def params_json(self) -> str:
+        """The effective parameters as sorted JSON (the ``params`` column; file paths as given)."""
+        return json.dumps(self.params, sort_keys=True, default=str)
+
+    def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        n = _batch_len(batch)
+        rows = self.caption_rows(batch, n) if n else []
+        return {
+            "audio_id": np.array([str(a) for a in _column(batch, "audio_id", n)], dtype=object),
+            "generated_caption": np.array([r[0] for r in rows], dtype=object),
+            "captioner": np.array([self.name] * n, dtype=object),
+            "model": np.array([self.model_ref] * n, dtype=object),
+            "params": np.array([self.params_json] * n, dtype=object),
+            "seconds": np.array([r[2] for r in rows], dtype=np.float32),
+            "error": np.array([r[1] for r in rows], dtype=object),
+        }
+
+
+def _run_isolated(items: list[Any], fn: Callable[[list[Any]], list[str]]) -> tuple[list[str], list[str]]:
+    """Run a batched model call; if the whole batch fails, retry item by item so one bad item only fails itself.
+
+    Returns (outputs, errors) aligned with ``items``; a failed item has output "" and a one-line error.
+    """
+    try:
+        return fn(items), [""] * len(items)
+    except Exception as batch_exc:  # noqa: BLE001 - any model failure becomes a row error
+        if len(items) == 1:
+            return [""], [one_line(batch_exc)]
+    outs, errs = [], []
+    for item in items:
+        try:
+            outs.append(fn([item])[0])
+            errs.append("")
+        except Exception as e:  # noqa: BLE001
+            outs.append("")
+            errs.append(one_line(e))
+    return outs, errs
+
+
+def _torch_device(device: str):
+    import torch
+
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise CaptionerError(f"device '{device}' is not valid ({one_line(e)}); use 'cpu' or 'cuda'") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# blip: video frames -> image captions -> one merged caption
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BlipCaptioner(Captioner):
+    name = "blip"
+    defaults = {"num_frames": 3, "clip_seconds": 10.0, "max_new_tokens": 20, "num_beams": 3, "merge": "join",
+                "allow_download": False}
+
+    def __init__(self, model: str | None = "Salesforce/blip-image-captioning-base", device: str = "cpu",
+                 **params: Any) -> None:
+        super().__init__(model or "Salesforce/blip-image-captioning-base", device, **params)
+        p = self.params
+        if int(p["num_frames"]) < 1:
+            raise CaptionerError(f"captioner 'blip': num_frames must be >= 1, got {p['num_frames']}")
+        if float(p["clip_seconds"]) <= 0:
+            raise CaptionerError(f"captioner 'blip': clip_seconds must be > 0, got {p['clip_seconds']}")
+        merge_captions([], p["merge"])  # validates the rule name now, not on the first batch
+        ref = _check_model_ref(self.model_ref, self.name)
+        from transformers import AutoConfig, BlipForConditionalGeneration, BlipProcessor
+
+        local_only = not bool(p["allow_download"])
+        try:
+            cfg = AutoConfig.from_pretrained(ref, local_files_only=local_only)
+        except (OSError, ValueError) as e:
+            raise _pretrained_error(self.name, ref, e) from None
+        if cfg.model_type != "blip":
+            raise CaptionerError(f"captioner 'blip': '{ref}' is a '{cfg.model_type}' model; the blip backend needs "
+                                 f"a BLIP image-captioning model (model_type 'blip', e.g. "
+                                 f"Salesforce/blip-image-captioning-base)")
+        try:
+            self.processor = BlipProcessor.from_pretrained(ref, local_files_only=local_only)
+            self.model = BlipForConditionalGeneration.from_pretrained(ref, local_files_only=local_only)
+        except (OSError, ValueError, TypeError) as e:
+            raise _pretrained_error(self.name, ref, e) from None
+        self.torch_device = _torch_device(device)
+        self.model.to(self.torch_device).eval()
+
+    def sample_frames(self, video_path: str, start: float | None) -> list[tuple[float, np.ndarray]]:
+        """The clip's frames ``[(time, rgb [H, W, 3])]`` in time order (see :func:`frame_times`)."""
+        times = frame_times(start, float(self.params["clip_seconds"]), int(self.params["num_frames"]),
+                            video_seconds(video_path))
+        return read_frames(video_path, times)
+
+    def _generate(self, images: list[np.ndarray]) -> list[str]:
+        import torch
+
+        inputs = self.processor(images=images, return_tensors="pt").to(self.torch_device)
+        with torch.no_grad():
+            ids = self.model.generate(**inputs, max_new_tokens=int(self.params["max_new_tokens"]),
+                                      num_beams=int(self.params["num_beams"]))
+        return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+
+    def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
+        videos = _column(batch, "video_path", n)
+        starts = _column(batch, "start_time", n, float("nan"))
+        frames: list[list[np.ndarray]] = [[] for _ in range(n)]
+        errors = [""] * n
+        seconds = [0.0] * n
+        for i in range(n):
+            t0 = time.perf_counter()
+            path = _text(videos[i])
+            if not path:
+                errors[i] = "no video for clip"
+            elif not os.path.isfile(path):
+                errors[i] = f"video file not found: {path}"
+            else:
+                try:
+                    start = starts[i]
+                    start = None if start is None else float(start)
+                    frames[i] = [img for _, img in self.sample_frames(path, start)]
+                except Exception as e:  # noqa: BLE001 - unreadable/corrupt video is a row error
+                    errors[i] = f"cannot read video {path}: {one_line(e)}"
+            seconds[i] = time.perf_counter() - t0
+        # one generate call over all frames of all readable rows; a failure is isolated per row
+        ok = [i for i in range(n) if not errors[i]]
+        captions = [""] * n
+        if ok:
+            t0 = time.perf_counter()
+            flat = [img for i in ok for img in frames[i]]
+            per_row: list[tuple[list[str], str]] = []
+            try:
+                texts = self._generate(flat)
+                k = 0
+                for i in ok:
+                    per_row.append((texts[k:k + len(frames[i])], ""))
+                    k += len(frames[i])
+            except Exception:  # noqa: BLE001 - retry row by row so one bad clip only fails itself
+                per_row = []
+                for i in ok:
+                    try:
+                        per_row.append((self._generate(frames[i]), ""))
+                    except Exception as e:  # noqa: BLE001
+                        per_row.append(([], one_line(e)))
+            share = (time.perf_counter() - t0) / len(ok)
+            for i, (texts_i, err) in zip(ok, per_row):
+                seconds[i] += share
+                if err:
+                    errors[i] = f"caption generation failed: {err}"
+                    continue
+                captions[i] = merge_captions(texts_i, self.params["merge"])
+                if not captions[i]:
+                    errors[i] = "model generated an empty caption"
+        return [(captions[i], errors[i], seconds[i]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audio: audio-to-text seq2seq model on the clip's waveform
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class AudioCaptioner(Captioner):
+    name = "audio"
+    defaults = {"max_new_tokens": 30, "num_beams": 3, "max_seconds": 30.0, "allow_download": False}
+
+    def __init__(self, model: str | None, device: str = "cpu", **params: Any) -> None:
+        super().__init__(model, device, **params)
+        ref = _check_model_ref(self.model_ref, self.name)
+        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+
+        local_only = not bool(self.params["allow_download"])
+        try:
+            self.processor = AutoProcessor.from_pretrained(ref, local_files_only=local_only)
+        except (OSError, ValueError, TypeError) as e:
+            raise _pretrained_error(self.name, ref, e) from None
+        try:
+            self.model = AutoModelForSpeechSeq2Seq.from_pretrained(ref, local_files_only=local_only)
+        except ValueError as e:
+            raise CaptionerError(f"captioner 'audio': '{ref}' is not an audio-to-text sequence-to-sequence model "
+                                 f"({one_line(e)}); pass a model AutoModelForSpeechSeq2Seq can load "
+                                 f"(e.g. a Whisper-architecture audio captioner)") from None
+        except (OSError, TypeError) as e:
+            raise _pretrained_error(self.name, ref, e) from None
+        fe = getattr(self.processor, "feature_extractor", None)
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if fe is None or self.tokenizer is None or not getattr(fe, "sampling_rate", None):
+            raise CaptionerError(f"captioner 'audio': '{ref}' has no processor with both a feature extractor and "
+                                 f"a tokenizer; save one with processor.save_pretrained into the model directory")
+        self.sample_rate = int(fe.sampling_rate)
+        self.torch_device = _torch_device(device)
+        self.model.to(self.torch_device).eval()
+
+    def _generate(self, waves: list[np.ndarray]) -> list[str]:
+        import torch
+
+        inputs = self.processor(waves, sampling_rate=self.sample_rate, return_tensors="pt",
+                                return_attention_mask=True)
+        inputs = {k: v.to(self.torch_device) for k, v in inputs.items()}
+        if "input_features" in inputs and inputs["input_features"].is_floating_point():
+            inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
+        with torch.no_grad():
+            ids = self.model.generate(**inputs, max_new_tokens=int(self.params["max_new_tokens"]),
+                                      num_beams=int(self.params["num_beams"]))
+        return [" ".join(t.split()) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
+        paths = _column(batch, "audio_path", n)
+        waves: list[np.ndarray | None] = [None] * n
+        errors = [""] * n
+        seconds = [0.0] * n
+        keep = int(float(self.params["max_seconds"]) * self.sample_rate)
+        for i in range(n):
+            t0 = time.perf_counter()
+            path = _text(paths[i])
+            try:
+                if not path:
+                    raise ValueError("no audio_path for clip")
+                waves[i] = load_audio(path, self.sample_rate)[:keep]  # [N] mono at the processor's rate
+            except Exception as e:  # noqa: BLE001 - unreadable audio is a row error
+                errors[i] = one_line(e)
+            seconds[i] = time.perf_counter() - t0
+        ok = [i for i in range(n) if not errors[i]]
+        captions = [""] * n
+        if ok:
+            t0 = time.perf_counter()
+            outs, errs = _run_isolated([waves[i] for i in ok], self._generate)
+            share = (time.perf_counter() - t0) / len(ok)
+            for i, out, err in zip(ok, outs, errs):
+                seconds[i] += share
+                if err:
+                    errors[i] = f"caption generation failed: {err}"
+                elif not out.strip():
+                    errors[i] = "model generated an empty caption"
+                else:
+                    captions[i] = out.strip()
+        return [(captions[i], errors[i], seconds[i]) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nearest: caption of the most similar training clip under a trained hci-atr model (leave-one-out)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class NearestCaptioner(Captioner):
+    name = "nearest"
+    defaults = {"features": None, "split": "train", "embed_batch_size": 32, "exclude_own_captions": True}
+
+    def __init__(self, model: str | None, device: str = "cpu", **params: Any) -> None:
+        super().__init__(model, device, **params)
+        if not self.model_ref:
+            raise CaptionerError("captioner 'nearest' needs a model: the directory of a trained hci-atr model "
+                                 "(written by HciAtrModel.save_pretrained, e.g. by `hci-atr train`)")
+        mdir = Path(self.model_ref)
+        if not mdir.is_dir():
+            raise CaptionerError(f"captioner 'nearest': model directory {mdir} not found; pass the directory of a "
+                                 f"trained hci-atr model (model.safetensors + config.yaml)")
+        if not self.params["features"]:
+            raise CaptionerError("captioner 'nearest' needs features=<dir>: the training feature shards written "
+                                 "by `hci-atr extract-features`")
+        import torch
+
+        from hci_atr.models.model import HciAtrModel
+
+        try:
+            self.model = HciAtrModel.from_pretrained(str(mdir))
+        except HciAtrError as e:
+            raise CaptionerError(f"captioner 'nearest': cannot load the hci-atr model in {mdir}: {e}") from None
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise CaptionerError(f"captioner 'nearest': cannot load the hci-atr model in {mdir} ({one_line(e)}); "
+                                 f"pass a directory written by HciAtrModel.save_pretrained") from None
+        self.torch_device = _torch_device(device)
+        self.model.to(self.torch_device).eval()
+        self.audio_cfg = self.model.cfg.audio
+        ids, captions, mels = _read_feature_bank(Path(str(self.params["features"])), str(self.params["split"]))
+        self.bank_ids = ids
+        self.bank_captions = captions
+        with torch.no_grad():
+            # [N, D] clip-level embeddings of the training clips, L2-normalised (cosine = dot product)
+            self.bank_audio = self._embed_mels(mels)
+            flat = [c for caps in captions for c in caps]
+            self.caption_owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+            self.bank_text = self._embed_texts(flat)  # [sum captions, D]
+        self.bank_norm = [[normalize_caption(c) for c in caps] for caps in captions]
+        self.id_to_index = {a: i for i, a in enumerate(ids)}
+
+    def _embed_mels(self, mels: list[np.ndarray]):
+        """Clip embeddings [len(mels), D] (normalised); mels of different lengths are padded and masked."""
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        bs = max(1, int(self.params["embed_batch_size"]))
+        for k in range(0, len(mels), bs):
+            chunk = mels[k:k + bs]
+            t_max = max(m.shape[0] for m in chunk)
+            mel = torch.zeros(len(chunk), t_max, chunk[0].shape[1])
+            mask = torch.zeros(len(chunk), t_max, dtype=torch.bool)
+            for j, m in enumerate(chunk):
+                mel[j, :m.shape[0]] = torch.from_numpy(np.asarray(m, dtype=np.float32))
+                mask[j, :m.shape[0]] = True
+            emb = self.model.encode_audio(mel.to(self.torch_device), mask.to(self.torch_device))
+            out.append(F.normalize(emb.clip.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 1)
+
+    def _embed_texts(self, texts: list[str]):
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        bs = max(1, int(self.params["embed_batch_size"]))
+        for k in range(0, len(texts), bs):
+            batch = self.model.tokenize(texts[k:k + bs])
+            if hasattr(batch, "to"):
+                batch = batch.to(self.torch_device)
+            emb = self.model.encode_text(batch)
+            out.append(F.normalize(emb.sentence.float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 1)
+
+    def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
+        import torch
+
+        ids = [str(a) for a in _column(batch, "audio_id", n)]
+        paths = _column(batch, "audio_path", n)
+        own = _column(batch, "captions", n)
+        mels: list[np.ndarray | None] = [None] * n
+        errors = [""] * n
+        seconds = [0.0] * n
+        for i in range(n):
+            t0 = time.perf_counter()
+            path = _text(paths[i])
+            try:
+                if not path:
+                    raise ValueError("no audio_path for clip")
+                mels[i] = np.asarray(clip_features(path, self.audio_cfg), dtype=np.float32)  # [T, n_mels]
+            except Exception as e:  # noqa: BLE001 - unreadable audio is a row error
+                errors[i] = one_line(e)
+            seconds[i] = time.perf_counter() - t0
+        ok = [i for i in range(n) if not errors[i]]
+        captions = [""] * n
+        if ok:
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    query = self._embed_mels([mels[i] for i in ok])  # [B, D]
+                sim_audio = (query @ self.bank_audio.T).numpy()  # [B, N] clip-level audio-audio cosine
+                sim_text = (query @ self.bank_text.T).numpy()  # [B, C] audio-caption cosine
+                for row, i in enumerate(ok):
+                    captions[i], errors[i] = self._pick(ids[i], own[i], sim_audio[row], sim_text[row])
+            except Exception as e:  # noqa: BLE001
+                for i in ok:
+                    errors[i] = f"caption lookup failed: {one_line(e)}"
+            share = (time.perf_counter() - t0) / len(ok)
+            for i in ok:
+                seconds[i] += share
+        return [(captions[i], errors[i], seconds[i]) for i in range(n)]
+
+    def _pick(self, audio_id: str, own_captions: Any, sim_audio: np.ndarray, sim_text: np.ndarray) -> tuple[str, str]:
+        """The caption for one clip: nearest training clip (not itself), then its caption closest to the audio."""
+        own_set = set()
+        if self.params["exclude_own_captions"] and own_captions is not None and not isinstance(own_captions, float):
+            own_set = {normalize_caption(c) for c in list(own_captions) if c is not None}
+        order = np.argsort(-sim_audio, kind="stable")
+        for j in order:
+            if self.bank_ids[j] == audio_id:
+                continue  # leave-one-out: never the clip itself
+            allowed = [k for k, c in enumerate(self.bank_norm[j]) if c not in own_set]
+            if not allowed:
+                continue
+            cap_index = np.flatnonzero(self.caption_owner == j)
+            best = max(allowed, key=lambda k: sim_text[cap_index[k]])
+            return self.bank_captions[j][best], ""
+        return "", "no training clip other than this one has a usable caption"
+
+
+def _read_feature_bank(path: Path, split: str) -> tuple[list[str], list[list[str]], list[np.ndarray]]:
+    """Read the training rows of a feature-shard directory: (audio_ids, captions per clip, mel [T, M] per clip)."""
+    import pyarrow.dataset as pds
+
+    if not path.exists():
+        raise CaptionerError(f"captioner 'nearest': features directory {path} not found; run "
+                             f"`hci-atr extract-features` first or pass features=<dir>")
+    need = ["audio_id", "split", "captions", "n_frames", "n_mels", "mel"]
+    try:
+        ds = pds.dataset(str(path), format="parquet")
+        missing = [c for c in need if c not in ds.schema.names]
+        if missing:
+            raise CaptionerError(f"captioner 'nearest': features in {path} lack column(s) {', '.join(missing)}; "
+                                 f"re-run `hci-atr extract-features`")
+        table = ds.to_table(columns=need, filter=pds.field("split") == split)
+    except CaptionerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise CaptionerError(f"captioner 'nearest': cannot read features in {path} ({one_line(e)})") from None
+    if table.num_rows == 0:
+        raise CaptionerError(f"captioner 'nearest': features in {path} have no rows with split '{split}'; "
+                             f"extract features for the training split or set split=<name>")
+    cols = table.to_pydict()
+    ids, caps, mels = [], [], []
+    for r in range(table.num_rows):
+        c = [str(x) for x in (cols["captions"][r] or []) if x and str(x).strip()]
+        if not c:
+            continue  # a training clip without captions cannot lend one
+        t, m = int(cols["n_frames"][r]), int(cols["n_mels"][r])
+        mel = np.asarray(cols["mel"][r], dtype=np.float32)
+        if mel.size != t * m or t < 1:
+            raise CaptionerError(f"captioner 'nearest': features in {path}, audio_id {cols['audio_id'][r]}: "
+                                 f"mel has {mel.size} values, expected n_frames*n_mels = {t}*{m}; "
+                                 f"re-run `hci-atr extract-features`")
+        ids.append(str(cols["audio_id"][r]))
+        caps.append(c)
+        mels.append(mel.reshape(t, m))
+    if not ids:
+        raise CaptionerError(f"captioner 'nearest': no '{split}' row in {path} has a caption")
+    return ids, caps, mels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------------------------
+
+CAPTIONERS: dict[str, type[Captioner]] = {
+    "blip": BlipCaptioner,
+    "audio": AudioCaptioner,
+    "nearest": NearestCaptioner,
+}
+
+
+def captioner_class(name: str) -> type[Captioner]:
+    """The class for a backend name (what the pipeline hands to ``map_batches``)."""
+    try:
+        return CAPTIONERS[name]
+    except KeyError:
+        raise CaptionerError(f"unknown captioner '{name}'; choose one of: {', '.join(CAPTIONERS)}") from None
+
+
+def build_captioner(name: str, model: str | None = None, device: str = "cpu", **params: Any) -> Captioner:
+    """Construct a backend by name: ``build_captioner("blip", "/models/blip", num_frames=3)``."""
+    cls = captioner_class(name)
+    if name == "blip" and model is None:
+        return cls(device=device, **params)
+    return cls(model, device, **params)
