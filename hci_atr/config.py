@@ -121,6 +121,7 @@ class ServeConfig:
     batch_max_size: int = 16
     batch_wait_timeout_s: float = 0.005
     cors_origins: tuple[str, ...] = ()
+    replica_cpus: float = 0.5  # Ray CPUs reserved per Serve replica (fractional, so 2 replicas fit on 2 cores)
 
 
 @dataclass(frozen=True)
