@@ -1,0 +1,225 @@
+"""Where a command's Ray work runs: a local Ray, the cluster in RAY_ADDRESS, or (``--cluster``) a Ray job.
+
+- :func:`ensure_ray` — inside a command: join ``RAY_ADDRESS`` when set (a Ray job's driver always has it), else start
+  a local Ray bound to 127.0.0.1.
+- :func:`submit_self_as_job` — ``--cluster cluster.yaml``: send the same ``hci-atr`` command (minus ``--cluster``) to
+  the cluster's head through the Jobs API, ship this project as the job's ``working_dir``, stream the job's logs until
+  it ends, and return its exit status (0 = succeeded).
+
+Head address (dashboard, port 8265 unless set) is read from the cluster-launcher YAML, in this order:
+
+1. ``metadata.hci_atr.dashboard_address`` (``metadata`` is the launcher's free-form section; Ray ignores it): a full
+   ``http://host:port`` or ``host[:port]``. Use this for cloud clusters (e.g. after ``ray get-head-ip cluster.yaml``),
+   or to reach the dashboard through an SSH tunnel (``ray dashboard cluster.yaml`` -> ``127.0.0.1``).
+2. ``provider.head_ip`` for ``provider.type: local``.
+3. ``ray get-head-ip cluster.yaml`` (needs the cloud provider's credentials on this machine).
+
+Token authentication (Ray 2.59+ turns it on for ``ray start --head``): when a token is available (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), the client runs with ``RAY_AUTH_MODE=token`` so the Jobs API
+accepts it. Copy the head's ``~/.ray/auth_token`` to this machine (or export RAY_AUTH_TOKEN) for a remote cluster.
+
+Paths in the command (``--data``, ``--out``) are paths on the cluster's head: use absolute paths or shared storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+from urllib.parse import urlparse
+
+import yaml
+
+from hci_atr.errors import ClusterError
+
+DASHBOARD_PORT = 8265
+# Never shipped with the job: environments, data, run outputs, caches (the Jobs API caps working_dir size).
+WORKING_DIR_EXCLUDES = [
+    "/.git", "/.venv", "/venv", "__pycache__", "*.pyc", ".pytest_cache", "/data", "/demo_data", "/mlruns", "/mlflow.db",
+    "/mlartifacts", "/hci_atr_runs", "*.parquet", "*.wav", "*.flac", "*.ogg", "*.mp4", "*.pt", "*.pth",
+    "*.safetensors", "node_modules", ".ci/cache",
+]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect this process to Ray once: ``address`` or ``$RAY_ADDRESS`` if given, else a new local Ray.
+
+    A local Ray binds to 127.0.0.1 (nothing is exposed on the network) and uses ``num_cpus`` (default: all cores).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, configure_logging=False)
+        else:
+            # "local": never attach to some other cluster found on this machine by `ray start`.
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", configure_logging=False)
+    except ConnectionError as e:
+        raise ClusterError(f"cannot connect to Ray at {address!r} ({_first_line(e)}); check RAY_ADDRESS") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- cluster YAML -----------------------------------------------------------------------------------------------
+
+
+def read_cluster_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ClusterError(f"{p}: cluster file not found (give the YAML that `ray up` started the cluster with)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ClusterError(f"{p}: not valid YAML ({_first_line(e)})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("provider"), dict):
+        raise ClusterError(f"{p}: not a Ray cluster-launcher config (no 'provider' section)")
+    return data
+
+
+def dashboard_address(cluster_yaml: str | os.PathLike) -> str:
+    """``http://host:port`` of the head's dashboard (Jobs API) named by ``cluster_yaml`` (see module docstring)."""
+    cfg = read_cluster_yaml(cluster_yaml)
+    extra = ((cfg.get("metadata") or {}).get("hci_atr") or {})
+    addr = extra.get("dashboard_address")
+    provider = cfg["provider"]
+    if not addr and provider.get("type") == "local":
+        addr = provider.get("head_ip")
+        if not addr:
+            raise ClusterError(f"{cluster_yaml}: provider.type is local but provider.head_ip is not set")
+    if not addr:
+        try:
+            res = subprocess.run(["ray", "get-head-ip", os.fspath(cluster_yaml)], capture_output=True, text=True,
+                                 timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ClusterError(f"{cluster_yaml}: `ray get-head-ip` failed ({_first_line(e)}); set "
+                               "metadata.hci_atr.dashboard_address in the file") from None
+        lines = res.stdout.strip().splitlines()
+        if res.returncode != 0 or not lines:
+            raise ClusterError(f"{cluster_yaml}: `ray get-head-ip` found no head (is the cluster up? `ray up "
+                               f"{cluster_yaml}`); or set metadata.hci_atr.dashboard_address in the file")
+        addr = lines[-1].strip()
+    addr = str(addr)
+    if "://" not in addr:
+        addr = "http://" + addr
+    u = urlparse(addr)
+    if not u.hostname:
+        raise ClusterError(f"{cluster_yaml}: cannot read a head address from {addr!r}")
+    return f"{u.scheme}://{u.hostname}:{u.port or DASHBOARD_PORT}"
+
+
+# -- job submission ---------------------------------------------------------------------------------------------
+
+
+def project_root() -> Path:
+    """The project directory shipped as the job's working_dir (the folder holding pyproject.toml)."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def strip_cluster_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--cluster X`` / ``--cluster=X`` (the job runs the same command on the cluster itself)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--cluster":
+            skip = True
+        elif not a.startswith("--cluster="):
+            out.append(a)
+    return out
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return os.path.isfile(path)
+
+
+@contextlib.contextmanager
+def _auth_env() -> Iterator[bool]:
+    """Run the Jobs API client with ``RAY_AUTH_MODE=token`` when a token exists (restored afterwards)."""
+    use = _token_available() and "RAY_AUTH_MODE" not in os.environ
+    if use:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        yield use or os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    finally:
+        if use:
+            os.environ.pop("RAY_AUTH_MODE", None)
+
+
+def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, echo=None,
+                       working_dir: str | os.PathLike | None = None) -> int:
+    """Run ``hci-atr <argv minus --cluster>`` as a Ray job on the cluster of ``cluster_yaml``; stream its logs.
+
+    Returns 0 when the job succeeded, 1 otherwise. Raises :class:`ClusterError` when the head cannot be reached or
+    refuses the job.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    echo = echo or (lambda s: print(s, end="", flush=True))
+    address = dashboard_address(cluster_yaml)
+    args = strip_cluster_args(argv)
+    entrypoint = "python -m hci_atr.cli " + " ".join(shlex.quote(a) for a in args)
+    with _auth_env() as token_mode:
+        try:
+            client = JobSubmissionClient(address)
+        except Exception as e:
+            raise ClusterError(f"cannot reach the Ray head at {address} ({_first_line(e)}); is the cluster up "
+                               f"(`ray up {cluster_yaml}`) and the dashboard port reachable?") from None
+        env_vars = {"PYTHONUNBUFFERED": "1"}
+        if token_mode:
+            env_vars["RAY_AUTH_MODE"] = "token"  # the job's driver joins a token-auth cluster too
+        runtime_env = {"working_dir": os.fspath(working_dir or project_root()), "excludes": WORKING_DIR_EXCLUDES,
+                       "env_vars": env_vars}
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                       metadata={"hci_atr": " ".join(args[:1])})
+        except Exception as e:
+            raise ClusterError(f"the Ray head at {address} refused the job ({_first_line(e)})") from None
+        echo(f"submitted job {job_id} to {address}: hci-atr {' '.join(args)}\n")
+        try:
+            asyncio.run(_tail(client, job_id, echo))
+            status = _wait_terminal(client, job_id)
+        except KeyboardInterrupt:
+            echo(f"\nstopped following; the job keeps running. Stop it with: ray job stop {job_id} "
+                 f"--address {address}\n")
+            return 130
+    echo(f"job {job_id} {status}\n")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+async def _tail(client, job_id: str, echo) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        echo(lines)
+
+
+def _wait_terminal(client, job_id: str) -> str:
+    """The log stream ends with the job; the status may lag a moment behind, so poll until it is terminal."""
+    for _ in range(600):
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if status in TERMINAL:
+            return status
+        time.sleep(0.2)
+    return status
+
+
+def run_or_submit(cluster: str | None, argv: Sequence[str] | None) -> int | None:
+    """CLI helper: with ``--cluster`` submit and return the job's exit code; without it return None (run here)."""
+    if not cluster:
+        return None
+    return submit_self_as_job(cluster, list(argv if argv is not None else sys.argv[1:]))

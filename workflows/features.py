@@ -1,0 +1,121 @@
+"""extract-features: Ray Data pipeline from dataset records to log-mel feature shards.
+
+records (driver) -> ray.data.from_items -> map_batches(FeatureExtractor, ActorPoolStrategy(size=num_workers))
+  -> streamed back to the driver -> :func:`workflows.sharded.drain` -> part-*.parquet (+ errors.parquet, _SUCCESS)
+
+Each output row (schema in docs/architecture.md): audio_id, split, audio_path, captions, duration (seconds of real
+audio, <= audio.duration), n_frames, n_mels, mel (row-major ``[n_frames, n_mels]`` flattened to ``list<float32>``).
+The pipeline streams: only the shards in flight are held in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from hci_atr.config import AudioConfig, Config
+from hci_atr.errors import HciAtrError
+from workflows.sharded import ERROR_COLUMN, ShardedOutput, drain, plan_shards
+
+STAGE = "features"
+
+FEATURE_SCHEMA = pa.schema([
+    ("audio_id", pa.string()),
+    ("split", pa.string()),
+    ("audio_path", pa.string()),
+    ("captions", pa.list_(pa.string())),
+    ("duration", pa.float32()),
+    ("n_frames", pa.int32()),
+    ("n_mels", pa.int32()),
+    ("mel", pa.list_(pa.float32())),
+])
+_RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field(ERROR_COLUMN, pa.string()))
+
+
+def record_row(rec) -> dict:
+    """A :class:`hci_atr.data.formats.Record` as a plain row for ``ray.data.from_items``."""
+    return {"audio_id": rec.audio_id, "audio_path": rec.audio_path, "split": rec.split,
+            "captions": list(rec.captions), "video_path": rec.video_path or "",
+            "start_time": float(rec.start_time) if rec.start_time is not None else float("nan")}
+
+
+class FeatureExtractor:
+    """Ray Data actor: decode + log-mel for a batch of records. A bad clip becomes an error row, not an exception.
+
+    ``__call__(batch: pa.Table[audio_id, audio_path, split, captions, ...]) -> pa.Table`` with
+    :data:`FEATURE_SCHEMA` columns plus ``error`` ("" when the row is fine).
+    """
+
+    def __init__(self, audio: dict):
+        self.audio_cfg = AudioConfig(**audio)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from hci_atr.data.audio import clip_features_and_duration
+
+        cols = {name: [] for name in _RESULT_SCHEMA.names}
+        for row in batch.select(["audio_id", "audio_path", "split", "captions"]).to_pylist():
+            try:
+                mel, seconds = clip_features_and_duration(row["audio_path"], self.audio_cfg)  # [T, n_mels]
+                err = ""
+            except HciAtrError as e:
+                mel, seconds, err = np.zeros((0, self.audio_cfg.n_mels), np.float32), 0.0, str(e)
+            except Exception as e:  # anything else about one clip is that clip's failure, not the run's
+                mel, seconds, err = np.zeros((0, self.audio_cfg.n_mels), np.float32), 0.0, f"{type(e).__name__}: {e}"
+            cols["audio_id"].append(row["audio_id"])
+            cols["split"].append(row["split"])
+            cols["audio_path"].append(row["audio_path"])
+            cols["captions"].append(row["captions"])
+            cols["duration"].append(seconds)
+            cols["n_frames"].append(mel.shape[0])
+            cols["n_mels"].append(mel.shape[1])
+            cols["mel"].append(np.ascontiguousarray(mel, dtype=np.float32).reshape(-1))
+            cols[ERROR_COLUMN].append(err)
+        return pa.Table.from_pydict(cols, schema=_RESULT_SCHEMA)
+
+
+def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Config | None = None,
+                     fmt: str = "auto", splits: Iterable[str] | None = None, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """Write feature shards for every record of ``data`` into ``out``; resumes a previous run. Returns the manifest.
+
+    Uses ``cfg.pipeline`` (num_workers, batch_size, gpus_per_worker, rows_per_shard, max_failure_rate) and
+    ``cfg.audio``. Raises :class:`hci_atr.errors.DataError` when too many clips fail.
+    """
+    from hci_atr.data.formats import read_dataset
+
+    cfg = cfg or Config()
+    p = cfg.pipeline
+    records = read_dataset(data, format=fmt, splits=splits)
+    shards = plan_shards([r.audio_id for r in records], p.rows_per_shard)
+    extra = {"data": os.path.abspath(os.fspath(data)), "splits": sorted(set(r.split for r in records)),
+             "audio": dataclasses.asdict(cfg.audio), "seed": seed}
+    t0 = time.perf_counter()
+    with ShardedOutput(out, FEATURE_SCHEMA, STAGE, shards, p.max_failure_rate, extra) as output:
+        if output.pending:
+            import ray
+
+            from workflows.cluster import ensure_ray
+
+            ensure_ray()
+            todo = {a for s in output.pending for a in s.audio_ids}
+            items = [record_row(r) for r in sorted(records, key=lambda r: r.audio_id) if r.audio_id in todo]
+            ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // p.batch_size)))
+            ds = ds.map_batches(
+                FeatureExtractor,
+                fn_constructor_kwargs={"audio": dataclasses.asdict(cfg.audio)},
+                compute=ray.data.ActorPoolStrategy(size=p.num_workers),
+                batch_size=p.batch_size,
+                batch_format="pyarrow",
+                num_cpus=1,
+                **({"num_gpus": p.gpus_per_worker} if p.gpus_per_worker else {}),
+            )
+            drain(ds.iter_batches(batch_format="pyarrow", batch_size=None), output, progress=progress)
+        manifest = output.finish()
+    manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    manifest["computed_shards"] = len(output.pending)
+    return manifest
