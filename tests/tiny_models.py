@@ -92,8 +92,10 @@ def build_tiny_audio_captioner(out_dir: str | Path, seed: int = 0) -> Path:
                         begin_suppress_tokens=None, suppress_tokens=None)
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(cfg)
-    # as in released Whisper generation configs: the first generated token may not be end-of-text
+    # as in released Whisper generation configs: the first generated token may not be end-of-text, and the
+    # control tokens are never generated as text
     model.generation_config.begin_suppress_tokens = [eot]
+    model.generation_config.suppress_tokens = [sot, vocab["<|notimestamps|>"]]
     model.save_pretrained(out)
     WhisperProcessor(feature_extractor=fe, tokenizer=tok).save_pretrained(out)
     return out

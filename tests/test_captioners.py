@@ -1,0 +1,204 @@
+"""Captioner backends (no Ray): tiny random-weight BLIP / Whisper models saved and loaded with from_pretrained, a real
+video decoded with PyAV, real wav files, and a tiny trained-format hci-atr model for the nearest backend."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hci_atr.captioners import (OUTPUT_COLUMNS, BlipCaptioner, build_captioner, captioner_class, frame_times,
+                                merge_captions, read_frames, video_seconds)
+from hci_atr.errors import CaptionerError
+from tests.tiny_models import (build_tiny_audio_captioner, build_tiny_blip, frame_level, write_test_video,
+                               write_tone)
+
+FPS = 10
+FAST = {"num_beams": 1, "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captioner_media")
+    video = write_test_video(root / "clip.mp4", seconds=3.0, fps=FPS, size=(64, 48))
+    corrupt = root / "corrupt.mp4"
+    corrupt.write_bytes(b"not a video at all " * 50)
+    return {"root": root, "video": str(video), "corrupt": str(corrupt)}
+
+
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory):
+    return build_tiny_blip(tmp_path_factory.mktemp("tiny_blip"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    return build_tiny_audio_captioner(tmp_path_factory.mktemp("tiny_whisper"), seed=0)
+
+
+def _batch(**cols):
+    """A column batch as Ray Data hands it to map_batches (numpy arrays, object dtype for strings)."""
+    out = {}
+    for k, v in cols.items():
+        out[k] = np.array(v, dtype=np.float64 if k == "start_time" else object)
+    return out
+
+
+def _check_columns(out, n, captioner, model):
+    assert tuple(out) == OUTPUT_COLUMNS
+    assert all(len(out[c]) == n for c in OUTPUT_COLUMNS)
+    assert out["seconds"].dtype == np.float32 and (out["seconds"] >= 0).all()
+    assert list(out["captioner"]) == [captioner] * n
+    assert list(out["model"]) == [str(model)] * n
+    for caption, error in zip(out["generated_caption"], out["error"]):
+        assert isinstance(caption, str) and isinstance(error, str)
+        assert (caption == "") != (error == ""), "exactly one of caption / error per row"
+        assert "\n" not in error
+
+
+# -- frame sampling -----------------------------------------------------------------------------------------------
+
+
+def test_frame_times_spread_over_clip_window():
+    assert frame_times(2.0, 3.0, 3) == pytest.approx([2.5, 3.5, 4.5])
+    assert frame_times(float("nan"), 10.0, 2) == pytest.approx([2.5, 7.5])  # unknown start -> from 0
+    assert frame_times(None, 4.0, 1) == pytest.approx([2.0])
+    # window clamped to the video's end: [8, 10] instead of [8, 18]
+    assert frame_times(8.0, 10.0, 2, video_seconds=10.0) == pytest.approx([8.5, 9.5])
+    with pytest.raises(ValueError, match="past the end of the video"):
+        frame_times(12.0, 10.0, 3, video_seconds=10.0)
+
+
+def test_sampled_frames_are_the_frames_near_start_time(media, blip_dir):
+    assert video_seconds(media["video"]) == pytest.approx(3.0)
+    cap = BlipCaptioner(str(blip_dir), num_frames=3, clip_seconds=1.5, **FAST)
+    frames = cap.sample_frames(media["video"], 1.0)  # window [1.0, 2.5] -> targets 1.25, 1.75, 2.25
+    targets = [1.25, 1.75, 2.25]
+    assert len(frames) == 3
+    times = [t for t, _ in frames]
+    assert times == sorted(times)
+    for (t, img), target in zip(frames, targets):
+        assert abs(t - target) <= 0.5 / FPS + 1e-6
+        assert img.shape == (48, 64, 3) and img.dtype == np.uint8
+        # the frame content identifies the frame: grey level of frame i is frame_level(i) (below the moving square)
+        assert abs(float(img[16:].mean()) - frame_level(round(t * FPS))) < 3.0
+    # targets past the last frame get the last frame (time 2.9 s)
+    tail = read_frames(media["video"], [2.95, 5.0])
+    assert [t for t, _ in tail] == pytest.approx([2.9, 2.9])
+
+
+def test_merge_rules():
+    caps = ["A dog barks.", "a  dog barks", "a car passes", "a dog barks", "a car passes", ""]
+    assert merge_captions(caps, "join") == "a dog barks ; a car passes"
+    assert merge_captions(caps, "most_frequent") == "a dog barks"
+    assert merge_captions(["b", "a", "a", "b"], "most_frequent") == "b"  # tie -> earliest frame
+    assert merge_captions(["", " "], "join") == ""
+    with pytest.raises(CaptionerError, match="merge rule 'vote'"):
+        merge_captions(caps, "vote")
+
+
+# -- blip ---------------------------------------------------------------------------------------------------------
+
+
+def test_blip_captions_video_and_isolates_bad_rows(media, blip_dir):
+    cap = build_captioner("blip", str(blip_dir), num_frames=3, clip_seconds=1.5, **FAST)
+    missing = str(media["root"] / "missing.mp4")
+    batch = _batch(audio_id=["good1", "novid", "empty", "corrupt", "missing", "good2"],
+                   video_path=[media["video"], None, "", media["corrupt"], missing, media["video"]],
+                   start_time=[0.5, 0.0, math.nan, 0.0, 0.0, 1.0],
+                   audio_path=["a.wav"] * 6, split=["train"] * 6, captions=[["x"]] * 6)
+    out = cap(batch)
+    _check_columns(out, 6, "blip", blip_dir)
+    assert list(out["audio_id"]) == ["good1", "novid", "empty", "corrupt", "missing", "good2"]
+    err = list(out["error"])
+    assert err[0] == "" and err[5] == ""
+    assert err[1] == "no video for clip" and err[2] == "no video for clip"
+    assert err[3].startswith(f"cannot read video {media['corrupt']}")
+    assert err[4] == f"video file not found: {missing}"
+    for i in (0, 5):
+        assert len(out["generated_caption"][i].split()) >= 1
+    assert json.loads(out["params"][0]) == {"num_frames": 3, "clip_seconds": 1.5, "max_new_tokens": 8,
+                                            "num_beams": 1, "merge": "join", "allow_download": False}
+    # the row's caption is the merge of the captions of exactly the sampled frames
+    frames = [img for _, img in cap.sample_frames(media["video"], 0.5)]
+    assert out["generated_caption"][0] == merge_captions(cap._generate(frames), "join")
+
+
+def test_blip_is_deterministic_for_a_seed(media, blip_dir, tmp_path):
+    batch = _batch(audio_id=["c"], video_path=[media["video"]], start_time=[0.5])
+    first = build_captioner("blip", str(blip_dir), clip_seconds=1.5, **FAST)(batch)["generated_caption"][0]
+    same_seed = build_captioner("blip", str(build_tiny_blip(tmp_path / "s0", seed=0)), clip_seconds=1.5,
+                                **FAST)(batch)["generated_caption"][0]
+    other_seed = build_captioner("blip", str(build_tiny_blip(tmp_path / "s1", seed=1)), clip_seconds=1.5,
+                                 **FAST)(batch)["generated_caption"][0]
+    assert first and first == same_seed
+    assert other_seed != first  # the caption comes from the weights, not from a constant
+
+
+def test_blip_setup_errors_say_what_to_fix(tmp_path, blip_dir, audio_dir):
+    with pytest.raises(CaptionerError, match="model directory .*nope not found"):
+        build_captioner("blip", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaptionerError, match="no config.json"):
+        build_captioner("blip", str(tmp_path / "empty"))
+    with pytest.raises(CaptionerError, match="is a 'whisper' model; the blip backend needs a BLIP"):
+        build_captioner("blip", str(audio_dir))
+    with pytest.raises(CaptionerError, match="unknown parameter\\(s\\) num_frame "):
+        build_captioner("blip", str(blip_dir), num_frame=2)
+    with pytest.raises(CaptionerError, match="num_frames must be >= 1"):
+        build_captioner("blip", str(blip_dir), num_frames=0)
+    with pytest.raises(CaptionerError, match="cannot load model 'no-such-org/no-such-blip'.*local cache"):
+        build_captioner("blip", "no-such-org/no-such-blip")
+
+
+# -- audio --------------------------------------------------------------------------------------------------------
+
+
+def test_audio_captions_wav_files(media, audio_dir):
+    root = media["root"]
+    wavs = [write_tone(root / "t300.wav", 300, 1.5, 16000), write_tone(root / "t900.wav", 900, 1.0, 22050),
+            write_tone(root / "t2k.wav", 2000, 2.5, 44100, channels=2)]
+    broken = root / "broken.wav"
+    broken.write_bytes(b"RIFF....WAVEfmt garbage")
+    cap = build_captioner("audio", str(audio_dir), **FAST)
+    assert cap.sample_rate == 16000  # taken from the saved processor, inputs are resampled to it
+    paths = [str(w) for w in wavs] + [str(broken), str(root / "absent.wav")]
+    out = cap(_batch(audio_id=["a", "b", "c", "broken", "absent"], audio_path=paths, video_path=[None] * 5,
+                     start_time=[math.nan] * 5, split=["train"] * 5, captions=[["x"]] * 5))
+    _check_columns(out, 5, "audio", audio_dir)
+    assert list(out["error"][:3]) == ["", "", ""]
+    assert all(c.strip() for c in out["generated_caption"][:3])
+    assert "cannot decode audio" in out["error"][3] and str(broken) in out["error"][3]
+    assert out["error"][4] == f"{root / 'absent.wav'}: audio file not found"
+    # batching does not change a clip's caption: alone == in the batch
+    alone = cap(_batch(audio_id=["c"], audio_path=[paths[2]]))
+    assert alone["generated_caption"][0] == out["generated_caption"][2]
+    assert json.loads(out["params"][0])["max_new_tokens"] == 8
+
+
+def test_audio_setup_errors(blip_dir, tmp_path):
+    with pytest.raises(CaptionerError, match="needs a model"):
+        build_captioner("audio")
+    with pytest.raises(CaptionerError, match="not an audio-to-text sequence-to-sequence model"):
+        build_captioner("audio", str(blip_dir))
+    with pytest.raises(CaptionerError, match="model directory .*gone not found"):
+        build_captioner("audio", str(tmp_path / "gone"))
+
+
+# -- registry -----------------------------------------------------------------------------------------------------
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(CaptionerError, match="unknown captioner 'gpt'; choose one of: blip, audio, nearest"):
+        build_captioner("gpt", "x")
+    assert captioner_class("blip") is BlipCaptioner
+    assert {captioner_class(n).name for n in ("blip", "audio", "nearest")} == {"blip", "audio", "nearest"}
+
+
+def test_empty_batch_gives_empty_columns(blip_dir):
+    out = build_captioner("blip", str(blip_dir), **FAST)(_batch(audio_id=[], video_path=[], start_time=[]))
+    assert tuple(out) == OUTPUT_COLUMNS and all(len(v) == 0 for v in out.values())
+
+
