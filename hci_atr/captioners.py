@@ -530,7 +530,7 @@ class NearestCaptioner(Captioner):
             self.bank_audio = self._embed_mels(mels)
             flat = [c for caps in captions for c in caps]
             self.caption_owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
-            self.bank_text = self._embed_texts(flat)  # [sum captions, D]
+            self.bank_text = self.model.embed_text(flat, int(self.params["embed_batch_size"])).float().cpu()  # [C, D]
         self.bank_norm = [[normalize_caption(c) for c in caps] for caps in captions]
         self.id_to_index = {a: i for i, a in enumerate(ids)}
 
@@ -551,20 +551,6 @@ class NearestCaptioner(Captioner):
                 mask[j, :m.shape[0]] = True
             emb = self.model.encode_audio(mel.to(self.torch_device), mask.to(self.torch_device))
             out.append(F.normalize(emb.clip.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 1)
-
-    def _embed_texts(self, texts: list[str]):
-        import torch
-        import torch.nn.functional as F
-
-        out = []
-        bs = max(1, int(self.params["embed_batch_size"]))
-        for k in range(0, len(texts), bs):
-            batch = self.model.tokenize(texts[k:k + bs])
-            if hasattr(batch, "to"):
-                batch = batch.to(self.torch_device)
-            emb = self.model.encode_text(batch)
-            out.append(F.normalize(emb.sentence.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, 1)
 
     def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -202,3 +203,115 @@ def test_empty_batch_gives_empty_columns(blip_dir):
     assert tuple(out) == OUTPUT_COLUMNS and all(len(v) == 0 for v in out.values())
 
 
+
+
+# -- nearest ------------------------------------------------------------------------------------------------------
+
+TRAIN_TONES = {"t0": 250.0, "t1": 500.0, "t2": 1000.0, "t3": 2000.0, "t4": 4000.0}
+
+
+@pytest.fixture(scope="module")
+def nearest_setup(tmp_path_factory, tiny_text_dir):
+    """A tiny saved HciAtrModel, five training clips (tones, two distinct captions each) as feature shards, and a
+    validation clip that is an exact copy of training clip t2's audio."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from hci_atr.config import Config
+    from hci_atr.data.audio import clip_features
+    from hci_atr.models.model import HciAtrModel
+
+    root = tmp_path_factory.mktemp("nearest")
+    cfg = Config().override({"audio.sample_rate": 16000, "audio.n_fft": 512, "audio.win_length": 512,
+                             "audio.hop_length": 160, "audio.n_mels": 32, "audio.f_max": 8000.0,
+                             "audio.duration": 1.0, "model.text_encoder": str(tiny_text_dir),
+                             "model.embed_dim": 32, "model.audio_width": 8})
+    torch.manual_seed(0)
+    model_dir = HciAtrModel(cfg).save_pretrained(root / "model")
+    rows = []
+    for i, (aid, freq) in enumerate(TRAIN_TONES.items()):
+        wav = write_tone(root / f"{aid}.wav", freq, 1.0, 16000)
+        mel = clip_features(wav, cfg.audio)
+        rows.append({"audio_id": aid, "split": "train", "audio_path": str(wav),
+                     "captions": [f"tone {aid} first caption", f"tone {aid} second caption"], "duration": 1.0,
+                     "n_frames": mel.shape[0], "n_mels": mel.shape[1], "mel": mel.reshape(-1).tolist()})
+    # a validation row in the same shards: it must never be used as a caption source (split filter)
+    val_wav = write_tone(root / "v_other.wav", 1000.0, 1.0, 16000)
+    mel = clip_features(val_wav, cfg.audio)
+    rows.append({"audio_id": "v_other", "split": "val", "audio_path": str(val_wav), "captions": ["validation only"],
+                 "duration": 1.0, "n_frames": mel.shape[0], "n_mels": mel.shape[1], "mel": mel.reshape(-1).tolist()})
+    feats = root / "features"
+    feats.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:3]), feats / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), feats / "part-00001.parquet")
+    dup = root / "v_dup.wav"
+    shutil.copy(root / "t2.wav", dup)
+    return {"root": root, "model": model_dir, "features": feats, "cfg": cfg, "rows": rows, "dup": str(dup)}
+
+
+def _expected_neighbour(setup, query_id):
+    """Independent reference: clip embeddings of the training mels, argmax cosine excluding the query's own id."""
+    import torch
+
+    from hci_atr.models.model import HciAtrModel
+
+    model = HciAtrModel.from_pretrained(setup["model"])
+    train = [r for r in setup["rows"] if r["split"] == "train"]
+    mel = torch.tensor(np.stack([np.reshape(r["mel"], (r["n_frames"], r["n_mels"])) for r in train]),
+                       dtype=torch.float32)
+    with torch.no_grad():
+        clip = model.encode_audio(mel, torch.ones(mel.shape[:2], dtype=torch.bool)).clip
+    q = [r["audio_id"] for r in train].index(query_id)
+    sims = clip @ clip[q]
+    sims[q] = -2.0
+    return train[int(sims.argmax())]["audio_id"]
+
+
+def test_nearest_never_returns_the_clips_own_captions(nearest_setup):
+    s = nearest_setup
+    cap = build_captioner("nearest", str(s["model"]), features=str(s["features"]))
+    assert cap.bank_ids == list(TRAIN_TONES)  # only the train split, in shard order
+    train = [r for r in s["rows"] if r["split"] == "train"]
+    out = cap(_batch(audio_id=[r["audio_id"] for r in train], audio_path=[r["audio_path"] for r in train],
+                     video_path=[None] * len(train), start_time=[math.nan] * len(train),
+                     split=["train"] * len(train), captions=[r["captions"] for r in train]))
+    _check_columns(out, len(train), "nearest", s["model"])
+    assert list(out["error"]) == [""] * len(train)
+    for r, caption in zip(train, out["generated_caption"]):
+        assert caption not in r["captions"]
+        neighbour = _expected_neighbour(s, r["audio_id"])
+        assert neighbour != r["audio_id"]
+        assert caption in next(t["captions"] for t in train if t["audio_id"] == neighbour)
+
+
+def test_nearest_finds_an_identical_clip_and_drops_own_caption_text(nearest_setup):
+    s = nearest_setup
+    cap = build_captioner("nearest", str(s["model"]), features=str(s["features"]))
+    t2_caps = ["tone t2 first caption", "tone t2 second caption"]
+    out = cap(_batch(audio_id=["v_dup", "v_dup_same_text", "v_dup_one_text", "v_missing"],
+                     audio_path=[s["dup"], s["dup"], s["dup"], str(s["root"] / "absent.wav")],
+                     captions=[["unrelated"], t2_caps, [t2_caps[1].upper() + "."], ["x"]]))
+    # the same audio under another id: the neighbour is t2 (cosine 1)
+    assert out["generated_caption"][0] in t2_caps and out["error"][0] == ""
+    # a row whose own captions are t2's (a duplicate clip) must not get them back: next-nearest clip instead
+    assert out["generated_caption"][1] not in t2_caps and out["generated_caption"][1].startswith("tone t")
+    # only one of t2's captions is the row's own (case/punctuation-insensitive): the other one is returned
+    assert out["generated_caption"][2] == t2_caps[0]
+    assert out["error"][3].endswith("absent.wav: audio file not found") and out["generated_caption"][3] == ""
+    assert json.loads(out["params"][0])["features"] == str(s["features"])
+
+
+def test_nearest_setup_errors(nearest_setup, tmp_path):
+    s = nearest_setup
+    with pytest.raises(CaptionerError, match="needs features=<dir>"):
+        build_captioner("nearest", str(s["model"]))
+    with pytest.raises(CaptionerError, match="model directory .*nomodel not found"):
+        build_captioner("nearest", str(tmp_path / "nomodel"), features=str(s["features"]))
+    (tmp_path / "notmodel").mkdir()
+    with pytest.raises(CaptionerError, match="cannot load the hci-atr model .*missing model.safetensors"):
+        build_captioner("nearest", str(tmp_path / "notmodel"), features=str(s["features"]))
+    with pytest.raises(CaptionerError, match="features directory .*nofeat not found"):
+        build_captioner("nearest", str(s["model"]), features=str(tmp_path / "nofeat"))
+    with pytest.raises(CaptionerError, match="no rows with split 'development'"):
+        build_captioner("nearest", str(s["model"]), features=str(s["features"]), split="development")
