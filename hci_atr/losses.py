@@ -8,7 +8,8 @@ clip), every positive pair (i, j) contributes
 
 so other positives (several captions of one clip, or a real and a generated caption of one clip) are never negatives.
 The loss is the pair-weighted mean over positive pairs of the mean of the two directions; weights let the AC
-augmentation pairs count less (``model.ac_augment_weight``).
+augmentation pairs count less (``model.ac_augment_weight``). A text with weight 0 is ignored entirely (neither a
+positive nor a negative): batches use such placeholder texts to keep shapes equal across workers.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def info_nce(scores: torch.Tensor, pos: torch.Tensor, tau: torch.Tensor | float,
     """Symmetric multi-positive InfoNCE. scores/pos [B_a, B_t]; pair_weight [B_t] (per text) or None -> scalar."""
     logits = scores / tau
     neg_inf = torch.finfo(logits.dtype).min
-    neg_only = logits.masked_fill(pos, neg_inf)
+    col_ok = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device) if pair_weight is None \
+        else pair_weight > 0
+    neg_only = logits.masked_fill(pos | ~col_ok[None, :], neg_inf)
     lse_col = torch.logsumexp(neg_only, dim=0, keepdim=True)  # [1, B_t]: negatives of each text (over audio)
     lse_row = torch.logsumexp(neg_only, dim=1, keepdim=True)  # [B_a, 1]: negatives of each audio (over text)
     t2a = torch.logaddexp(logits, lse_col) - logits
@@ -55,7 +58,7 @@ class LevelTemperatures(nn.Module):
         return self.log_tau[self.levels.index(level)].exp().clamp(MIN_TAU, MAX_TAU)
 
     def as_dict(self) -> dict[str, float]:
-        return {lv: float(self.tau(lv)) for lv in self.levels}
+        return {lv: float(self.tau(lv).detach()) for lv in self.levels}
 
 
 def hierarchical_loss(levels: dict[str, torch.Tensor], pos: torch.Tensor, temps: LevelTemperatures,
