@@ -138,6 +138,128 @@ def caption_all_cmd(ctx, data, fmt, out, splits, num_workers, batch_size, gpus_p
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# training and evaluation (workflows/train.py, workflows/evaluate.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+# CLI flag -> dotted config key, for every model / ablation switch and training setting `train` exposes.
+_TRAIN_FLAG_KEYS = {
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "num_workers": "train.num_workers", "use_gpu": "train.use_gpu", "run_name": "train.run_name",
+    "storage_path": "train.storage_path", "tracking_uri": "train.tracking_uri",
+    "early_stopping": "train.early_stopping_patience", "max_failures": "train.max_failures",
+    "experiment": "train.experiment", "registered_model": "train.registered_model", "all_gather": "train.all_gather",
+    "clip": "model.use_clip", "segment": "model.use_segment", "frame": "model.use_frame",
+    "ac_fusion": "model.ac_fusion", "ac_branch": "model.ac_branch", "ac_augment": "model.ac_augment",
+    "level_weights": "model.level_weights", "learn_level_weights": "model.learn_level_weights",
+    "audio_encoder": "model.audio_encoder", "audio_width": "model.audio_width",
+    "audio_checkpoint": "model.audio_checkpoint", "text_encoder": "model.text_encoder",
+    "freeze_text": "model.freeze_text", "embed_dim": "model.embed_dim", "phrase_mode": "model.phrase_mode",
+}
+
+
+def train_overrides(**flags) -> dict:
+    """CLI flags -> dotted config overrides (None = not given, keeps the YAML/default). ``ac`` sets all three AC uses
+    unless a specific --ac-fusion/--ac-branch/--ac-augment flag says otherwise."""
+    out = {key: flags.get(name) for name, key in _TRAIN_FLAG_KEYS.items() if flags.get(name) is not None}
+    if flags.get("ac") is not None:
+        for use in ("ac_fusion", "ac_branch", "ac_augment"):
+            if flags.get(use) is None:
+                out[f"model.{use}"] = flags["ac"]
+    return out
+
+
+def _train_options(fn):
+    opts = [
+        click.option("--features", required=True, type=click.Path(file_okay=False), help="Feature shards directory."),
+        click.option("--captions", default=None, type=click.Path(file_okay=False),
+                     help="Generated captions directory (caption-all output); needed for the AC uses."),
+        click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file."),
+        click.option("--num-workers", type=click.IntRange(min=1), default=None, help="Ray Train workers [train.num_workers]."),
+        click.option("--use-gpu/--no-use-gpu", default=None, help="One GPU per worker [train.use_gpu]."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None),
+        click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Per worker [train.batch_size]."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None),
+        click.option("--seed", type=int, default=None, help="Same seed + worker count -> same CPU numbers."),
+        click.option("--run-name", default=None, help="Ray Train run name; re-run with the same name to resume."),
+        click.option("--storage-path", default=None, type=click.Path(file_okay=False),
+                     help="Where runs and checkpoints live [train.storage_path]."),
+        click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                     "sqlite:///mlflow.db in the working directory)."),
+        click.option("--experiment", default=None, help="MLflow experiment name."),
+        click.option("--registered-model", default=None, help="MLflow registered model name."),
+        click.option("--early-stopping", type=click.IntRange(min=0), default=None,
+                     help="Stop after N epochs without a better validation R-sum (0 = off)."),
+        click.option("--max-failures", type=click.IntRange(min=0), default=None,
+                     help="Worker-group restarts from the last checkpoint before giving up."),
+        click.option("--all-gather/--no-all-gather", default=None,
+                     help="Contrastive negatives from all workers (default) or only the local batch."),
+        click.option("--clip/--no-clip", default=None, help="HCI clip-sentence level."),
+        click.option("--segment/--no-segment", default=None, help="HCI segment-phrase level."),
+        click.option("--frame/--no-frame", default=None, help="HCI frame-word level."),
+        click.option("--ac/--no-ac", default=None, help="All three auxiliary-caption uses at once."),
+        click.option("--ac-fusion/--no-ac-fusion", default=None, help="AC use 1: audio attends to the caption."),
+        click.option("--ac-branch/--no-ac-branch", default=None, help="AC use 2: query vs caption branch."),
+        click.option("--ac-augment/--no-ac-augment", default=None, help="AC use 3: (audio, caption) extra pairs."),
+        click.option("--level-weights", default=None, help="clip,segment,frame weights, e.g. 1,0.5,0.5."),
+        click.option("--learn-level-weights/--fixed-level-weights", default=None),
+        click.option("--audio-encoder", type=click.Choice(["cnn-small", "cnn14"]), default=None),
+        click.option("--audio-width", type=click.IntRange(min=1), default=None, help="cnn-small first-block channels."),
+        click.option("--audio-checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="PANNs Cnn14 .pth (cnn14)."),
+        click.option("--text-encoder", default=None, help="'minilm' (packaged), an HF id in the cache or a local dir."),
+        click.option("--freeze-text/--train-text", default=None),
+        click.option("--embed-dim", type=click.IntRange(min=2), default=None),
+        click.option("--phrase-mode", type=click.Choice(["chunk", "ngram"]), default=None),
+        click.option("--cluster", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Run as a Ray job on the cluster of this cluster-launcher YAML (see cluster.yaml)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command("train")
+@_train_options
+@click.pass_context
+def train_cmd(ctx, features, captions, config, cluster, **flags) -> None:
+    """Train on N Ray Train workers with MLflow tracking; checkpoints every epoch, re-run to resume."""
+    _submit_if_cluster(ctx, cluster)
+    from hci_atr.config import load_config
+    from workflows.train import train
+
+    cfg = load_config(config, train_overrides(**flags))
+    res = train(cfg, features, captions, echo=click.echo)
+    m = res.metrics
+    click.echo(f"best epoch {int(m.get('epoch', -1))}: val R-sum {m.get('val_rsum', float('nan')):.2f} "
+               f"(t2a R@1 {m.get('val_t2a_R1', float('nan')):.2f}, a2t R@1 {m.get('val_a2t_R1', float('nan')):.2f})")
+    click.echo(f"model: {res.model_dir}")
+    click.echo(f"MLflow run: {res.mlflow_run_id}" + (f"; registered version {res.model_version}"
+                                                      if res.model_version else ""))
+
+
+@cli.command("evaluate")
+@click.option("--model", "model_ref", required=True,
+              help="Model directory (save_pretrained layout) or models:/name@alias from the MLflow registry.")
+@click.option("--features", required=True, type=click.Path(file_okay=False), help="Feature shards directory.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--captions", default=None, type=click.Path(file_okay=False), help="Generated captions (AC models).")
+@click.option("--rerank-k", type=click.IntRange(min=1), default=None,
+              help="Approximate: rank by the clip level, rescore only the top K with the full HCI(+AC) score.")
+@click.option("--log-mlflow", is_flag=True, help="Log the metrics to a new MLflow run in the evaluation experiment.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (registry look-ups and --log-mlflow).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
+def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tracking_uri, as_json) -> None:
+    """Retrieval metrics (both directions, R@1/5/10, mAP@10, median rank) of a model on one split."""
+    import json as _json
+
+    from workflows.evaluate import evaluate, format_table
+
+    m = evaluate(model_ref, features, split, captions_dir=captions, rerank_k=rerank_k, log_mlflow=log_mlflow,
+                 tracking_uri=tracking_uri)
+    click.echo(_json.dumps(m, indent=1, sort_keys=True) if as_json else format_table(m, title=f"{model_ref} on {split}"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -150,8 +272,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except click.exceptions.UsageError as e:
+        # one line, not the usage block: say what is wrong and where the help is
+        cmd = e.ctx.command_path if e.ctx is not None else "hci-atr"
+        click.echo(f"error: {_one_line(e.format_message())} (see '{cmd} --help')", err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.ClickException as e:
-        e.show()
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except HciAtrError as e:
         if verbose:
