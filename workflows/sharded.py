@@ -2,8 +2,9 @@
 
 A pipeline's input records are split into deterministic shards: audio ids sorted, then cut into runs of
 ``pipeline.rows_per_shard``. Shard ``k`` is written as ``part-{k:05d}.parquet`` through a temporary name and a rename,
-so a reader (or a re-run) only ever sees whole shards. A re-run recomputes only the shards whose file is missing,
-which gives exactly one row per successful clip: no duplicates, no gaps.
+so a reader (or a re-run) only ever sees whole shards. A re-run recomputes only the shards whose file is missing or
+that hold failed rows (their inputs may have been fixed), which gives exactly one row per successful clip: no
+duplicates, no gaps.
 
 Layout of an output directory::
 
@@ -147,7 +148,9 @@ class ShardedOutput:
         self._check_plan()
         (self.dir / SUCCESS_FILE).unlink(missing_ok=True)  # not complete until this run says so
         self._failed = {a: r for a, r in self._read_errors() if a in self.shard_of}
-        self.pending = [s for s in self.shards if not (self.dir / s.file_name).exists()]
+        # to do: shards never written, and shards with failed rows (the user may have fixed those inputs since)
+        self.pending = [s for s in self.shards
+                        if not (self.dir / s.file_name).exists() or any(a in self._failed for a in s.audio_ids)]
         # failures recorded for shards that will be recomputed no longer count: they get a fresh try
         retry = {a for s in self.pending for a in s.audio_ids}
         self._failed = {a: r for a, r in self._failed.items() if a not in retry}
@@ -212,7 +215,8 @@ class ShardedOutput:
             raise RuntimeError(f"shard {shard.index}: result rows do not match its {len(expected)} audio ids")
         rows = rows.select(self.schema.names).cast(self.schema)
         order = {a: i for i, a in enumerate(shard.audio_ids)}
-        rows = rows.take(sorted(range(rows.num_rows), key=lambda i: order[rows["audio_id"][i].as_py()]))
+        ids = rows["audio_id"].to_pylist()
+        rows = rows.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), type=pa.int64()))
         self._merge_errors(shard, errors)
         _write_parquet_atomic(rows, self.dir / shard.file_name)
         self._failed.update(errors)

@@ -1,0 +1,248 @@
+"""The Ray Data pipelines (extract-features, caption-all) end to end on small wav sets written here.
+
+Checks: one row per clip with the right mel shapes and values; resume after an interrupted run (missing shards + a
+stale temp file) recomputes only what is missing; a corrupt wav lands in errors.parquet and the run continues; too
+many failures stop the run with a one-line error; caption-all runs each backend (audio, blip, nearest) through the
+real pipeline and matches the backend called directly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hci_atr.config import AudioConfig, Config
+from hci_atr.data.audio import clip_features_and_duration, n_frames
+from hci_atr.errors import DataError
+from tiny_models import build_tiny_audio_captioner, build_tiny_blip, write_test_video, write_tone
+from workflows.sharded import ERRORS_FILE, SUCCESS_FILE, TMP_MARK
+
+pytestmark = pytest.mark.ray
+
+SR = 16000
+AUDIO = AudioConfig(sample_rate=SR, duration=1.0, n_mels=32)
+N_CLIPS = 10
+
+
+def _cfg(**pipeline) -> Config:
+    base = {"num_workers": 2, "batch_size": 2, "rows_per_shard": 3, "max_failure_rate": 0.1}
+    base.update(pipeline)
+    return Config().override({"audio.sample_rate": SR, "audio.duration": 1.0, "audio.n_mels": 32,
+                              **{f"pipeline.{k}": v for k, v in base.items()}})
+
+
+def _write_set(root, n_good: int, n_bad: int = 0, videos: bool = False):
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_good):
+        # odd clips are 0.5 s: shorter than audio.duration, so they are padded and keep duration 0.5
+        write_tone(root / f"clip{i:02d}.wav", freq=220.0 * (i + 1), seconds=1.0 if i % 2 == 0 else 0.5,
+                   sample_rate=SR)
+        row = {"id": f"clip{i:02d}", "audio": f"clip{i:02d}.wav", "caption": f"a tone number {i}",
+               "split": "train" if i < n_good - 2 else "val"}
+        if videos:
+            write_test_video(root / f"clip{i:02d}.mp4", seconds=1.0, fps=5)
+            row["video"] = f"clip{i:02d}.mp4"
+        rows.append(row)
+    for j in range(n_bad):
+        (root / f"bad{j}.wav").write_bytes(b"RIFF\x00\x00not a wav file")
+        rows.append({"id": f"bad{j}", "audio": f"bad{j}.wav", "caption": "broken", "split": "train"})
+    (root / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return root / "manifest.jsonl"
+
+
+def _parts(out) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+
+
+@pytest.fixture(scope="module")
+def clean_set(tmp_path_factory):
+    return _write_set(tmp_path_factory.mktemp("clean"), N_CLIPS)
+
+
+@pytest.fixture(scope="module")
+def features_run(ray_session, clean_set, tmp_path_factory):
+    from workflows.features import extract_features
+
+    out = tmp_path_factory.mktemp("features_run") / "features"
+    manifest = extract_features(clean_set, out, cfg=_cfg(), progress=False)
+    return out, manifest
+
+
+def test_extract_features_one_row_per_clip_with_mel_shapes(features_run, clean_set):
+    out, manifest = features_run
+    t = _parts(out)
+    ids = t["audio_id"].to_pylist()
+    assert ids == [f"clip{i:02d}" for i in range(N_CLIPS)]  # sorted, no duplicates, no gaps
+    assert manifest["rows"] == N_CLIPS and manifest["failed"] == 0 and manifest["shards"] == 4
+    assert len(list(out.glob("part-*.parquet"))) == 4  # ceil(10 / 3)
+    assert json.loads((out / SUCCESS_FILE).read_text())["rows"] == N_CLIPS
+    frames = n_frames(AUDIO)
+    assert set(t["n_frames"].to_pylist()) == {frames} and set(t["n_mels"].to_pylist()) == {32}
+    assert [len(m) for m in t["mel"].to_pylist()] == [frames * 32] * N_CLIPS
+    np.testing.assert_allclose(t["duration"].to_numpy(), [1.0 if i % 2 == 0 else 0.5 for i in range(N_CLIPS)],
+                               atol=1e-6)
+    assert t["captions"].to_pylist()[3] == ["a tone number 3"]
+    assert t["split"].to_pylist().count("val") == 2
+    # the stored mel is exactly the front end's output for that file, row-major [n_frames, n_mels]
+    path = t["audio_path"][5].as_py()
+    mel, _ = clip_features_and_duration(path, AUDIO)
+    np.testing.assert_allclose(np.asarray(t["mel"][5].as_py(), np.float32).reshape(frames, 32), mel, rtol=1e-6)
+    assert t.schema.field("mel").type == pa.list_(pa.float32())
+
+
+def test_resume_recomputes_only_missing_shards(features_run, clean_set, tmp_path):
+    from workflows.features import extract_features
+
+    src, _ = features_run
+    out = tmp_path / "features"
+    shutil.copytree(src, out)
+    before = {p.name: pq.read_table(p) for p in out.glob("part-*.parquet")}
+    # an interrupted run: two shards never finished, one left a half-written temp file, no _SUCCESS
+    (out / "part-00001.parquet").unlink()
+    (out / "part-00003.parquet").unlink()
+    (out / SUCCESS_FILE).unlink()
+    (out / f".part-00001.parquet{TMP_MARK}4242").write_bytes(b"PAR1 half written")
+    manifest = extract_features(clean_set, out, cfg=_cfg(), progress=False)
+    assert manifest["computed_shards"] == 2 and manifest["rows"] == N_CLIPS
+    assert not [p for p in out.iterdir() if TMP_MARK in p.name]
+    t = _parts(out)
+    assert t["audio_id"].to_pylist() == [f"clip{i:02d}" for i in range(N_CLIPS)]
+    for name, table in before.items():  # recomputed shards are identical to the first run's
+        assert pq.read_table(out / name).equals(table), name
+    # a third run finds nothing to do
+    assert extract_features(clean_set, out, cfg=_cfg(), progress=False)["computed_shards"] == 0
+
+
+def test_resume_refuses_a_different_shard_plan(features_run, clean_set, tmp_path):
+    from workflows.features import extract_features
+
+    src, _ = features_run
+    out = tmp_path / "features"
+    shutil.copytree(src, out)
+    with pytest.raises(DataError, match="rows_per_shard"):
+        extract_features(clean_set, out, cfg=_cfg(rows_per_shard=4), progress=False)
+
+
+def test_bad_rows_go_to_errors_table_and_run_continues(ray_session, tmp_path):
+    from workflows.features import extract_features
+
+    data = _write_set(tmp_path / "data", n_good=8, n_bad=1)
+    out = tmp_path / "features"
+    manifest = extract_features(data, out, cfg=_cfg(max_failure_rate=0.2), progress=False)
+    assert manifest["rows"] == 8 and manifest["failed"] == 1
+    assert _parts(out)["audio_id"].to_pylist() == [f"clip{i:02d}" for i in range(8)]
+    errors = pq.read_table(out / ERRORS_FILE).to_pylist()
+    assert len(errors) == 1
+    assert errors[0]["audio_id"] == "bad0" and errors[0]["stage"] == "features"
+    assert "bad0.wav" in errors[0]["reason"] and "cannot decode" in errors[0]["reason"]
+    # a re-run retries only the shard holding the failed row (its input may have been fixed); same result
+    before = _parts(out)
+    again = extract_features(data, out, cfg=_cfg(max_failure_rate=0.2), progress=False)
+    assert again["computed_shards"] == 1 and again["failed"] == 1 and _parts(out).equals(before)
+    assert pq.read_table(out / ERRORS_FILE).num_rows == 1
+
+
+def test_failure_rate_above_threshold_stops_with_one_line_error(ray_session, tmp_path, capsys):
+    from hci_atr.cli import main
+
+    data = _write_set(tmp_path / "data", n_good=7, n_bad=3)
+    out = tmp_path / "features"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("audio: {sample_rate: 16000, duration: 1.0, n_mels: 32}\n"
+                        "pipeline: {rows_per_shard: 3, max_failure_rate: 0.1}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["extract-features", "--data", str(data), "--out", str(out), "--config", str(cfg_file),
+              "--num-workers", "1", "--batch-size", "3"])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: features:") and "max_failure_rate=0.1" in err[0]
+    assert not (out / SUCCESS_FILE).exists()
+    failed = pq.read_table(out / ERRORS_FILE)["audio_id"].to_pylist()
+    assert len(failed) >= 2 and set(failed) <= {"bad0", "bad1", "bad2"}  # stopped once 2 > 0.1 * 10
+
+
+# -- caption-all ---------------------------------------------------------------------------------------------------
+
+
+def _direct(captioner, model, data, **params):
+    """What the backend returns when called directly on all rows (the pipeline must reproduce it)."""
+    from hci_atr.captioners import build_captioner
+    from hci_atr.data.formats import read_dataset
+    from workflows.features import record_row
+
+    rows = [record_row(r) for r in read_dataset(data)]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    out = build_captioner(captioner, model, "cpu", **params)(batch)
+    return dict(zip(out["audio_id"], out["generated_caption"])), dict(zip(out["audio_id"], out["error"]))
+
+
+def test_caption_all_audio_backend(ray_session, tmp_path):
+    from workflows.caption import caption_all
+
+    data = _write_set(tmp_path / "data", n_good=5, n_bad=1)
+    model = build_tiny_audio_captioner(tmp_path / "tiny_audio")
+    out = tmp_path / "captions"
+    params = {"max_new_tokens": 5, "num_beams": 1}
+    m = caption_all(data, out, captioner="audio", model=str(model), params=params,
+                    cfg=_cfg(max_failure_rate=0.5), progress=False)
+    assert m["rows"] == 5 and m["failed"] == 1
+    t = _parts(out)
+    assert t.column_names == ["audio_id", "generated_caption", "captioner", "model", "params", "seconds"]
+    assert t["audio_id"].to_pylist() == [f"clip{i:02d}" for i in range(5)]
+    assert set(t["captioner"].to_pylist()) == {"audio"} and set(t["model"].to_pylist()) == {str(model)}
+    assert json.loads(t["params"][0].as_py())["max_new_tokens"] == 5
+    assert all(s >= 0 for s in t["seconds"].to_pylist())
+    want, want_err = _direct("audio", str(model), data, **params)
+    assert dict(zip(t["audio_id"].to_pylist(), t["generated_caption"].to_pylist())) == {
+        k: v for k, v in want.items() if not want_err[k]}
+    errors = pq.read_table(out / ERRORS_FILE).to_pylist()
+    assert [(e["audio_id"], e["stage"]) for e in errors] == [("bad0", "caption")]
+    assert errors[0]["reason"] == want_err["bad0"]
+
+
+def test_caption_all_blip_backend(ray_session, tmp_path):
+    from workflows.caption import caption_all
+
+    data = _write_set(tmp_path / "data", n_good=3, videos=True)
+    model = build_tiny_blip(tmp_path / "tiny_blip")
+    out = tmp_path / "captions"
+    params = {"num_frames": 2, "clip_seconds": 1.0, "max_new_tokens": 4, "num_beams": 1}
+    m = caption_all(data, out, captioner="blip", model=str(model), params=params,
+                    cfg=_cfg(num_workers=1, batch_size=3), progress=False)
+    assert m["rows"] == 3 and m["failed"] == 0
+    t = _parts(out)
+    want, _ = _direct("blip", str(model), data, **params)
+    assert dict(zip(t["audio_id"].to_pylist(), t["generated_caption"].to_pylist())) == want
+    assert set(t["captioner"].to_pylist()) == {"blip"}
+
+
+def test_caption_all_nearest_backend_via_cli(features_run, clean_set, tiny_text_dir, tmp_path, capsys):
+    import torch
+
+    from hci_atr.cli import main
+    from hci_atr.models.model import HciAtrModel
+
+    feats, _ = features_run
+    cfg = Config().override({"audio.sample_rate": SR, "audio.duration": 1.0, "audio.n_mels": 32,
+                             "model.text_encoder": str(tiny_text_dir), "model.audio_width": 8,
+                             "model.embed_dim": 16})
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    HciAtrModel(cfg).save_pretrained(model_dir)
+    out = tmp_path / "captions"
+    main(["caption-all", "--data", str(clean_set), "--out", str(out), "--captioner", "nearest",
+          "--model", str(model_dir), "--features", str(feats), "--num-workers", "2", "--batch-size", "4"])
+    assert f"captions: {N_CLIPS} rows, 0 failed" in capsys.readouterr().out
+    t = _parts(out)
+    got = dict(zip(t["audio_id"].to_pylist(), t["generated_caption"].to_pylist()))
+    assert len(got) == N_CLIPS
+    want, _ = _direct("nearest", str(model_dir), clean_set, features=str(feats))
+    assert got == want
+    own = {f"clip{i:02d}": f"a tone number {i}" for i in range(N_CLIPS)}
+    assert all(got[a] != own[a] and got[a].startswith("a tone number") for a in got)  # leave-one-out captions
