@@ -136,6 +136,15 @@ def test_blip_is_deterministic_for_a_seed(media, blip_dir, tmp_path):
                                  **FAST)(batch)["generated_caption"][0]
     assert first and first == same_seed
     assert other_seed != first  # the caption comes from the weights, not from a constant
+    # default generation settings (beam search, 3 frames over a 10 s window clamped to the 3 s video)
+    default = build_captioner("blip", str(blip_dir))
+    out = default(batch)
+    assert out["error"][0] == "" and out["generated_caption"][0]
+    assert json.loads(out["params"][0])["num_beams"] == 3
+    targets = frame_times(0.5, 10.0, 3, video_seconds=3.0)
+    assert targets == pytest.approx([0.5 + 2.5 / 6, 1.75, 3.0 - 2.5 / 6])
+    got = [t for t, _ in default.sample_frames(media["video"], 0.5)]
+    assert all(abs(t - g) <= 0.5 / FPS + 1e-6 for t, g in zip(targets, got))
 
 
 def test_blip_setup_errors_say_what_to_fix(tmp_path, blip_dir, audio_dir):
@@ -250,8 +259,8 @@ def nearest_setup(tmp_path_factory, tiny_text_dir):
     return {"root": root, "model": model_dir, "features": feats, "cfg": cfg, "rows": rows, "dup": str(dup)}
 
 
-def _expected_neighbour(setup, query_id):
-    """Independent reference: clip embeddings of the training mels, argmax cosine excluding the query's own id."""
+def _expected_neighbours(setup):
+    """Independent reference: clip embeddings of the training mels, argmax cosine excluding the clip itself."""
     import torch
 
     from hci_atr.models.model import HciAtrModel
@@ -259,13 +268,12 @@ def _expected_neighbour(setup, query_id):
     model = HciAtrModel.from_pretrained(setup["model"])
     train = [r for r in setup["rows"] if r["split"] == "train"]
     mel = torch.tensor(np.stack([np.reshape(r["mel"], (r["n_frames"], r["n_mels"])) for r in train]),
-                       dtype=torch.float32)
+                       dtype=torch.float32)  # [N, T, M]
     with torch.no_grad():
-        clip = model.encode_audio(mel, torch.ones(mel.shape[:2], dtype=torch.bool)).clip
-    q = [r["audio_id"] for r in train].index(query_id)
-    sims = clip @ clip[q]
-    sims[q] = -2.0
-    return train[int(sims.argmax())]["audio_id"]
+        clip = model.encode_audio(mel, torch.ones(mel.shape[:2], dtype=torch.bool)).clip  # [N, D]
+    sims = clip @ clip.T
+    sims.fill_diagonal_(-2.0)
+    return {r["audio_id"]: train[int(j)]["audio_id"] for r, j in zip(train, sims.argmax(1))}
 
 
 def test_nearest_never_returns_the_clips_own_captions(nearest_setup):
@@ -278,9 +286,10 @@ def test_nearest_never_returns_the_clips_own_captions(nearest_setup):
                      split=["train"] * len(train), captions=[r["captions"] for r in train]))
     _check_columns(out, len(train), "nearest", s["model"])
     assert list(out["error"]) == [""] * len(train)
+    neighbours = _expected_neighbours(s)
     for r, caption in zip(train, out["generated_caption"]):
         assert caption not in r["captions"]
-        neighbour = _expected_neighbour(s, r["audio_id"])
+        neighbour = neighbours[r["audio_id"]]
         assert neighbour != r["audio_id"]
         assert caption in next(t["captions"] for t in train if t["audio_id"] == neighbour)
 
