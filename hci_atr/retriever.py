@@ -1,0 +1,329 @@
+"""Retrieve, then rerank: search an index with a trained HciAtrModel (plain library code, no Ray).
+
+Stage 1 (retrieve): the query's sentence embedding against every clip-level embedding — one exact float32 matmul and
+an ``argpartition`` for the top ``retrieve_k`` (FAISS's exact inner-product index is used instead when the library
+happens to be installed; results are the same). Stage 2 (rerank): the model's full fused score (clip + segment + frame
+levels, plus the AC branch when on) on those K candidates only, from the segment/frame/generated-caption embeddings
+stored in the index. Why two stages: the full score needs token-level interaction and costs O(K) model work, while
+the clip level is one matrix product over the whole collection.
+
+Usage::
+
+    r = Retriever.from_pretrained("hci_atr_runs/models/hci_ac", "hci_atr_runs/index")
+    hits = r.search_text("a dog barks while birds sing", top_k=10)
+    hits.timings  # {"encode_ms": ..., "retrieve_ms": ..., "rerank_ms": ..., "total_ms": ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hci_atr.errors import AudioError, ModelLoadError, RequestError
+from hci_atr.index import (Index, decode_audio_bytes, embed_audio_batch, l2_normalize, mel_from_wave, model_config,
+                           _to_device)
+
+
+@dataclass
+class Hit:
+    """One ranked result. ``kind`` is "clip" (an indexed clip) or "caption" (a caption text, audio -> text search)."""
+
+    rank: int
+    id: str  # clip id (kind "clip") or the id of the clip a caption belongs to (kind "caption")
+    score: float  # the final ranking score (full fused score when reranked, else the clip-level cosine)
+    clip_score: float  # stage-1 clip-level cosine similarity
+    kind: str = "clip"
+    text: str | None = None  # the caption text (kind "caption")
+    source: str | None = None  # "reference" | "generated" (kind "caption")
+    captions: list[str] = field(default_factory=list)
+    generated_caption: str | None = None
+    duration: float | None = None
+    levels: dict[str, float] = field(default_factory=dict)  # per-level scores of the full model (reranked only)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SearchResult(list):
+    """A ``list[Hit]`` that also carries the stage timings in milliseconds (``.timings``) and whether it was
+    reranked (``.reranked``)."""
+
+    def __init__(self, hits: Sequence[Hit] = (), timings: dict[str, float] | None = None, reranked: bool = False):
+        super().__init__(hits)
+        self.timings = timings or {}
+        self.reranked = reranked
+
+
+def top_k_exact(matrix: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact maximum inner product: matrix [N, D], query [D] or [Q, D] -> (rows [Q, k], scores [Q, k]) best first.
+
+    ``argpartition`` is O(N) per query, then only the k survivors are sorted.
+    """
+    q = np.atleast_2d(np.asarray(query, dtype=np.float32))
+    n = matrix.shape[0]
+    k = max(0, min(int(k), n))
+    if k == 0:
+        return np.zeros((q.shape[0], 0), np.int64), np.zeros((q.shape[0], 0), np.float32)
+    sims = q @ np.asarray(matrix, dtype=np.float32).T  # [Q, N]
+    if k < n:
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n), (q.shape[0], n))
+    part_scores = np.take_along_axis(sims, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    rows = np.take_along_axis(part, order, axis=1)
+    return rows.astype(np.int64), np.take_along_axis(part_scores, order, axis=1)
+
+
+class _Scanner:
+    """Stage-1 scanner over a fixed matrix: FAISS flat inner-product index if installed, else numpy."""
+
+    def __init__(self, matrix: np.ndarray, backend: str = "auto"):
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.faiss_index = None
+        self.backend = "numpy"
+        if backend in ("auto", "faiss") and len(self.matrix):
+            try:
+                import faiss  # optional; exact search, same results as numpy
+
+                self.faiss_index = faiss.IndexFlatIP(self.matrix.shape[1])
+                self.faiss_index.add(self.matrix)
+                self.backend = "faiss"
+            except ImportError:
+                if backend == "faiss":
+                    raise ModelLoadError("scan backend 'faiss' requested but faiss is not installed") from None
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.faiss_index is not None:
+            k = min(int(k), self.matrix.shape[0])
+            scores, rows = self.faiss_index.search(np.atleast_2d(query).astype(np.float32), k)
+            return rows.astype(np.int64), scores
+        return top_k_exact(self.matrix, query, k)
+
+
+def _slice(obj: Any, sl: slice) -> Any:
+    """Batch-slice a model output dataclass (every tensor field with a batch axis)."""
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: _slice(getattr(obj, f.name), sl)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, dict):
+        return {k: _slice(v, sl) for k, v in obj.items()}
+    if hasattr(obj, "shape") and getattr(obj, "ndim", 0) >= 1:
+        return obj[sl]
+    return obj
+
+
+class Retriever:
+    """Text -> audio and audio -> audio/text search over an :class:`~hci_atr.index.Index` with a trained model."""
+
+    def __init__(self, model: Any, index: Index, device: str = "cpu", retrieve_k: int = 50,
+                 scan_backend: str = "auto"):
+        self.model = model.eval() if hasattr(model, "eval") else model
+        self.index = index
+        self.device = device
+        self.cfg = model_config(model)
+        self.retrieve_k = int(retrieve_k)
+        d_model = int(self.cfg.model.embed_dim)
+        d_index = int(index.manifest["embed_dim"])
+        if d_model != d_index:
+            raise ModelLoadError(f"{index.path}: index embeddings have D={d_index} but the model's embed_dim is "
+                                 f"{d_model}; rebuild the index with this model (`hci-atr index --model ...`)")
+        self.clip_scanner = _Scanner(index.clip, scan_backend)
+        self.caption_scanner = _Scanner(index.caption_emb, scan_backend) if len(index.caption_emb) else None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, index_dir: str | os.PathLike, device: str = "cpu",
+                        retrieve_k: int | None = None, scan_backend: str = "auto") -> "Retriever":
+        from hci_atr.models.model import HciAtrModel
+
+        if not Path(model_dir).exists():
+            raise ModelLoadError(f"{model_dir}: model folder not found; train one (`hci-atr demo` writes "
+                                 "hci_atr_runs/models/hci_ac) or set HCI_ATR_MODEL")
+        model = HciAtrModel.from_pretrained(str(model_dir))
+        if hasattr(model, "to"):
+            model = model.to(device)
+        index = Index.load(index_dir)
+        k = retrieve_k if retrieve_k is not None else model_config(model).serve.retrieve_k
+        return cls(model, index, device=device, retrieve_k=k, scan_backend=scan_backend)
+
+    # -- encoders ------------------------------------------------------------------------------------------------
+    def encode_queries(self, texts: Sequence[str]) -> Any:
+        """texts -> the model's TextEmbeddings (sentence [B, D], phrases, words + masks)."""
+        import torch
+
+        batch = _to_device(self.model.tokenize(list(texts)), self.device)
+        with torch.no_grad():
+            return self.model.encode_text(batch)
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> L2-normalised sentence embeddings, float32 [B, D]."""
+        texts = [self._check_query(t) for t in texts]
+        return l2_normalize(self.encode_queries(texts).sentence.float().cpu().numpy())
+
+    def _wave(self, audio: Any, where: str = "audio") -> np.ndarray:
+        sr = self.cfg.audio.sample_rate
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            wave = decode_audio_bytes(bytes(audio), sr, where)
+        elif isinstance(audio, (str, os.PathLike)):
+            from hci_atr.data.audio import load_audio
+
+            wave = load_audio(str(audio), sr)
+        else:
+            wave = np.asarray(audio, dtype=np.float32)
+            if wave.ndim != 1:
+                raise AudioError(f"{where}: expected a mono wave [N] at {sr} Hz, got shape {wave.shape}")
+        if wave.size == 0:
+            raise AudioError(f"{where}: audio has no samples")
+        if not np.all(np.isfinite(wave)):
+            raise AudioError(f"{where}: audio contains NaN or infinite samples")
+        return wave
+
+    def encode_audio(self, audio: Any, generated_caption: str | None = None) -> Any:
+        """One clip (wave [N] at the model's rate, file bytes, or a path) -> AudioEmbeddings with batch 1."""
+        wave = self._wave(audio)
+        mel, mask = mel_from_wave(wave, self.cfg.audio)
+        return embed_audio_batch(self.model, mel[None], mask[None], [generated_caption], self.device)
+
+    def embed_audio(self, audio: Any) -> np.ndarray:
+        """One clip -> its L2-normalised clip-level embedding, float32 [D]."""
+        return l2_normalize(self.encode_audio(audio).clip.float().cpu().numpy())[0]
+
+    @staticmethod
+    def _check_query(query: Any, max_chars: int | None = None) -> str:
+        if not isinstance(query, str):
+            raise RequestError("query: expected a string")
+        q = query.strip()
+        if not q:
+            raise RequestError("query: empty; type some words describing the sound")
+        if max_chars is not None and len(q) > max_chars:
+            raise RequestError(f"query: {len(q)} characters is longer than the limit of {max_chars}")
+        return q
+
+    def _check_k(self, top_k: int) -> int:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise RequestError(f"top_k: expected an integer >= 1, got {top_k!r}")
+        return int(top_k)
+
+    # -- search --------------------------------------------------------------------------------------------------
+    def search_text(self, query: str, top_k: int = 10, rerank: bool = True,
+                    retrieve_k: int | None = None) -> SearchResult:
+        """Text -> clips. Returns ``top_k`` hits, best first, with ``.timings``."""
+        t0 = time.perf_counter()
+        q = self._check_query(query)
+        text = self.encode_queries([q])
+        t1 = time.perf_counter()
+        return self.search_text_embedded(text, top_k, rerank, retrieve_k, encode_ms=(t1 - t0) * 1e3)
+
+    def search_text_embedded(self, text: Any, top_k: int = 10, rerank: bool = True, retrieve_k: int | None = None,
+                             encode_ms: float = 0.0) -> SearchResult:
+        """Like :meth:`search_text` for a query already encoded (TextEmbeddings with batch 1), so that a server can
+        batch the encoder across requests."""
+        import torch
+
+        top_k = self._check_k(top_k)
+        t1 = time.perf_counter()
+        qv = l2_normalize(text.sentence.float().cpu().numpy())[0]
+        k1 = max(top_k, int(retrieve_k or self.retrieve_k)) if rerank else top_k
+        rows, clip_scores = self.clip_scanner.search(qv, k1)
+        rows, clip_scores = rows[0], clip_scores[0]
+        t2 = time.perf_counter()
+        levels: dict[str, np.ndarray] = {}
+        if rerank and len(rows):
+            audio = self.index.audio_embeddings(rows, self.device)
+            with torch.no_grad():
+                s = self.model.score(audio, text)
+            full = s.fused[:, 0].float().cpu().numpy()  # [K]
+            levels = {name: v[:, 0].float().cpu().numpy() for name, v in (s.levels or {}).items() if v is not None}
+            order = np.argsort(-full, kind="stable")[:top_k]
+            final = full[order]
+        else:
+            order = np.arange(min(top_k, len(rows)))
+            final = clip_scores[order]
+        t3 = time.perf_counter()
+        hits = []
+        for rank, (j, sc) in enumerate(zip(order, final), start=1):
+            m = self.index.meta(rows[j])
+            hits.append(Hit(rank=rank, id=m["id"], score=float(sc), clip_score=float(clip_scores[j]),
+                            captions=m["captions"], generated_caption=m["generated_caption"], duration=m["duration"],
+                            levels={k: float(v[j]) for k, v in levels.items()}))
+        timings = {"encode_ms": encode_ms, "retrieve_ms": (t2 - t1) * 1e3, "rerank_ms": (t3 - t2) * 1e3 if rerank
+                   else 0.0}
+        timings["total_ms"] = encode_ms + (t3 - t1) * 1e3
+        return SearchResult(hits, timings, reranked=rerank)
+
+    def search_audio(self, audio: Any, top_k: int = 10, target: str = "clips", rerank: bool = True,
+                     retrieve_k: int | None = None) -> SearchResult:
+        """Audio (wave [N], file bytes or path) -> similar indexed clips (``target="clips"``, clip-level cosine) or
+        captions (``target="captions"``: caption sentence embeddings, then the full model score on the top K)."""
+        import torch
+
+        top_k = self._check_k(top_k)
+        if target not in ("clips", "captions"):
+            raise RequestError(f"target: expected 'clips' or 'captions', got {target!r}")
+        t0 = time.perf_counter()
+        emb = self.encode_audio(audio)
+        qv = l2_normalize(emb.clip.float().cpu().numpy())[0]
+        t1 = time.perf_counter()
+        if target == "clips":
+            rows, scores = self.clip_scanner.search(qv, top_k)
+            t2 = time.perf_counter()
+            hits = []
+            for rank, (r, sc) in enumerate(zip(rows[0], scores[0]), start=1):
+                m = self.index.meta(r)
+                hits.append(Hit(rank=rank, id=m["id"], score=float(sc), clip_score=float(sc), captions=m["captions"],
+                                generated_caption=m["generated_caption"], duration=m["duration"]))
+            return SearchResult(hits, {"encode_ms": (t1 - t0) * 1e3, "retrieve_ms": (t2 - t1) * 1e3,
+                                       "rerank_ms": 0.0, "total_ms": (t2 - t0) * 1e3}, reranked=False)
+        if self.caption_scanner is None:
+            return SearchResult([], {"encode_ms": (t1 - t0) * 1e3, "retrieve_ms": 0.0, "rerank_ms": 0.0,
+                                     "total_ms": (t1 - t0) * 1e3})
+        k1 = max(top_k, int(retrieve_k or self.retrieve_k)) if rerank else top_k
+        rows, cap_scores = self.caption_scanner.search(qv, k1)
+        rows, cap_scores = rows[0], cap_scores[0]
+        t2 = time.perf_counter()
+        caps = self.index.captions
+        if rerank and len(rows):
+            texts = [str(caps["text"].iloc[int(r)]) for r in rows]
+            t = self.encode_queries(texts)
+            with torch.no_grad():
+                full = self.model.score(emb, t).fused[0].float().cpu().numpy()  # [K]
+            order = np.argsort(-full, kind="stable")[:top_k]
+            final = full[order]
+        else:
+            order = np.arange(min(top_k, len(rows)))
+            final = cap_scores[order]
+        t3 = time.perf_counter()
+        hits = []
+        for rank, (j, sc) in enumerate(zip(order, final), start=1):
+            c = caps.iloc[int(rows[j])]
+            hits.append(Hit(rank=rank, id=str(c["audio_id"]), score=float(sc), clip_score=float(cap_scores[j]),
+                            kind="caption", text=str(c["text"]), source=str(c["source"])))
+        return SearchResult(hits, {"encode_ms": (t1 - t0) * 1e3, "retrieve_ms": (t2 - t1) * 1e3,
+                                   "rerank_ms": (t3 - t2) * 1e3 if rerank else 0.0, "total_ms": (t3 - t0) * 1e3},
+                            reranked=rerank)
+
+    # -- serving helpers -------------------------------------------------------------------------------------------
+    def clip_path(self, clip_id: str) -> Path:
+        """The indexed file of a clip id (ids are looked up in the index metadata; no client path is ever opened)."""
+        row = self.index.row_of.get(clip_id)
+        if row is None:
+            raise RequestError(f"clip id {clip_id!r} is not in the index", status_code=404)
+        return Path(str(self.index.metadata["path"].iloc[row]))
+
+    def self_check(self) -> dict:
+        """A tiny end-to-end forward pass (encode a word, score it against one indexed clip); raises on failure."""
+        import torch
+
+        text = self.encode_queries(["test"])
+        audio = self.index.audio_embeddings([0], self.device)
+        with torch.no_grad():
+            s = self.model.score(audio, text).fused
+        if tuple(s.shape) != (1, 1) or not bool(torch.isfinite(s).all()):
+            raise ModelLoadError(f"self-check: score shape {tuple(s.shape)} / non-finite values")
+        return {"n_clips": len(self.index), "score": float(s[0, 0])}
