@@ -13,7 +13,7 @@ import pytest
 from hci_atr.captioners import (OUTPUT_COLUMNS, BlipCaptioner, build_captioner, captioner_class, frame_times,
                                 merge_captions, read_frames, video_seconds)
 from hci_atr.errors import CaptionerError
-from tests.tiny_models import (build_tiny_audio_captioner, build_tiny_blip, frame_level, write_test_video,
+from tiny_models import (build_tiny_audio_captioner, build_tiny_blip, frame_level, write_test_video,
                                write_tone)
 
 FPS = 10
