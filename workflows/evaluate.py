@@ -1,0 +1,138 @@
+"""hci-atr evaluate: retrieval metrics of a saved model on one split of the feature shards, as a plain-text table.
+
+The model is a ``save_pretrained`` directory or ``models:/name@alias`` (``models:/name/version``) resolved through the
+MLflow registry. The split is small enough for one process (no Ray needed): every clip and caption is embedded once
+(``hci_atr.training.embed_split``) and scored all-against-all with the full fused HCI(+AC) score.
+
+``rerank_k`` gives the two-stage search the serving app uses, measured offline: rank by the clip level alone (a dot
+product of pooled embeddings), then rescore only the top K candidates with the full score. It is an *approximation*
+of full scoring: a relevant item outside the clip-level top K keeps its clip-level position (below all K candidates),
+so recall at ranks <= K can only be lost, never gained, relative to what the clip level finds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hci_atr.config import Config
+from hci_atr.errors import ConfigError
+
+# Rows of the printed table: (label, metric suffix, format)
+TABLE_ROWS = [("R@1", "R1", "{:.2f}"), ("R@5", "R5", "{:.2f}"), ("R@10", "R10", "{:.2f}"),
+              ("mAP@10", "mAP10", "{:.2f}"), ("median rank", "medr", "{:.1f}"), ("mean rank", "meanr", "{:.2f}")]
+
+
+def _rerank_matrix(clip: torch.Tensor, full_of, k: int, dim: int) -> torch.Tensor:
+    """Two-stage scores. clip [n_a, n_t]; ``full_of(a_idx, t_idx) -> [len(a_idx), len(t_idx)]`` full scores.
+
+    dim=0: per text column (t2a), the top-k clips get their full score, the rest their clip score minus an offset
+    that puts them below every candidate. dim=1: per audio row (a2t), likewise over texts.
+    """
+    clip = clip.float()
+    offset = float(clip.abs().max()) * 2 + 1e4  # any full score of a candidate sorts above any non-candidate
+    out = clip - offset
+    if dim == 0:
+        k = min(k, clip.shape[0])
+        top = clip.topk(k, dim=0).indices  # [k, n_t]
+        for j in range(clip.shape[1]):
+            idx = top[:, j]
+            out[idx, j] = full_of(idx, torch.tensor([j]))[:, 0].float()
+    else:
+        k = min(k, clip.shape[1])
+        top = clip.topk(k, dim=1).indices  # [n_a, k]
+        for i in range(clip.shape[0]):
+            idx = top[i]
+            out[i, idx] = full_of(torch.tensor([i]), idx)[0].float()
+    return out
+
+
+def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, split: str = "test",
+             cfg: Config | None = None, *, captions_dir: str | os.PathLike | None = None, rerank_k: int | None = None,
+             log_mlflow: bool = False, tracking_uri: str | None = None, batch_size: int | None = None,
+             experiment: str = "hci-atr-eval") -> dict[str, Any]:
+    """Metrics dict (``t2a_R1 .. a2t_meanr``, ``rsum``, per-level ``<level>_rsum``, ``n_audio``, ``n_text``).
+
+    ``cfg``: only ``train.batch_size`` is used from it (the model brings its own config). With ``log_mlflow`` a new
+    run in ``experiment`` gets the metrics (prefixed ``<split>_``) and the model reference as params.
+    """
+    from hci_atr import training
+    from hci_atr.metrics import retrieval_metrics
+    from hci_atr.models.model import HciAtrModel
+    from workflows import tracking
+    from workflows.train import read_captions, read_split_rows
+
+    model_dir = tracking.resolve_model_ref(str(model_ref), tracking_uri)
+    model = HciAtrModel.from_pretrained(model_dir).eval()
+    mcfg = model.cfg
+    if (mcfg.model.ac_fusion or mcfg.model.ac_branch) and not captions_dir:
+        raise ConfigError(f"{model_ref}: the model uses auxiliary captions (ac_fusion/ac_branch); pass --captions DIR "
+                          "with the generated captions of this split")
+    rows = read_split_rows(features_dir, split, read_captions(captions_dir))
+    if not rows:
+        raise ConfigError(f"{features_dir}: no rows with split '{split}'; pick one of the extracted splits")
+    bs = batch_size or (cfg.train.batch_size if cfg else mcfg.train.batch_size)
+    with torch.no_grad():
+        emb = training.embed_split(model, rows, mcfg, batch_size=bs)
+        scores = model.score(emb.audio, emb.text)
+        if rerank_k:
+            from hci_atr.models.hci import clip_similarity
+
+            clip = clip_similarity(emb.audio.clip, emb.text.sentence)  # [n_a, n_t]
+
+            def full_of(a_idx, t_idx):
+                return model.score(emb.audio.select(a_idx), emb.text.select(t_idx)).fused
+
+            t2a = retrieval_metrics(_rerank_matrix(clip, full_of, rerank_k, 0), emb.text_to_audio)
+            a2t = retrieval_metrics(_rerank_matrix(clip, full_of, rerank_k, 1), emb.text_to_audio)
+            out = {k: v for k, v in t2a.items() if k.startswith("t2a_")}
+            out.update({k: v for k, v in a2t.items() if k.startswith("a2t_")})
+            out["rsum"] = t2a["rsum"]
+            out["rerank_k"] = float(rerank_k)
+        else:
+            out = retrieval_metrics(scores.fused, emb.text_to_audio)
+            for name, s in scores.levels.items():
+                out[f"{name}_rsum"] = retrieval_metrics(s, emb.text_to_audio)["rsum"]
+    out["n_audio"] = float(len(emb.audio_ids))
+    out["n_text"] = float(len(emb.captions))
+    out = {k: float(v) for k, v in out.items()}
+    if log_mlflow:
+        uri = tracking.resolve_tracking_uri(tracking_uri)
+        run_id = tracking.start_or_resume_run(uri, experiment, f"eval-{Path(str(model_ref)).name or 'model'}-{split}")
+        tracking.log_params(uri, run_id, {"model": str(model_ref), "features": str(Path(features_dir).resolve()),
+                                          "split": split, "rerank_k": rerank_k or 0,
+                                          "data.fingerprint": tracking.data_fingerprint(features_dir)})
+        tracking.log_metrics(uri, run_id, {f"{split}_{k}": v for k, v in out.items()}, step=0)
+        tracking.end_run(uri, run_id)
+        out["mlflow_run_id"] = run_id  # type: ignore[assignment]
+    return out
+
+
+def format_table(m: dict[str, Any], title: str | None = None) -> str:
+    """Plain-text table: rows R@1/5/10, mAP@10, median/mean rank; columns text->audio and audio->text."""
+    w0, w = 13, 14
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"{'metric':<{w0}}{'text->audio':>{w}}{'audio->text':>{w}}")
+    lines.append("-" * (w0 + 2 * w))
+    for label, key, fmt in TABLE_ROWS:
+        cells = []
+        for d in ("t2a", "a2t"):
+            v = m.get(f"{d}_{key}")
+            cells.append(fmt.format(v) if isinstance(v, (int, float)) else "-")
+        lines.append(f"{label:<{w0}}{cells[0]:>{w}}{cells[1]:>{w}}")
+    lines.append("-" * (w0 + 2 * w))
+    extra = f"R-sum (t2a R@1+5+10): {m.get('rsum', float('nan')):.2f}"
+    if "n_audio" in m:
+        extra += f"   clips: {int(m['n_audio'])}   captions: {int(m['n_text'])}"
+    if m.get("rerank_k"):
+        extra += f"   (approximate: clip-level top {int(m['rerank_k'])} reranked)"
+    lines.append(extra)
+    levels = [k for k in ("clip_rsum", "segment_rsum", "frame_rsum", "ac_branch_rsum") if k in m]
+    if levels:
+        lines.append("per level R-sum: " + ", ".join(f"{k[:-5]} {m[k]:.2f}" for k in levels))
+    return "\n".join(lines)
