@@ -1,0 +1,98 @@
+"""Training core: batches, AC augmentation pairs, loss decreases, determinism, gather path, evaluation."""
+
+import torch
+
+from hci_atr.metrics import retrieval_metrics
+from hci_atr.models.model import HciAtrModel
+from hci_atr.training import audio_key, embed_split, evaluate, iter_batches, make_batch, n_target_frames, train_epoch
+from model_helpers import tiny_cfg, tiny_rows
+
+
+def _setup(text_dir, **over):
+    cfg = tiny_cfg(text_dir, **over)
+    torch.manual_seed(0)
+    model = HciAtrModel(cfg)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    return cfg, model, opt
+
+
+def test_make_batch_crops_and_picks_captions(tiny_text_dir):
+    cfg, model, _ = _setup(tiny_text_dir, **{"model.ac_augment": True, "model.ac_fusion": True})
+    rows = tiny_rows(4, n_frames=80, generated=True)
+    n = n_target_frames(cfg)
+    assert n == 65
+    b = make_batch(rows, cfg, model, train=True, generator=torch.Generator().manual_seed(0))
+    assert b.mel.shape == (4, 65, 16) and bool(b.mel_mask.all())
+    # augmentation: 4 real + 4 generated texts; clip0 and clip3 have no generated caption -> weight 0
+    assert len(b.text) == 8 and b.pair_weight.tolist() == [1, 1, 1, 1, 0, 0.5, 0.5, 0]
+    assert torch.equal(b.text_keys[4:], b.audio_keys) and b.audio_keys[0].item() == audio_key("clip0")
+    assert b.text.word_mask.shape[1] == cfg.model.max_words  # fixed L for all-gathers
+    assert b.aux_mask.tolist() == [False, True, True, False]
+    e = make_batch(rows, cfg, model, train=False)
+    assert len(e.text) == 4 and e.text.texts[0] == rows[0]["captions"][0]
+    torch.testing.assert_close(e.mel[0], torch.tensor(rows[0]["mel"]).view(80, 16)[:65])
+    short = make_batch(tiny_rows(2, n_frames=30), cfg, model, train=True, generator=torch.Generator())
+    assert short.mel_mask.sum(1).tolist() == [30, 30] and torch.all(short.mel[:, 30:] == 0)
+
+
+def _run(text_dir, epochs, **over):
+    cfg, model, opt = _setup(text_dir, **{"train.batch_size": 8, **over})
+    rows = tiny_rows(8, generated=True)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    hist = [train_epoch(model, opt, list(iter_batches(rows, cfg, model, True, g)), cfg) for _ in range(epochs)]
+    return model, cfg, rows, hist
+
+
+def test_loss_decreases_and_is_deterministic(tiny_text_dir):
+    model, cfg, rows, hist = _run(tiny_text_dir, 12)
+    totals = [h["loss_total"] for h in hist]
+    assert all(torch.isfinite(torch.tensor(totals)))
+    assert totals[-1] < 0.9 * totals[0]
+    assert {"loss_clip", "loss_segment", "loss_frame", "loss_total", "tau_clip"} <= set(hist[0])
+    _, _, _, hist2 = _run(tiny_text_dir, 2)
+    assert [h["loss_total"] for h in hist2] == totals[:2]  # same seed, same CPU numbers
+    m = evaluate(model, rows, cfg)
+    assert m["n_audio"] == 8 and m["n_text"] == 16
+    emb = embed_split(model, rows, cfg)
+    assert m["rsum"] == retrieval_metrics(model.score(emb.audio, emb.text).fused, emb.text_to_audio)["rsum"]
+    assert {"clip_rsum", "segment_rsum", "frame_rsum"} <= set(m)
+
+
+def test_ac_uses_train_and_switch_losses(tiny_text_dir):
+    _, _, _, hist = _run(tiny_text_dir, 3, **{"model.ac_fusion": True, "model.ac_branch": True,
+                                               "model.ac_augment": True, "model.use_segment": False})
+    assert "loss_ac_branch" in hist[0] and "loss_segment" not in hist[0]
+    assert hist[-1]["loss_total"] < hist[0]["loss_total"]
+
+
+def test_gather_path_equals_global_batch(tiny_text_dir):
+    """A gather that concatenates two half batches gives the loss of the whole batch (what all_gather does)."""
+    cfg, model, _ = _setup(tiny_text_dir)
+    model.eval()
+    rows = tiny_rows(4)
+    whole = make_batch(rows, cfg, model, train=False)
+    halves = [make_batch(rows[:2], cfg, model, train=False), make_batch(rows[2:], cfg, model, train=False)]
+    # simulate worker 0: its own tensors plus worker 1's, concatenated in rank order
+    with torch.no_grad():
+        other = {}
+
+        def capture(x):
+            other.setdefault("q", []).append(x)
+            return x
+        model(**halves[1].forward_kwargs(), gather=capture)
+        queue = list(other["q"])
+
+        def gather(x):
+            return torch.cat([x, queue.pop(0)])
+        loss_g = model(**halves[0].forward_kwargs(), gather=gather).losses["total"]
+        loss_w = model(**whole.forward_kwargs()).losses["total"]
+    torch.testing.assert_close(loss_g, loss_w, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_split_covers_all_captions(tiny_text_dir):
+    cfg, model, _ = _setup(tiny_text_dir)
+    rows = tiny_rows(5)
+    emb = embed_split(model, rows, cfg, batch_size=2)
+    assert len(emb.audio) == 5 and len(emb.text) == 10
+    assert emb.text_to_audio.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert model.training  # mode restored
