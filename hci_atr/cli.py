@@ -260,6 +260,47 @@ def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tra
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the main job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("demo")
+@click.option("--workdir", default="hci_atr_runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where the dataset, features, runs, models, index and table go.")
+@click.option("--quick", is_flag=True, help="Tiny dataset and 2 epochs: a fast first look (noisy numbers).")
+@click.option("--size", type=click.IntRange(min=24), default=None, help="Clips in the demo dataset [240; quick: 48].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per trained model [12; quick: 2].")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None, help="Ray Train / Ray Data workers [2].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config applied under the demo settings.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
+def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, tracking_uri) -> None:
+    """Run the whole pipeline on the built-in demo dataset and print a side-by-side table.
+
+    make-demo -> extract-features -> train clip-only and HCI -> caption-all (nearest) -> train HCI+AC -> evaluate
+    all three on the test split -> index for serving. Re-run the same command to resume after an interruption.
+    """
+    import dataclasses
+
+    from hci_atr.config import load_config
+    from workflows.demo import DemoSettings, run_demo
+
+    s = DemoSettings.quick(workdir, seed) if quick else DemoSettings(workdir=workdir, seed=seed)
+    s = dataclasses.replace(s, **{k: v for k, v in {"size": size, "epochs": epochs,
+                                                    "num_workers": num_workers}.items() if v is not None})
+    base = load_config(config_path) if config_path else None
+    out = run_demo(s, base=base, tracking_uri=tracking_uri, echo=click.echo)
+    click.echo("")
+    click.echo(f"Test split of the demo dataset (percent; {out['seconds']:.0f} s in all):")
+    click.echo(out["table"])
+    click.echo("")
+    click.echo(f"Table saved to {out['workdir']}/demo_results.md and .csv.")
+    click.echo(f"MLflow: mlflow ui --backend-store-uri {out['tracking_uri']}   (experiment 'hci-atr-demo')")
+    click.echo("Serve:  serve run serve.app:deployment   then open http://127.0.0.1:8000/")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,223 @@
+"""hci-atr demo: the whole life cycle on the embedded default, end to end.
+
+    make-demo -> extract-features -> train clip-only baseline -> train HCI
+              -> caption-all (nearest, from the HCI model) -> train HCI+AC
+              -> evaluate all three on the test split -> side-by-side table (+ MLflow test metrics)
+              -> index the collection with HCI+AC, so `serve run serve.app:deployment` works right after
+
+Everything lands under ``--workdir`` (default ``hci_atr_runs/``)::
+
+    demo_data/            the procedural dataset (Clotho layout)
+    features/             feature shards           captions/   generated captions (nearest)
+    ray_results/<run>/    Ray Train runs           models/{clip,hci,hci_ac}/   the best model of each run
+    index/                the serving index        demo_results.{md,csv}       the table
+    stages/<stage>.json   what each finished stage produced
+
+Resume: each stage writes its marker last, and every stage resumes internally too (shards, Ray Train checkpoints),
+so re-running the same command after an interruption continues where it stopped. A marker written for other
+settings (seed, size, epochs...) is not reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hci_atr.config import Config, atomic_write_text
+from hci_atr.errors import ConfigError
+
+# (name, label, model overrides) of the three trained variants, in table order.
+VARIANTS = [
+    ("clip", "clip-only (baseline)", {"model.use_segment": False, "model.use_frame": False}),
+    ("hci", "HCI (3 levels)", {}),
+    ("hci_ac", "HCI + AC (3 uses)", {"model.ac_fusion": True, "model.ac_branch": True, "model.ac_augment": True}),
+]
+METRIC_COLUMNS = [("t2a_R1", "T2A R@1"), ("t2a_R5", "R@5"), ("t2a_R10", "R@10"), ("t2a_mAP10", "mAP@10"),
+                  ("a2t_R1", "A2T R@1"), ("a2t_R5", "R@5"), ("a2t_R10", "R@10"), ("a2t_mAP10", "mAP@10")]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: str = "hci_atr_runs"
+    seed: int = 0
+    size: int = 240
+    duration: float = 5.0
+    sample_rate: int = 32000
+    epochs: int = 12
+    num_workers: int = 2
+    batch_size: int = 24
+
+    @classmethod
+    def quick(cls, workdir: str = "hci_atr_runs", seed: int = 0) -> "DemoSettings":
+        """Tiny and fast: for tests and a first look (numbers are noisy at this size)."""
+        return cls(workdir=workdir, seed=seed, size=48, duration=2.0, sample_rate=16000, epochs=2, batch_size=8)
+
+
+def demo_config(s: DemoSettings, base: Config | None = None) -> Config:
+    """The config every demo stage shares: the demo's audio settings, seed, workers and where runs go."""
+    work = Path(s.workdir).absolute()
+    return (base or Config()).override({
+        "audio.sample_rate": s.sample_rate, "audio.duration": s.duration,
+        "train.seed": s.seed, "train.epochs": s.epochs, "train.num_workers": s.num_workers,
+        "train.batch_size": s.batch_size, "train.storage_path": str(work / "ray_results"),
+        "train.features_dir": str(work / "features"), "train.registered_model": "hci-atr-demo",
+        "train.experiment": "hci-atr-demo",
+        "pipeline.num_workers": s.num_workers,
+        "serve.model_dir": str(work / "models" / "hci_ac"), "serve.index_dir": str(work / "index"),
+    }, "demo")
+
+
+class _Stages:
+    """Markers under ``stages/``: a stage whose marker exists with the same key is skipped on a re-run."""
+
+    def __init__(self, root: Path, key: dict):
+        self.root = root / "stages"
+        self.key = key
+
+    def done(self, name: str) -> dict | None:
+        p = self.root / f"{name}.json"
+        if not p.is_file():
+            return None
+        data = json.loads(p.read_text())
+        return data["result"] if data.get("key") == self.key else None
+
+    def mark(self, name: str, result: dict) -> dict:
+        atomic_write_text(self.root / f"{name}.json", json.dumps({"key": self.key, "result": result}, indent=1))
+        return result
+
+
+def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | None = None,
+             echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run every stage (skipping finished ones) and return {"table": markdown, "results": {variant: metrics}, ...}."""
+    from hci_atr.data.demo import make_demo
+    from workflows import tracking
+    from workflows.caption import caption_all
+    from workflows.features import extract_features
+    from workflows.train import train
+
+    if s.size < 24:
+        raise ConfigError(f"demo size must be at least 24 clips so every split has clips (got {s.size})")
+    work = Path(s.workdir).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(s, base)
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.train.tracking_uri)
+    stages = _Stages(work, {"settings": s.__dict__ | {"workdir": str(work)}, "config": cfg.to_dict()})
+    data_dir, feat_dir, cap_dir = work / "demo_data", work / "features", work / "captions"
+    t_start = time.perf_counter()
+
+    def step(n: int, text: str) -> None:
+        echo(f"[{n}/7] {text}")
+
+    step(1, f"demo dataset: {s.size} clips of {s.duration:g} s at {s.sample_rate} Hz -> {data_dir}")
+    if not stages.done("data"):
+        echo("      " + make_demo(data_dir, seed=s.seed, size=s.size, duration=s.duration,
+                                  sample_rate=s.sample_rate, progress=progress))
+        stages.mark("data", {"dir": str(data_dir)})
+
+    step(2, f"extract-features (Ray Data, {s.num_workers} workers) -> {feat_dir}")
+    if not stages.done("features"):
+        m = extract_features(data_dir, feat_dir, cfg=cfg, seed=s.seed, progress=progress)
+        stages.mark("features", {"rows": m.get("rows"), "failed": m.get("failed")})
+
+    results: dict[str, dict] = {}
+    models: dict[str, str] = {}
+    runs: dict[str, str] = {}
+
+    def train_variant(n: int, name: str, overrides: dict, captions: Path | None) -> None:
+        label = dict((v[0], v[1]) for v in VARIANTS)[name]
+        step(n, f"train {label} (Ray Train, {s.num_workers} workers, {s.epochs} epochs) run 'demo-{name}'")
+        done = stages.done(f"train_{name}")
+        if done is None:
+            vcfg = cfg.override({**overrides, "train.run_name": f"demo-{name}"}, "demo")
+            r = train(vcfg, feat_dir, captions, tracking_uri=uri, echo=lambda m: echo("      " + m))
+            dst = work / "models" / name
+            _replace_dir(Path(r.model_dir), dst)
+            done = stages.mark(f"train_{name}", {"model_dir": str(dst), "run_id": r.mlflow_run_id,
+                                                  "val_rsum": r.metrics.get("val_rsum")})
+        models[name], runs[name] = done["model_dir"], done["run_id"]
+        echo(f"      best val R-sum {done['val_rsum']:.1f}; model {done['model_dir']}")
+
+    train_variant(3, "clip", VARIANTS[0][2], None)
+    train_variant(4, "hci", VARIANTS[1][2], None)
+
+    step(5, f"caption-all with the nearest captioner from the HCI model -> {cap_dir}")
+    if not stages.done("captions"):
+        m = caption_all(data_dir, cap_dir, captioner="nearest", model=models["hci"],
+                        params={"features": str(feat_dir)}, cfg=cfg, seed=s.seed, progress=progress)
+        stages.mark("captions", {"rows": m.get("rows"), "failed": m.get("failed")})
+
+    train_variant(6, "hci_ac", VARIANTS[2][2], cap_dir)
+
+    step(7, "evaluate on the test split; index the collection for serving")
+    for name, _label, _ in VARIANTS:
+        done = stages.done(f"eval_{name}")
+        if done is None:
+            metrics = evaluate_on_split(models[name], feat_dir, "test", cap_dir if name == "hci_ac" else None)
+            tracking.log_metrics(uri, runs[name], {f"test_{k}": v for k, v in metrics.items()}, step=0)
+            done = stages.mark(f"eval_{name}", metrics)
+        results[name] = done
+    if not stages.done("index"):
+        from workflows.index import build_index
+
+        build_index(models["hci_ac"], work / "index", data=data_dir, captions=cap_dir, cfg=cfg)
+        stages.mark("index", {"dir": str(work / "index")})
+
+    table_md, table_csv = format_table(results)
+    atomic_write_text(work / "demo_results.md", table_md + "\n")
+    atomic_write_text(work / "demo_results.csv", table_csv)
+    return {"table": table_md, "results": results, "models": models, "runs": runs, "tracking_uri": uri,
+            "workdir": str(work), "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def evaluate_on_split(model_dir: str | os.PathLike, features_dir: str | os.PathLike, split: str,
+                      captions_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Metrics of a saved model on one split of the feature shards (full fused score, no rerank approximation)."""
+    import torch
+
+    from hci_atr import training
+    from hci_atr.models.model import HciAtrModel
+    from workflows.train import read_captions, read_split_rows
+
+    model = HciAtrModel.from_pretrained(model_dir).eval()
+    rows = read_split_rows(features_dir, split, read_captions(captions_dir))
+    with torch.no_grad():
+        return {k: float(v) for k, v in training.evaluate(model, rows, model.cfg).items()}
+
+
+def format_table(results: dict[str, dict]) -> tuple[str, str]:
+    """(markdown, csv) side-by-side table of the variants' test metrics, in VARIANTS order."""
+    labels = dict((v[0], v[1]) for v in VARIANTS)
+    head = "| model | " + " | ".join(c[1] for c in METRIC_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model"] + [c[0] for c in METRIC_COLUMNS])
+    for name in (v[0] for v in VARIANTS):
+        if name not in results:
+            continue
+        vals = [results[name].get(k, float("nan")) for k, _ in METRIC_COLUMNS]
+        lines.append(f"| {labels[name]} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+        w.writerow([name] + [f"{v:.4f}" for v in vals])
+    return "\n".join(lines), buf.getvalue()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` so that ``dst`` is never half-written (copy beside it, then swap)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
