@@ -142,11 +142,18 @@ def strip_cluster_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _token_available() -> bool:
+def _read_token() -> str | None:
+    """The cluster token, as Ray's own clients look for it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    return os.path.isfile(path)
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def _token_available() -> bool:
+    return _read_token() is not None
 
 
 @contextlib.contextmanager
@@ -177,7 +184,11 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
     entrypoint = "python -m hci_atr.cli " + " ".join(shlex.quote(a) for a in args)
     with _auth_env() as token_mode:
         try:
-            client = JobSubmissionClient(address)
+            # Ray reads RAY_AUTH_MODE once per process, so a client made after `import ray` may not see it: send
+            # the bearer token ourselves as well.
+            token = _read_token() if token_mode else None
+            headers = {"Authorization": f"Bearer {token}"} if token else None
+            client = JobSubmissionClient(address, headers=headers)
         except Exception as e:
             raise ClusterError(f"cannot reach the Ray head at {address} ({_first_line(e)}); is the cluster up "
                                f"(`ray up {cluster_yaml}`) and the dashboard port reachable?") from None
@@ -186,11 +197,8 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
             env_vars["RAY_AUTH_MODE"] = "token"  # the job's driver joins a token-auth cluster too
         runtime_env = {"working_dir": os.fspath(working_dir or project_root()), "excludes": WORKING_DIR_EXCLUDES,
                        "env_vars": env_vars}
-        try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                       metadata={"hci_atr": " ".join(args[:1])})
-        except Exception as e:
-            raise ClusterError(f"the Ray head at {address} refused the job ({_first_line(e)})") from None
+        job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
+                                    metadata={"hci_atr": " ".join(args[:1])})
         echo(f"submitted job {job_id} to {address}: hci-atr {' '.join(args)}\n")
         try:
             asyncio.run(_tail(client, job_id, echo))
@@ -201,6 +209,20 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
             return 130
     echo(f"job {job_id} {status}\n")
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _submit_with_retry(client, address: str, retry_s: float = 90.0, **job) -> str:
+    """Submit; while the head's job agent is still starting (just after `ray up` / `ray start`) the head answers
+    "No available agent", so retry that one answer for up to ``retry_s`` seconds."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as e:
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise ClusterError(f"the Ray head at {address} refused the job ({_first_line(e)})") from None
 
 
 async def _tail(client, job_id: str, echo) -> None:
