@@ -300,6 +300,75 @@ def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, track
     click.echo("Serve:  serve run serve.app:deployment   then open http://127.0.0.1:8000/")
 
 
+@cli.command("ablate")
+@click.option("--out", "out_dir", default="hci_atr_runs/ablation", show_default=True,
+              type=click.Path(file_okay=False), help="Features, per-run JSON results, table, plot (re-run resumes).")
+@click.option("--data", default=None, type=click.Path(), help="Dataset path (any reader format); default: the demo.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "clotho", "audiocaps", "manifest"]))
+@click.option("--size", type=click.IntRange(min=12), default=240, show_default=True, help="Demo clips (no --data).")
+@click.option("--duration", type=click.FloatRange(min=1.0, max=30.0), default=None,
+              help="Demo clip seconds and crop length [audio.duration].")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Base YAML config (the budget every variant shares).")
+@click.option("--variants", default=None, help="Comma-separated variants (default all: clip, clip_segment, "
+              "clip_frame, hci, hci_acfusion, hci_ac, clip_ac).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--temperature", type=click.FloatRange(min=0.01, max=1.0), default=None,
+              help="Initial temperature of every level [model.init_temperature].")
+@click.option("--audio-width", type=click.IntRange(min=1), default=None, help="cnn-small first-block channels.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Any config override for every variant, repeatable (e.g. --set model.segment_size=4).")
+@click.option("--caption-variant", default="clip", show_default=True,
+              help="Variant whose model (same seed, trained on the training split) writes the auxiliary captions.")
+@click.option("--test-split", default="test", show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
+@click.option("--experiment", default="hci-atr-ablation", show_default=True)
+@click.option("--no-mlflow", is_flag=True, help="Do not log to MLflow.")
+@click.option("--no-resume", is_flag=True, help="Retrain every variant x seed even if its result JSON exists.")
+@click.option("--publish", default=None, type=click.Path(file_okay=False),
+              help="Also copy table.md, table.csv and ablation.png into this folder (e.g. bench/results).")
+def ablate_cmd(out_dir, data, fmt, size, duration, config_path, variants, seeds, epochs, batch_size, lr, temperature,
+               audio_width, sets, caption_variant, test_split, tracking_uri, experiment, no_mlflow, no_resume,
+               publish) -> None:
+    """Train and evaluate every HCI / AC ablation variant x seed as Ray tasks; table (mean ± std) + plot + MLflow."""
+    import shlex
+
+    import yaml
+
+    from hci_atr.config import load_config
+    from workflows.ablation import publish_results, run_ablation
+
+    overrides = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
+                 "model.init_temperature": temperature, "model.audio_width": audio_width, "audio.duration": duration}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
+    cfg = load_config(config_path, overrides)
+    res = run_ablation(out_dir, cfg=cfg, data=data, fmt=fmt, demo_size=size, variants=variants, seeds=seed_list,
+                       caption_variant=caption_variant, test_split=test_split, tracking_uri=tracking_uri,
+                       experiment=experiment, log_mlflow=not no_mlflow, resume=not no_resume,
+                       command="hci-atr " + shlex.join(click.get_current_context().find_root().obj.get("argv")
+                                                       or ["ablate"]),
+                       echo=click.echo)
+    click.echo("")
+    click.echo(res.markdown)
+    click.echo(f"{res.computed} runs trained now, {len(res.results) - res.computed} resumed; "
+               f"table/plot in {res.out_dir}")
+    if publish:
+        for p in publish_results(res.out_dir, publish):
+            click.echo(f"published {p}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------------------------

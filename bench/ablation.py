@@ -1,0 +1,17 @@
+"""Ablation benchmark of HCI levels and AC uses: the same as ``hci-atr ablate`` (see workflows/ablation.py).
+
+    python bench/ablation.py --size 240 --epochs 6 --seeds 0,1,2 --publish bench/results
+
+Every variant x seed is a Ray task (one CPU each); results go to --out (resumable), the table (mean ± std) and the
+bar plot to --out and, with --publish, to bench/results/. Figures and the exact command are in BENCHMARKS.md.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from hci_atr.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(["ablate", *sys.argv[1:]])

@@ -1,0 +1,528 @@
+"""Ablation of HCI levels and AC uses: every variant x seed trained and evaluated under one budget, as Ray tasks.
+
+```
+data (demo, made on request | any dataset reader path)
+  -> extract_features (Ray Data)                       -> <out>/features/part-*.parquet
+  -> train/val/test rows, ray.put once
+  -> per seed s, a DAG of Ray tasks (num_cpus=1 each, torch threads 1, so N cores run N tasks at once):
+       train(<caption_variant>, s) -> caption(s) -> train(<each AC variant>, s)
+       train(<each other variant>, s)
+  -> <out>/runs/<variant>/seed<s>.json                  (one result per task; a re-run skips finished ones)
+  -> table.md, table.csv, ablation.png, summary.json    (mean ± sample std over seeds)
+  -> MLflow: one parent run (the table, plot, settings) with one child run per variant x seed
+```
+
+Every task runs the library's training core in-process (``hci_atr.training``: ``iter_batches``, ``train_epoch``,
+``evaluate``): AdamW on the trainable parameters, ``train.epochs`` epochs, best epoch by validation R-sum (as
+``hci-atr train`` picks its best checkpoint), then the test split is evaluated once with that epoch's weights.
+Only the switches of :data:`VARIANTS` differ between variants; data, epochs, batch size, encoders and seeds are equal.
+
+Auxiliary captions. The AC variants need a generated caption per clip. Per seed ``s``, the ``nearest`` captioner
+(:class:`hci_atr.captioners.NearestCaptioner`, the backend ``hci-atr caption-all --captioner nearest`` runs) is built
+on the model of variant ``caption_variant`` (default ``clip``) trained with seed ``s`` on the training split only
+(its best epoch chosen on validation), with the training split's features as its caption bank. A clip gets a caption
+of its nearest OTHER training clip (leave-one-out; its own reference captions are excluded too), so training clips do
+not get their own caption back and no test caption is ever in the bank or seen by the captioning model.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from hci_atr.config import Config, atomic_write_bytes, atomic_write_text, save_config
+from hci_atr.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: an MLflow-safe ``name``, a table ``label`` and its config switches."""
+
+    name: str
+    label: str
+    switches: dict[str, Any]
+
+    @property
+    def uses_captions(self) -> bool:
+        return any(self.switches.get(f"model.{u}") for u in ("ac_fusion", "ac_branch", "ac_augment"))
+
+
+def _switches(clip=True, segment=False, frame=False, fusion=False, branch=False, augment=False) -> dict[str, Any]:
+    return {"model.use_clip": clip, "model.use_segment": segment, "model.use_frame": frame,
+            "model.ac_fusion": fusion, "model.ac_branch": branch, "model.ac_augment": augment}
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("clip", "clip only", _switches()),
+    Variant("clip_segment", "clip + segment", _switches(segment=True)),
+    Variant("clip_frame", "clip + frame", _switches(frame=True)),
+    Variant("hci", "HCI (clip + segment + frame)", _switches(segment=True, frame=True)),
+    Variant("hci_acfusion", "HCI + AC fusion", _switches(segment=True, frame=True, fusion=True)),
+    Variant("hci_ac", "HCI + AC (fusion, branch, augment)",
+            _switches(segment=True, frame=True, fusion=True, branch=True, augment=True)),
+    Variant("clip_ac", "clip + AC (fusion, branch, augment)", _switches(fusion=True, branch=True, augment=True)),
+]}
+DEFAULT_VARIANTS = tuple(VARIANTS)
+
+METRICS = ("t2a_R1", "t2a_R5", "t2a_R10", "t2a_mAP10", "a2t_R1", "a2t_R5", "a2t_R10", "a2t_mAP10")
+METRIC_LABELS = {"t2a_R1": "T2A R@1", "t2a_R5": "T2A R@5", "t2a_R10": "T2A R@10", "t2a_mAP10": "T2A mAP@10",
+                 "a2t_R1": "A2T R@1", "a2t_R5": "A2T R@5", "a2t_R10": "A2T R@10", "a2t_mAP10": "A2T mAP@10"}
+
+
+def parse_variants(names: str | Sequence[str] | None) -> list[Variant]:
+    """``"clip,hci"`` or a list -> Variants (all of :data:`VARIANTS` when empty); unknown names are a ConfigError."""
+    if not names:
+        return list(VARIANTS.values())
+    items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    unknown = [n for n in items if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown ablation variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    return [VARIANTS[n] for n in dict.fromkeys(items)]
+
+
+def variant_config(base: Config, variant: Variant, seed: int) -> Config:
+    """The base config with the variant's switches and the seed applied (everything else stays equal)."""
+    return base.override({**variant.switches, "train.seed": seed}, f"ablation variant {variant.name}")
+
+
+def config_key(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+    """A short hash of everything that decides a run's numbers (resolved config + data + caption source)."""
+    blob = json.dumps({"config": cfg.to_dict(), **(extra or {})}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one variant x seed (plain PyTorch; runs inside a Ray task, or directly in tests)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def with_captions(rows: list[dict], captions: dict[str, str] | None) -> list[dict]:
+    """Shallow copies of ``rows`` with ``generated_caption`` from ``captions`` (None where a clip has none)."""
+    return [{**r, "generated_caption": (captions or {}).get(r["audio_id"])} for r in rows]
+
+
+def train_and_evaluate(cfg: Config, train_rows: list[dict], val_rows: list[dict], test_rows: list[dict], *,
+                       captions: dict[str, str] | None = None, model_dir: str | os.PathLike | None = None,
+                       threads: int = 1) -> dict[str, Any]:
+    """Train ``HciAtrModel(cfg)`` for ``cfg.train.epochs`` epochs, keep the epoch with the best validation R-sum,
+    evaluate it on ``test_rows``. Returns ``{"test": metrics, "val": metrics, "best_epoch", "history", "seconds"}``
+    (metrics as :func:`hci_atr.training.evaluate` gives them, in percent). ``model_dir``: save the best model there.
+
+    Seeds: the model's initial weights come from ``cfg.train.seed``; epoch ``e``'s shuffles, crops and caption picks
+    from ``seed * 1000 + e``, so the same seed gives the same numbers on CPU.
+    """
+    import torch
+
+    from hci_atr import training
+    from hci_atr.models.model import HciAtrModel
+
+    torch.set_num_threads(max(1, int(threads)))
+    t0 = time.perf_counter()
+    tc = cfg.train
+    train_rows, val_rows, test_rows = (with_captions(r, captions) for r in (train_rows, val_rows, test_rows))
+    if len(train_rows) < 2 or not val_rows or not test_rows:
+        raise ConfigError(f"ablation needs >= 2 training rows and non-empty validation/test splits (got "
+                          f"{len(train_rows)}/{len(val_rows)}/{len(test_rows)}); use a larger dataset or --size")
+    torch.manual_seed(tc.seed)
+    model = HciAtrModel(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    batch_size = min(tc.batch_size, len(train_rows))
+    steps_per_epoch = max(1, len(train_rows) // batch_size)
+    warmup = max(0, tc.warmup_epochs) * steps_per_epoch
+    # linear warm-up over warmup_epochs, then constant (warmup_epochs = 0: constant from the start)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+    class _Stepper:  # steps the schedule once per batch without touching the training core
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            for b in self.batches:
+                yield b
+                sched.step()
+
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. the frozen text transformer
+    history: list[dict[str, float]] = []
+    best_rsum, best_epoch, best_state = -math.inf, -1, None
+    for epoch in range(tc.epochs):
+        torch.manual_seed(tc.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(tc.seed * 1000 + epoch)
+        batches = training.iter_batches(train_rows, cfg, model, True, gen, batch_size=batch_size, drop_last=True)
+        losses = training.train_epoch(model, optimizer, _Stepper(batches), cfg)
+        val = training.evaluate(model, val_rows, cfg)
+        history.append({"epoch": float(epoch), **losses, **{f"val_{k}": v for k, v in val.items()}})
+        if val["rsum"] > best_rsum:
+            best_rsum, best_epoch = val["rsum"], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
+    model.load_state_dict(best_state, strict=False)  # frozen parameters never changed, so they need no copy
+    val = training.evaluate(model, val_rows, cfg)
+    test = training.evaluate(model, test_rows, cfg)
+    if model_dir is not None:
+        model.save_pretrained(model_dir)
+    return {"test": test, "val": val, "best_epoch": best_epoch, "history": history,
+            "seconds": round(time.perf_counter() - t0, 2), "threads": torch.get_num_threads()}
+
+
+def nearest_captions(model_dir: str | os.PathLike, features_dir: str | os.PathLike, rows: list[dict],
+                     bank_split: str = "train", threads: int = 1, batch_size: int = 32) -> dict[str, Any]:
+    """Caption every row with the ``nearest`` backend on the model in ``model_dir`` (caption bank: the
+    ``bank_split`` rows of ``features_dir``). Returns ``{"captions": {audio_id: caption}, "errors": {...}}``.
+
+    Rows need ``audio_id``, ``audio_path`` and ``captions`` (the own captions, only used to exclude them).
+    """
+    import torch
+
+    from hci_atr.captioners import NearestCaptioner
+
+    torch.set_num_threads(max(1, int(threads)))
+    cap = NearestCaptioner(str(model_dir), features=str(features_dir), split=bank_split)
+    out: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        batch = {"audio_id": np.array([r["audio_id"] for r in chunk], dtype=object),
+                 "audio_path": np.array([r["audio_path"] for r in chunk], dtype=object),
+                 "captions": np.empty(len(chunk), dtype=object)}
+        for j, r in enumerate(chunk):  # one list per cell (np.array of lists would make a 2-D array)
+            batch["captions"][j] = list(r["captions"])
+        res = cap(batch)
+        for aid, text, err in zip(res["audio_id"], res["generated_caption"], res["error"]):
+            if err:
+                errors[str(aid)] = str(err)
+            elif text:
+                out[str(aid)] = str(text)
+    return {"captions": out, "errors": errors}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregation, table, plot
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def aggregate(results: dict[tuple[str, int], dict], variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """Per variant: mean and sample std (ddof=1; 0 for one seed) of every test metric over its seeds, plus the paired
+    difference of T2A R@1 against the first variant (same seeds), as mean ± std."""
+    out = []
+    base = variants[0].name if variants else None
+    for v in variants:
+        seeds = sorted(s for (name, s) in results if name == v.name)
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"variant": v.name, "label": v.label, "seeds": seeds}
+        for m in METRICS:
+            vals = np.array([results[(v.name, s)]["test"][m] for s in seeds], dtype=np.float64)
+            row[f"{m}_mean"] = float(vals.mean())
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        paired = [results[(v.name, s)]["test"]["t2a_R1"] - results[(base, s)]["test"]["t2a_R1"]
+                  for s in seeds if (base, s) in results]
+        if paired:
+            d = np.array(paired, dtype=np.float64)
+            row["d_t2a_R1_mean"] = float(d.mean())
+            row["d_t2a_R1_std"] = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def format_markdown(rows: list[dict[str, Any]], base_label: str | None = None) -> str:
+    """The aggregate as a markdown table: ``mean ± std`` per metric (percent), one row per variant."""
+    head = ["variant", *[METRIC_LABELS[m] for m in METRICS], f"Δ T2A R@1 vs {base_label or 'first'} (paired)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"]] + [f"{r[f'{m}_mean']:.2f} ± {r[f'{m}_std']:.2f}" for m in METRICS]
+        cells.append(f"{r['d_t2a_R1_mean']:+.2f} ± {r['d_t2a_R1_std']:.2f}" if "d_t2a_R1_mean" in r else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    cols = ["variant", "label", "n_seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + \
+        ["d_t2a_R1_mean", "d_t2a_R1_std"]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([r["variant"], r["label"], len(r["seeds"])] +
+                   [f"{r[f'{m}_{s}']:.4f}" for m in METRICS for s in ("mean", "std")] +
+                   [f"{r[k]:.4f}" if k in r else "" for k in ("d_t2a_R1_mean", "d_t2a_R1_std")])
+    return buf.getvalue()
+
+
+def plot_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """Grouped bars (T2A/A2T R@1, R@5, R@10) per variant with ± std error bars; matplotlib Agg, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    metrics = ("t2a_R1", "t2a_R5", "t2a_R10", "a2t_R1", "a2t_R5", "a2t_R10")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=False)
+    width = 0.8 / max(1, len(rows))
+    for ax, direction in zip(axes, ("t2a", "a2t")):
+        ms = [m for m in metrics if m.startswith(direction)]
+        x = np.arange(len(ms))
+        for k, r in enumerate(rows):
+            ax.bar(x + (k - (len(rows) - 1) / 2) * width, [r[f"{m}_mean"] for m in ms], width,
+                   yerr=[r[f"{m}_std"] for m in ms], capsize=2, label=r["label"], color=f"C{k % 10}")
+        ax.set_xticks(x, [METRIC_LABELS[m] for m in ms])
+        ax.set_ylabel("%")
+        ax.set_title("text -> audio" if direction == "t2a" else "audio -> text")
+    axes[0].legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the distributed run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationResult:
+    out_dir: str
+    rows: list[dict[str, Any]]  # aggregate() output
+    results: dict[tuple[str, int], dict] = field(repr=False)  # (variant, seed) -> run JSON
+    markdown: str = ""
+    parent_run_id: str | None = None
+    computed: int = 0  # variant x seed runs trained by this call (the rest were resumed from JSON)
+
+
+def _result_path(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / variant / f"seed{seed}.json"
+
+
+def _load_done(path: Path, key: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("key") == key else None
+
+
+def _ensure_demo(out: Path, size: int, duration: float, sample_rate: int, seed: int) -> Path:
+    from hci_atr.data.demo import make_demo
+
+    root = out / f"demo_{size}x{duration:g}s_{sample_rate}hz_seed{seed}"
+    if not (root / "demo_metadata.json").is_file():  # make_demo renames a complete folder into place
+        make_demo(root, seed=seed, size=size, duration=duration, sample_rate=sample_rate, progress=False)
+    return root
+
+
+def run_ablation(out_dir: str | os.PathLike, *, cfg: Config | None = None, data: str | os.PathLike | None = None,
+                 fmt: str = "auto", demo_size: int = 240, demo_duration: float | None = None, demo_seed: int = 0,
+                 variants: str | Sequence[str] | None = None, seeds: Iterable[int] = (0, 1, 2),
+                 caption_variant: str = "clip", test_split: str = "test", tracking_uri: str | None = None,
+                 experiment: str = "hci-atr-ablation", log_mlflow: bool = True, resume: bool = True,
+                 command: str = "", echo: Callable[[str], None] | None = None) -> AblationResult:
+    """Run every variant x seed as a Ray task and write the table, plot and MLflow runs. See the module docstring.
+
+    ``data``: a dataset path (any format :func:`hci_atr.data.formats.read_dataset` reads); None makes the demo
+    (``demo_size`` clips of ``demo_duration`` s, default ``cfg.audio.duration``). ``cfg``: the base config (budget:
+    epochs, batch size, encoders ...). ``resume``: skip variant x seed runs whose JSON exists for the same settings.
+    """
+    import ray
+
+    from workflows.cluster import ensure_ray
+    from workflows.features import extract_features
+    from workflows.tracking import data_fingerprint
+    from workflows.train import read_split_rows
+
+    say = echo or (lambda s: None)
+    cfg = cfg or Config()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = parse_variants(variants)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("ablation: give at least one seed")
+    if caption_variant not in VARIANTS or VARIANTS[caption_variant].uses_captions:
+        raise ConfigError(f"ablation: caption_variant must be a variant without AC (got {caption_variant!r})")
+
+    if data is None:
+        data = _ensure_demo(out, demo_size, float(demo_duration or cfg.audio.duration), cfg.audio.sample_rate,
+                            demo_seed)
+        say(f"demo data: {data}")
+    features = out / "features"
+    ensure_ray()
+    m = extract_features(data, features, cfg=cfg, fmt=fmt, seed=demo_seed, progress=False)
+    say(f"features: {m['rows']} rows ({m['computed_shards']} shards computed) -> {features}")
+    fingerprint = data_fingerprint(features)
+    splits = {name: read_split_rows(features, name) for name in (cfg.train.train_split, cfg.train.val_split,
+                                                                 test_split)}
+    for name, rows in splits.items():
+        if not rows:
+            raise ConfigError(f"{features}: split '{name}' has no rows; the ablation needs train, validation and "
+                              f"test splits (set train.train_split / train.val_split / --test-split)")
+    say("rows: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    save_config(cfg, out / "base_config.yaml")
+    train_ref, val_ref, test_ref = (ray.put(splits[k]) for k in (cfg.train.train_split, cfg.train.val_split,
+                                                                  test_split))
+    all_rows_ref = ray.put([r for rows in splits.values() for r in rows])
+
+    @ray.remote(num_cpus=1)
+    def train_task(cfg_dict: dict, tr, va, te, caps: dict | None, model_dir: str | None) -> dict:
+        return train_and_evaluate(Config.from_dict(cfg_dict), tr, va, te,
+                                  captions=(caps or {}).get("captions"), model_dir=model_dir, threads=1)
+
+    @ray.remote(num_cpus=1)
+    def caption_task(_trained: dict, model_dir: str, rows: list[dict]) -> dict:
+        # _trained: the captioning model's train_task result; passing it orders this task after that one
+        return nearest_captions(model_dir, features, rows, bank_split=cfg.train.train_split, threads=1)
+
+    results: dict[tuple[str, int], dict] = {}
+    pending: dict[Any, tuple[str, int, Path, dict]] = {}
+    computed = 0
+    need_captions = any(v.uses_captions for v in chosen)
+    for seed in seeds:
+        cap_source = None
+        caption_ref = None
+        if need_captions:
+            cv = VARIANTS[caption_variant]
+            ccfg = variant_config(cfg, cv, seed)
+            model_dir = out / "caption_models" / f"{cv.name}_seed{seed}"
+            cap_path = out / "captions" / f"seed{seed}.json"
+            cap_source = {"captioner": "nearest", "model_variant": cv.name, "seed": seed,
+                          "model_config_key": config_key(ccfg, {"data": fingerprint}),
+                          "bank_split": cfg.train.train_split, "model_dir": str(model_dir)}
+            cached = _load_done(cap_path, config_key(ccfg, {"data": fingerprint, "captions": cap_source}))
+            if resume and cached is not None:
+                caption_ref = ray.put(cached)
+            else:
+                cres = _result_path(out, cv.name, seed)
+                key = config_key(ccfg, {"data": fingerprint})
+                done = _load_done(cres, key) if resume else None
+                if done is not None and (model_dir / "config.yaml").is_file():
+                    trained = ray.put(done)
+                else:
+                    trained = train_task.remote(ccfg.to_dict(), train_ref, val_ref, test_ref, None, str(model_dir))
+                    if cv in chosen:  # its numbers are also the table's row for this variant
+                        pending[trained] = (cv.name, seed, cres, {"key": key, "config": ccfg.to_dict()})
+                caption_ref = caption_task.remote(trained, str(model_dir), all_rows_ref)
+                pending[caption_ref] = ("__captions__", seed, cap_path,
+                                        {"key": config_key(ccfg, {"data": fingerprint, "captions": cap_source}),
+                                         **cap_source})
+        for v in chosen:
+            vcfg = variant_config(cfg, v, seed)
+            extra = {"data": fingerprint, **({"captions": cap_source} if v.uses_captions else {})}
+            key = config_key(vcfg, extra)
+            path = _result_path(out, v.name, seed)
+            if any(p[0] == v.name and p[1] == seed for p in pending.values()):
+                continue  # the captioning model's run, already submitted above
+            done = _load_done(path, key) if resume else None
+            if done is not None:
+                results[(v.name, seed)] = done
+                continue
+            ref = train_task.remote(vcfg.to_dict(), train_ref, val_ref, test_ref,
+                                    caption_ref if v.uses_captions else None, None)
+            pending[ref] = (v.name, seed, path, {"key": key, "config": vcfg.to_dict(),
+                                                 **({"caption_source": cap_source} if v.uses_captions else {})})
+    total = sum(1 for p in pending.values() if p[0] != "__captions__")
+    say(f"{len(results)} runs resumed, {total} to train ({len(pending) - total} captioning tasks) "
+        f"on {int(ray.available_resources().get('CPU', 0))} free Ray CPUs")
+    t_start = time.perf_counter()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        ref = ready[0]
+        name, seed, path, meta = pending.pop(ref)
+        res = ray.get(ref)
+        if name == "__captions__":
+            doc = {**meta, **res, "n_captions": len(res["captions"])}
+            atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True))
+            say(f"[{time.perf_counter() - t_start:6.0f}s] captions seed {seed}: {len(res['captions'])} clips "
+                f"({len(res['errors'])} errors) by the {meta['model_variant']} model")
+            continue
+        doc = {"variant": name, "seed": seed, **meta, **res}
+        atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True, default=float))
+        results[(name, seed)] = doc
+        computed += 1
+        t = res["test"]
+        say(f"[{time.perf_counter() - t_start:6.0f}s] {name} seed {seed}: test T2A R@1 {t['t2a_R1']:.2f} "
+            f"A2T R@1 {t['a2t_R1']:.2f} (best epoch {res['best_epoch']}, {res['seconds']:.0f}s)")
+
+    rows = aggregate(results, chosen)
+    md = format_markdown(rows, chosen[0].label)
+    atomic_write_text(out / "table.md", md)
+    atomic_write_text(out / "table.csv", format_csv(rows))
+    n_seeds = len(seeds)
+    plot_ablation(rows, out / "ablation.png",
+                  f"test split, mean ± std over {n_seeds} seed(s); {cfg.train.epochs} epochs, "
+                  f"batch {cfg.train.batch_size}, {cfg.model.audio_encoder} w{cfg.model.audio_width}")
+    summary = {"rows": rows, "seeds": seeds, "variants": [v.name for v in chosen], "data": str(data),
+               "features_fingerprint": fingerprint, "caption_variant": caption_variant, "command": command,
+               "config": cfg.to_dict()}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    parent = None
+    if log_mlflow:
+        parent = log_to_mlflow(out, rows, results, cfg, summary, tracking_uri, experiment)
+        say(f"MLflow parent run {parent} (experiment {experiment})")
+    return AblationResult(str(out), rows, results, md, parent, computed)
+
+
+def log_to_mlflow(out: Path, rows: list[dict], results: dict[tuple[str, int], dict], cfg: Config,
+                  summary: dict, tracking_uri: str | None, experiment: str) -> str:
+    """One parent run (settings, mean/std per variant, table and plot artifacts) and one child run per
+    variant x seed (its switches, seed, per-epoch history, test and validation metrics)."""
+    from workflows import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    c = tracking.client(uri)
+    exp = tracking.get_or_create_experiment(uri, experiment)
+    parent = c.create_run(exp, run_name=f"ablation-{time.strftime('%Y%m%d-%H%M%S')}").info.run_id
+    tracking.log_params(uri, parent, {**cfg.flat(), "ablation.seeds": summary["seeds"],
+                                      "ablation.variants": summary["variants"],
+                                      "ablation.caption_variant": summary["caption_variant"],
+                                      "ablation.data": summary["data"],
+                                      "ablation.features_fingerprint": summary["features_fingerprint"]})
+    tracking.set_tags(uri, parent, {"ablation.command": summary["command"] or "(python API)",
+                                    "ablation.out_dir": str(out)})
+    agg = {}
+    for r in rows:
+        for m in METRICS:
+            agg[f"{r['variant']}.{m}_mean"] = r[f"{m}_mean"]
+            agg[f"{r['variant']}.{m}_std"] = r[f"{m}_std"]
+    tracking.log_metrics(uri, parent, agg, step=0)
+    for name in ("table.md", "table.csv", "ablation.png", "summary.json"):
+        tracking.log_artifact(uri, parent, out / name)
+    for (variant, seed), doc in sorted(results.items()):
+        child = c.create_run(exp, run_name=f"{variant}-seed{seed}",
+                             tags={"mlflow.parentRunId": parent, "ablation.variant": variant}).info.run_id
+        params = {"ablation.variant": variant, "train.seed": seed, **VARIANTS[variant].switches}
+        if doc.get("caption_source"):
+            params["ablation.captions_by"] = f"{doc['caption_source']['model_variant']} seed " \
+                                             f"{doc['caption_source']['seed']} (nearest)"
+        tracking.log_params(uri, child, params)
+        for h in doc.get("history", []):
+            tracking.log_metrics(uri, child, {k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))
+        tracking.log_metrics(uri, child, {**{f"test_{k}": v for k, v in doc["test"].items()},
+                                          "best_epoch": doc["best_epoch"], "seconds": doc["seconds"]},
+                             step=int(doc["best_epoch"]))
+        tracking.end_run(uri, child)
+    tracking.end_run(uri, parent)
+    return parent
+
+
+def publish_results(out_dir: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Copy the table (md, csv), plot and summary of an ablation run into ``dest`` (atomically, file by file)."""
+    out, dst = Path(out_dir), Path(dest)
+    written = []
+    for name in ("table.md", "table.csv", "ablation.png", "summary.json"):
+        atomic_write_bytes(dst / name, (out / name).read_bytes())
+        written.append(dst / name)
+    return written
