@@ -70,10 +70,14 @@ def set_similarity(a: torch.Tensor, a_mask: torch.Tensor, t: torch.Tensor, t_mas
     a [B_a, S, D] with a_mask [B_a, S]; t [B_t, P, D] with t_mask [B_t, P] -> [B_a, B_t].
     A pair with no valid unit on either side scores 0.
     """
-    ba, s, _ = a.shape
-    bt, p, _ = t.shape
     a_mask = a_mask.to(torch.bool)
     t_mask = t_mask.to(torch.bool)
+    # drop unit slots that are padding in every row (fixed-width padding, e.g. 32 word slots): they cannot matter
+    s_used = int(a_mask.any(0).nonzero().max()) + 1 if a_mask.any() else 1
+    p_used = int(t_mask.any(0).nonzero().max()) + 1 if t_mask.any() else 1
+    a, a_mask, t, t_mask = a[:, :s_used], a_mask[:, :s_used], t[:, :p_used], t_mask[:, :p_used]
+    ba, s, _ = a.shape
+    bt, p, _ = t.shape
     per_pair = max(1, s * p)
     if ba * bt * per_pair <= max_elems:
         return _set_sim_block(a, a_mask, t, t_mask)
