@@ -259,6 +259,31 @@ def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tra
     click.echo(_json.dumps(m, indent=1, sort_keys=True) if as_json else format_table(m, title=f"{model_ref} on {split}"))
 
 
+@cli.command("index")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Trained model directory (save_pretrained layout).")
+@click.option("--data", default=None, type=click.Path(exists=True), help="Dataset: Clotho/AudioCaps folder or manifest.")
+@click.option("--audio-dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Or: a folder of audio files (ids = paths relative to it).")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "clotho", "audiocaps", "manifest"]))
+@click.option("--splits", default=None, help="Comma-separated splits to index (default: all).")
+@click.option("--captions", default=None, type=click.Path(exists=True), help="Generated captions (caption-all output).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory (replaced atomically).")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None, help="Ray Data actors [pipeline.num_workers].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Clips per batch [pipeline.batch_size].")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
+def index_cmd(model_dir, data, audio_dir, fmt, splits, captions, out, num_workers, batch_size, config) -> None:
+    """Embed an audio collection with a trained model (Ray Data) into a search index for `serve run`."""
+    from hci_atr.config import load_config
+    from workflows.index import build_index
+
+    s = build_index(model_dir, out, data=data, audio_dir=audio_dir, captions=captions, fmt=fmt,
+                    splits=_split_list(splits), cfg=load_config(config), num_workers=num_workers,
+                    batch_size=batch_size)
+    click.echo(f"index: {s['clips']} clips ({s['failed']} failed) -> {s['out']} in {s['seconds']:.1f} s")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the main job
 # ---------------------------------------------------------------------------------------------------------------

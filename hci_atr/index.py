@@ -26,6 +26,7 @@ import dataclasses
 import importlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -239,19 +240,30 @@ def mel_from_wave(wave: np.ndarray, audio_cfg) -> tuple[np.ndarray, np.ndarray]:
     return mel, mask
 
 
-def decode_audio_bytes(data: bytes, sample_rate: int, where: str = "upload") -> np.ndarray:
-    """Audio file contents (wav/flac/ogg...) -> mono float32 wave at ``sample_rate``; raises AudioError."""
+def decode_audio_bytes(data: bytes, sample_rate: int, where: str = "upload",
+                       max_seconds: float | None = None) -> np.ndarray:
+    """Audio file contents (wav/flac/ogg...) -> mono float32 wave at ``sample_rate``; raises AudioError.
+
+    ``max_seconds``: decode at most this many seconds plus one sample, so a caller that rejects longer audio can tell
+    (the result is then longer than ``max_seconds``) without ever holding the whole file decoded. A compressed upload
+    can be tiny and still hold an hour of audio.
+    """
     import soundfile as sf
 
     from hci_atr.errors import AudioError
 
     try:
-        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as fh:
+            sr = fh.samplerate
+            frames = -1 if max_seconds is None else int(math.ceil(max_seconds * sr)) + 1
+            wave = fh.read(frames=frames, dtype="float32", always_2d=True)  # [N, C]
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError on junk
-        raise AudioError(f"{where}: cannot decode audio ({type(e).__name__}: {str(e)[:120]}); send WAV, FLAC or "
-                         "OGG") from None
+        reason = str(e).split(": ")[-1][:120] or type(e).__name__  # drop "Error opening <BytesIO at 0x..>"
+        raise AudioError(f"{where}: cannot decode audio ({reason}); send WAV, FLAC or OGG") from None
     if wave.shape[0] == 0:
         raise AudioError(f"{where}: audio file has no samples")
+    if not np.isfinite(wave).all():
+        raise AudioError(f"{where}: audio is not finite (contains NaN or Inf samples)")
     wave = wave.mean(axis=1)
     if sr != sample_rate:
         import torch

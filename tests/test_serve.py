@@ -1,0 +1,223 @@
+"""The Ray Serve app end to end on 127.0.0.1: index built with the Ray Data workflow, the real app deployed with
+serve.run, every endpoint over HTTP, every documented 4xx, auth on/off, and the web page in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+
+from tests.test_retriever import build_trained_model, shared_model_dir
+
+pytestmark = pytest.mark.ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, demo_root, tiny_text_dir, tmp_path_factory):
+    import httpx
+    from ray import serve
+
+    from hci_atr.config import Config
+    from serve.app import build
+    from workflows.index import build_index
+
+    model_dir, records, generated = build_trained_model(demo_root, tiny_text_dir, shared_model_dir(tmp_path_factory))
+    root = tmp_path_factory.mktemp("serve")
+    caps = root / "captions"
+    caps.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"audio_id": list(generated), "generated_caption": list(generated.values())}),
+                   caps / "part-00000.parquet")
+    summary = build_index(model_dir, root / "index", data=demo_root, captions=caps, cfg=Config(), num_workers=1,
+                          batch_size=8)
+    assert summary["clips"] == len(records) and summary["failed"] == 0
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model": str(model_dir), "index": str(root / "index")}
+    serve.run(build(args), name="hci-atr", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield {"client": client, "records": records, "generated": generated, "port": port, "args": args,
+           "model_dir": model_dir, "index": root / "index"}
+    client.close()
+    serve.delete("hci-atr")
+
+
+def test_healthz_and_openapi(served):
+    c = served["client"]
+    h = c.get("/healthz").json()
+    assert h["status"] == "ok" and h["n_clips"] == len(served["records"]) and h["auth"] is False
+    spec = c.get("/openapi.json").json()
+    assert {"/search/text", "/search/audio", "/embed/text", "/embed/audio", "/healthz"} <= set(spec["paths"])
+
+
+def test_text_search_beats_chance_and_reranks_by_full_score(served):
+    import torch
+
+    from hci_atr.models.model import HciAtrModel
+    from hci_atr.retriever import Retriever
+
+    c, records = served["client"], served["records"]
+    n = len(records)
+    test = [r for r in records if r.split == "test"]
+    ranks_rerank, ranks_clip = [], []
+    for rec in test:
+        for cap in rec.captions[:4]:  # the 5th is this clip's (oracle) generated caption
+            for rerank, sink in ((True, ranks_rerank), (False, ranks_clip)):
+                resp = c.post("/search/text", json={"query": cap, "top_k": 10, "rerank": rerank})
+                assert resp.status_code == 200, resp.text
+                body = resp.json()
+                assert len(body["hits"]) == 10 and body["reranked"] is rerank
+                assert {"encode_ms", "retrieve_ms", "rerank_ms", "total_ms"} <= set(body["timings"])
+                ids = [h["id"] for h in body["hits"]]
+                sink.append(ids.index(rec.audio_id) + 1 if rec.audio_id in ids else None)
+    chance = 10 / n
+    hit_rerank = float(np.mean([r is not None for r in ranks_rerank]))
+    hit_clip = float(np.mean([r is not None for r in ranks_clip]))
+    print(f"R@10 over {len(ranks_clip)} test captions, {n} clips: rerank {hit_rerank:.2f}, clip {hit_clip:.2f}, "
+          f"chance {chance:.2f}")
+    assert hit_rerank > chance + 0.2 and hit_clip > chance + 0.2
+
+    # reranked order is sorted by the full score the model computes directly from the clip files
+    query = test[0].captions[0]
+    body = c.post("/search/text", json={"query": query, "top_k": 8, "rerank": True}).json()
+    model = HciAtrModel.from_pretrained(served["model_dir"])
+    r = Retriever(model, __import__("hci_atr.index", fromlist=["Index"]).Index.load(served["index"]))
+    by_id = {x.audio_id: x for x in records}
+    with torch.no_grad():
+        t = model.encode_text(model.tokenize([query]))
+        direct = [float(model.score(r.encode_audio(by_id[h["id"]].audio_path, served["generated"][h["id"]]), t)
+                        .fused[0, 0]) for h in body["hits"]]
+    np.testing.assert_allclose([h["score"] for h in body["hits"]], direct, atol=1e-4)
+    assert direct == sorted(direct, reverse=True)
+
+
+def test_audio_search_embed_and_clip_audio(served):
+    c, records = served["client"], served["records"]
+    rec = records[2]
+    raw = open(rec.audio_path, "rb").read()
+    resp = c.post("/search/audio", files={"file": ("q.wav", raw, "audio/wav")}, data={"top_k": "3"})
+    assert resp.status_code == 200, resp.text
+    hits = resp.json()["hits"]
+    assert hits[0]["id"] == rec.audio_id and hits[0]["audio_url"] == f"/clips/{quote(rec.audio_id)}/audio"
+    resp = c.post("/search/audio", files={"file": ("q.wav", raw, "audio/wav")},
+                  data={"top_k": "4", "target": "captions"})
+    caps = resp.json()["hits"]
+    assert len(caps) == 4 and all(h["kind"] == "caption" for h in caps)
+    e = c.post("/embed/text", json={"texts": ["a beep", "a siren"]}).json()
+    assert e["dim"] == 32 and np.allclose(np.linalg.norm(np.array(e["embeddings"]), axis=1), 1, atol=1e-5)
+    ea = c.post("/embed/audio", files={"file": ("q.wav", raw, "audio/wav")}).json()
+    assert ea["dim"] == 32 and len(ea["embeddings"]) == 1
+    got = c.get(hits[0]["audio_url"])
+    assert got.status_code == 200 and got.content == raw and got.headers["content-type"].startswith("audio/")
+
+
+def _wav_bytes(seconds: float, sr: int = 16000) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * sr), np.float32), sr, format="WAV")
+    return buf.getvalue()
+
+
+def test_bad_requests_are_4xx_json(served):
+    c = served["client"]
+    cases = [
+        (c.post("/search/text", json={"query": "a beep", "top_k": 0}), 422, "top_k"),
+        (c.post("/search/text", json={"query": "a beep", "top_k": 101}), 422, "top_k"),
+        (c.post("/search/text", json={"query": "   "}), 422, "empty"),
+        (c.post("/search/text", json={"query": "x" * 1001}), 422, "longer than"),
+        (c.post("/search/text", json={"top_k": 3}), 422, "query"),
+        (c.post("/search/text", json={"query": "a", "bogus": 1}), 422, "bogus"),
+        (c.post("/search/text", content=b"{not json", headers={"content-type": "application/json"}), 400, "malformed"),
+        (c.post("/search/text", content=b"query=a", headers={"content-type": "text/plain"}), 415, "application/json"),
+        (c.post("/search/audio", json={"query": "a"}), 415, "multipart"),
+        (c.post("/search/audio", files={"file": ("a.txt", b"hello", "text/plain")}), 415, "not audio"),
+        (c.post("/search/audio", files={"file": ("a.wav", b"RIFFjunk", "audio/wav")}), 400, "decode"),
+        (c.post("/search/audio", files={"file": ("a.wav", _wav_bytes(61), "audio/wav")}), 413, "limit"),
+        (c.post("/search/audio", files={"file": ("a.wav", b"\0" * (10 * 1024 * 1024 + 70 * 1024), "audio/wav")}),
+         413, "exceeds"),
+        (c.post("/search/audio", files={"file": ("a.wav", _wav_bytes(1), "audio/wav")}, data={"target": "x"}),
+         422, "target"),
+        (c.get("/clips/no-such-id/audio"), 404, "not in the index"),
+        (c.get("/clips/..%2F..%2Fetc%2Fpasswd/audio"), 404, "not in the index"),
+        (c.get("/clips/../../etc/passwd/audio"), 404, None),
+        (c.get("/static/..%2Fapp.py"), 404, None),
+        (c.get("/nope"), 404, None),
+    ]
+    for i, (resp, status, words) in enumerate(cases):
+        assert resp.status_code == status, (i, resp.status_code, resp.text)
+        body = resp.json()
+        assert set(body) == {"error"}, (i, body)
+        assert "Traceback" not in body["error"]
+        if words:
+            assert words in body["error"], (i, body)
+
+
+def test_web_page_and_assets(served):
+    c = served["client"]
+    page = c.get("/")
+    assert page.status_code == 200 and 'id="results"' in page.text and "http" not in page.text.split("<body>")[1]
+    js = c.get("/static/app.js")
+    assert js.status_code == 200 and "/search/text" in js.text and "/search/audio" in js.text
+
+
+@pytest.mark.browser
+def test_web_page_in_headless_chromium(served, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium); the browser test needs it")
+    rec = [r for r in served["records"] if r.split == "test"][0]
+    url = f"http://127.0.0.1:{served['port']}/?q={quote(rec.captions[0])}&k=5"
+    out = subprocess.run(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
+         "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    assert 'data-state="done"' in dom, (out.stderr[-2000:], dom[-2000:])
+    # the page shows the same top-5 as the API, in order, each with an <audio> pointing at the indexed clip
+    api = served["client"].post("/search/text", json={"query": rec.captions[0], "top_k": 5}).json()["hits"]
+    import re
+
+    ids = re.findall(r'<li class="hit" data-id="([^"]+)"', dom)
+    assert ids == [h["id"] for h in api]
+    assert dom.count("<audio") == 5 and f'src="/clips/{quote(api[0]["id"])}/audio"' in dom
+
+
+def test_auth_on(served):
+    from ray import serve
+
+    from serve.app import build
+
+    c = served["client"]
+    serve.run(build({**served["args"], "token": "s3cret"}), name="hci-atr", route_prefix="/")
+    try:
+        assert c.get("/healthz").json()["auth"] is True
+        r = c.post("/search/text", json={"query": "a beep"})
+        assert r.status_code == 401 and "bearer" in r.json()["error"]
+        r = c.post("/search/text", json={"query": "a beep"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = c.post("/search/text", json={"query": "a beep", "top_k": 2}, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and len(r.json()["hits"]) == 2
+        clip = served["records"][0].audio_id
+        assert c.get(f"/clips/{clip}/audio").status_code == 401
+        assert c.get(f"/clips/{clip}/audio?token=s3cret").status_code == 200
+        assert c.get("/").status_code == 200  # the page itself stays open
+    finally:
+        serve.run(build(served["args"]), name="hci-atr", route_prefix="/")
