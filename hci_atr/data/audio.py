@@ -10,7 +10,8 @@ Choices (the same everywhere: feature extraction, training, serving):
   (a quiet clip stays quiet; a dB conversion with ``top_db`` would clip relative to each clip's own maximum) and
   digital silence maps to ``log(1e-6) ≈ -13.8`` rather than ``-inf``. ``f_max`` is capped at Nyquist.
 * Frames: ``T = N // hop_length + 1`` for ``N`` samples; features are ``[T, n_mels]`` (time first).
-* :func:`clip_features` reads the whole clip, cuts it at ``audio_cfg.duration`` seconds and zero-pads shorter clips
+* :func:`clip_features` decodes only the first ``audio_cfg.duration`` seconds (plus a short margin for the resampling
+  filter), so an hour-long file costs no more memory than a clip; it cuts at that duration and zero-pads shorter clips
   to exactly that duration, so every clip has the same ``T = round(duration * sample_rate) // hop + 1`` frames
   (501 for the 5 s / 32 kHz / hop 320 demo defaults). The real length is returned by
   :func:`clip_features_and_duration` for a padding mask.
@@ -38,15 +39,27 @@ from hci_atr.errors import AudioError
 LOG_EPS = 1e-6  # floor added before the log: silence -> log(1e-6)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
-    """Decode ``path`` to mono float32 at ``sample_rate``: ``np.ndarray[float32, (N,)]``."""
+# Extra source seconds decoded past ``max_seconds``: covers the windowed-sinc resampling kernel (a few dozen samples),
+# so the kept samples are the same as when the whole file is decoded and resampled.
+READ_MARGIN_SECONDS = 0.05
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Decode ``path`` to mono float32 at ``sample_rate``: ``np.ndarray[float32, (N,)]``.
+
+    ``max_seconds``: decode at most about this many seconds from the start (plus :data:`READ_MARGIN_SECONDS`), so the
+    memory a file costs is bounded by the caller's crop length, not by the file's length.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AudioError(f"{path}: audio file not found")
     if os.path.getsize(path) == 0:
         raise AudioError(f"{path}: audio file is empty (0 bytes); re-export or remove it")
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)  # [N, C]
+        with sf.SoundFile(path) as fh:
+            sr = fh.samplerate
+            frames = -1 if max_seconds is None else int(math.ceil((max_seconds + READ_MARGIN_SECONDS) * sr))
+            data = fh.read(frames=frames, dtype="float32", always_2d=True)  # [N, C]
     except Exception as e:  # libsndfile raises LibsndfileError / RuntimeError / TypeError for broken files
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AudioError(f"{path}: cannot decode audio ({first}); use WAV, FLAC or OGG") from None
@@ -115,7 +128,7 @@ def n_frames(audio_cfg: AudioConfig) -> int:
 
 def clip_features_and_duration(path: str | os.PathLike, audio_cfg: AudioConfig) -> tuple[np.ndarray, float]:
     """``(features [T, n_mels] float32, seconds of real audio <= duration)``; T fixed by :func:`n_frames`."""
-    wave = load_audio(path, audio_cfg.sample_rate)
+    wave = load_audio(path, audio_cfg.sample_rate, max_seconds=audio_cfg.duration)
     target = n_samples(audio_cfg)
     wave = wave[:target]
     seconds = wave.shape[0] / audio_cfg.sample_rate
