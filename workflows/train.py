@@ -170,9 +170,15 @@ def train_dataset(features_dir: str | os.PathLike, split: str, captions: dict[st
 
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(feature_files(features_dir)).filter(expr=col("split") == split)
-    ds = ds.map_batches(_add_captions, fn_kwargs={"captions": captions}, batch_format="pyarrow", batch_size=None)
-    return ds.materialize()
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # block order = file order, whatever task finishes first
+    try:
+        ds = ray.data.read_parquet(feature_files(features_dir)).filter(expr=col("split") == split)
+        ds = ds.map_batches(_add_captions, fn_kwargs={"captions": captions}, batch_format="pyarrow", batch_size=None)
+        return ds.materialize()
+    finally:
+        ctx.execution_options.preserve_order = keep
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,7 +283,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt_state = state["optimizer"]
     core = model
     # DDP (world > 1): gradients averaged over workers during backward; the model calls forward() through it.
-    model = ray.train.torch.prepare_model(model)
+    # find_unused_parameters: parts a config leaves unused (e.g. the HF text pooler when the text encoder trains)
+    # get no gradient; DDP must not wait for them.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     params = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     if opt_state is not None:

@@ -1,0 +1,224 @@
+"""Ray Train workflow: 2 CPU workers learn, all-gathered negatives span workers, a killed worker is survived, a re-run
+resumes in the same MLflow run with the same numbers, the registry alias loads, evaluate prints the table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+EPOCHS = 6
+BATCH = 4  # per worker; 2 workers -> global batch 8
+KILL = {"epoch": 2, "batch": 1, "rank": 1}  # SIGKILL worker rank 1 in epoch 2, after its first batch
+
+
+@pytest.fixture(scope="module")
+def feats(ray_session, tmp_path_factory):
+    """A 48-clip demo set (34 train / 7 val / 7 test) as 3 feature shards, made by the real extract-features."""
+    from hci_atr.config import Config
+    from hci_atr.data.demo import make_demo
+    from workflows.features import extract_features
+
+    root = tmp_path_factory.mktemp("train_demo")
+    make_demo(root / "data", seed=0, size=48, duration=2.0, sample_rate=16000, progress=False)
+    cfg = Config().override({"audio.sample_rate": 16000, "audio.duration": 2.0, "audio.n_mels": 32,
+                             "pipeline.rows_per_shard": 16})
+    extract_features(root / "data", root / "feats", cfg=cfg, progress=False)
+    return root / "feats"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("train_runs")
+
+
+def _cfg(text_dir, work, run_name, epochs=EPOCHS, **over):
+    from hci_atr.config import Config
+
+    base = {"audio.sample_rate": 16000, "audio.duration": 1.0, "audio.n_mels": 32,
+            "model.text_encoder": str(text_dir), "model.freeze_text": False, "model.audio_width": 8,
+            "model.embed_dim": 32, "model.max_words": 16,
+            "train.epochs": epochs, "train.batch_size": BATCH, "train.num_workers": 2, "train.lr": 2e-3,
+            "train.seed": 0, "train.storage_path": str(work / "ray_results"), "train.run_name": run_name,
+            "train.registered_model": "tiny-hci"}
+    base.update(over)
+    return Config().override(base)
+
+
+def _uri(work):
+    return f"sqlite:///{work / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def main_run(feats, work, tiny_text_dir):
+    """One 2-worker run of EPOCHS epochs in which worker rank 1 is SIGKILLed once, mid-epoch."""
+    from workflows.train import train
+
+    fault = {**KILL, "marker": str(work / "killed.marker")}
+    return train(_cfg(tiny_text_dir, work, "main"), feats, tracking_uri=_uri(work), fault=fault)
+
+
+# -- all-gather ------------------------------------------------------------------------------------------------------
+
+
+def _gather_loop(config):
+    """Each worker holds its half of a global batch; the loss uses GatherWithGrad over both halves."""
+    import ray.train
+
+    from hci_atr.losses import info_nce
+    from workflows.train import GatherWithGrad
+
+    rank = ray.train.get_context().get_world_rank()
+    a_all, t_all = torch.tensor(config["a"]), torch.tensor(config["t"])
+    b = a_all.shape[0] // 2
+    a = a_all[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    t = t_all[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    keys = torch.arange(rank * b, (rank + 1) * b, dtype=torch.float64)
+    gather = GatherWithGrad()
+    ga, gt, gk = gather(a), gather(t), gather(keys)
+    loss = info_nce(ga @ gt.T, gk[:, None] == gk[None, :], 0.1)
+    loss.backward()
+    with open(f"{config['out']}/rank{rank}.json", "w") as fh:
+        json.dump({"loss": float(loss), "grad_a": a.grad.tolist(), "rows": gather.rows_seen,
+                   "logits": list(ga.shape[:1]) + list(gt.shape[:1])}, fh)
+    ray.train.report({"loss": float(loss)})
+
+
+def test_all_gather_spans_workers(ray_session, tmp_path):
+    """Each worker's loss equals the single-process loss of the concatenated batch (local negatives would not), and
+    the gradient of its own rows is world_size x the global gradient (all_gather's backward sums over workers; DDP's
+    averaging then restores the global gradient)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hci_atr.losses import info_nce
+
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the test module by name
+    g = torch.Generator().manual_seed(0)
+    a_all = torch.nn.functional.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    t_all = torch.nn.functional.normalize(a_all + 0.5 * torch.randn(8, 6, generator=g), dim=-1)
+    TorchTrainer(_gather_loop, train_loop_config={"a": a_all.tolist(), "t": t_all.tolist(), "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(name="gather", storage_path=str(tmp_path / "rr"))).fit()
+    a_ref = a_all.clone().requires_grad_(True)
+    ref = info_nce(a_ref @ t_all.T, torch.eye(8, dtype=torch.bool), 0.1)
+    ref.backward()
+    local_only = 0.5 * sum(float(info_nce(a_all[s] @ t_all[s].T, torch.eye(4, dtype=torch.bool), 0.1))
+                           for s in (slice(0, 4), slice(4, 8)))
+    assert abs(ref.item() - local_only) > 0.05  # the test can tell global from local negatives
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["rows"] == 8 and got["logits"] == [8, 8]
+        assert got["loss"] == pytest.approx(float(ref), rel=1e-6)
+        torch.testing.assert_close(torch.tensor(got["grad_a"]), 2 * a_ref.grad[rank * 4:(rank + 1) * 4])
+
+
+# -- the main run ----------------------------------------------------------------------------------------------------
+
+
+def test_two_workers_learn_and_beat_chance(main_run, feats):
+    h = main_run.history
+    assert [int(x["epoch"]) for x in h] == list(range(EPOCHS))
+    assert all(x["world_size"] == 2 and x["gathered_rows"] == 2 * BATCH for x in h)  # global negatives
+    # 34 train rows -> 17 per worker -> 4 batches of 4 per worker per epoch
+    assert all(x["batches"] == 4 for x in h)
+    assert h[-1]["loss_total"] < h[0]["loss_total"]
+    n_val = h[0]["val_n_audio"]
+    assert n_val == 7 and h[0]["val_n_text"] == 35
+    chance_rsum = 100 * (1 + 5 + min(10, n_val)) / n_val  # t2a R@1+R@5+R@10 of a random ranking
+    assert main_run.metrics["val_rsum"] > chance_rsum
+    assert main_run.metrics["val_rsum"] == max(x["val_rsum"] for x in h)  # best checkpoint = best val R-sum
+
+
+def test_killed_worker_is_survived(main_run, work):
+    from mlflow import MlflowClient
+
+    marker = work / "killed.marker"
+    assert marker.is_file() and "epoch 2 batch 1 rank 1" in marker.read_text()
+    h = main_run.history
+    # the first worker group started at epoch 0; the restarted group resumed from the latest checkpoint the
+    # controller had registered when the worker died: epoch 1's (start 2), or epoch 0's when the kill raced the
+    # registration of epoch 1's report (start 1). Never from scratch, and the run still ends after EPOCHS epochs.
+    starts = [int(x["start_epoch"]) for x in h]
+    assert starts[0] == 0 and starts[-1] in (1, 2) and starts == sorted(starts)
+    assert starts.count(starts[-1]) == EPOCHS - starts[-1]
+    c = MlflowClient(_uri(work))
+    steps = [m.step for m in c.get_metric_history(main_run.mlflow_run_id, "val_rsum")]
+    assert sorted(set(steps)) == list(range(EPOCHS))  # every epoch logged, all in the one MLflow run
+    run = c.get_run(main_run.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.embed_dim"] == "32" and len(run.data.params["data.fingerprint"]) == 16
+    arts = {a.path for a in c.list_artifacts(main_run.mlflow_run_id)}
+    assert {"config.yaml", "training_curve.png", "retrieval_examples.txt", "model"} <= arts
+
+
+def test_registry_alias_resolves_to_the_best_model(main_run, work):
+    from hci_atr.models.model import HciAtrModel
+    from workflows.tracking import resolve_model_ref
+
+    assert main_run.champion and main_run.model_version == "1"
+    d = resolve_model_ref("models:/tiny-hci@champion", _uri(work), dst_dir=work / "dl")
+    loaded = HciAtrModel.from_pretrained(d)
+    best = HciAtrModel.from_pretrained(main_run.model_dir)
+    for (k, v), (k2, v2) in zip(loaded.state_dict().items(), best.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert loaded.cfg.model.embed_dim == 32
+
+
+def test_evaluate_prints_table_and_rerank_all_equals_full(main_run, feats, work, capsys):
+    from hci_atr.cli import main
+    from workflows.evaluate import evaluate
+
+    full = evaluate(main_run.model_dir, feats, "test")
+    assert full["n_audio"] == 7 and full["n_text"] == 35
+    assert full["rsum"] == pytest.approx(full["t2a_R1"] + full["t2a_R5"] + full["t2a_R10"])
+    # reranking every candidate (all 7 clips per caption, all 35 captions per clip) is exactly full scoring
+    rr = evaluate(main_run.model_dir, feats, "test", rerank_k=35)
+    for k in ("t2a_R1", "t2a_R5", "t2a_mAP10", "a2t_R1", "a2t_mAP10", "t2a_medr", "a2t_meanr"):
+        assert rr[k] == pytest.approx(full[k]), k
+    main(["evaluate", "--model", "models:/tiny-hci@champion", "--features", str(feats), "--split", "test",
+          "--tracking-uri", _uri(work)])
+    out = capsys.readouterr().out
+    assert "text->audio" in out and "audio->text" in out
+    r1 = next(line for line in out.splitlines() if line.startswith("R@1 "))
+    assert r1.split()[1:] == [f"{full['t2a_R1']:.2f}", f"{full['a2t_R1']:.2f}"]
+
+
+# -- resume ----------------------------------------------------------------------------------------------------------
+
+
+def test_rerun_resumes_in_the_same_mlflow_run_with_the_same_numbers(main_run, feats, work, tiny_text_dir):
+    """1 epoch, then the same command with --epochs 2: epoch 1 starts from the checkpoint, logs into the same MLflow
+    run, and (same seed, same worker count) reproduces the uninterrupted main run's numbers."""
+    from mlflow import MlflowClient
+
+    from workflows.train import train
+
+    first = train(_cfg(tiny_text_dir, work, "resume", epochs=1), feats, tracking_uri=_uri(work), register=False,
+                  log_examples=False)
+    second = train(_cfg(tiny_text_dir, work, "resume", epochs=2), feats, tracking_uri=_uri(work), register=False,
+                   log_examples=False)
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert [int(x["start_epoch"]) for x in second.history] == [0, 1]
+    steps = [m.step for m in MlflowClient(_uri(work)).get_metric_history(second.mlflow_run_id, "loss_total")]
+    assert sorted(steps) == [0, 1]
+    for e in (0, 1):
+        assert second.history[e]["loss_total"] == pytest.approx(main_run.history[e]["loss_total"], rel=1e-5)
+        assert second.history[e]["val_rsum"] == pytest.approx(main_run.history[e]["val_rsum"])
+    assert math.isfinite(second.metrics["val_rsum"])
+
+
+def test_rerun_with_other_settings_is_refused(main_run, feats, work, tiny_text_dir):
+    from hci_atr.errors import ConfigError
+    from workflows.train import train
+
+    with pytest.raises(ConfigError, match="model.embed_dim"):
+        train(_cfg(tiny_text_dir, work, "main", **{"model.embed_dim": 16}), feats, tracking_uri=_uri(work))
