@@ -34,6 +34,30 @@ CAPTION_SCHEMA = pa.schema([
 ])
 
 
+def check_setup(captioner: str, model: str | None, params: dict[str, Any]) -> None:
+    """Driver-side, cheap: the setup checks every actor's constructor makes (parameter names, model reference, the
+    nearest backend's model directory and features), so a bad path fails in one line before any actor starts, rather
+    than as a retried actor-creation failure with Ray's worker traceback in the log. Raises CaptionerError."""
+    from hci_atr.captioners import _check_model_ref, captioner_class
+    from hci_atr.errors import CaptionerError
+
+    cls = captioner_class(captioner)
+    unknown = sorted(set(params) - set(cls.defaults))
+    if unknown:
+        raise CaptionerError(f"captioner '{captioner}': unknown parameter(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(cls.defaults))})")
+    if captioner == "nearest":
+        if not model or not os.path.isdir(model):
+            raise CaptionerError(f"captioner 'nearest' needs --model: the directory of a trained hci-atr model "
+                                 f"(model.safetensors + config.yaml){'' if not model else f'; {model} not found'}")
+        if not params.get("features") or not os.path.isdir(str(params["features"])):
+            raise CaptionerError("captioner 'nearest' needs --features DIR: the training feature shards written by "
+                                 "`hci-atr extract-features`" + (f"; {params['features']} not found"
+                                                                  if params.get("features") else ""))
+    elif model is not None:
+        _check_model_ref(model, captioner)
+
+
 def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: str, model: str | None = None,
                 params: dict[str, Any] | None = None, cfg: Config | None = None, fmt: str = "auto",
                 splits: Iterable[str] | None = None, seed: int = 0, progress: bool = True) -> dict:
@@ -49,6 +73,7 @@ def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: s
     p = cfg.pipeline
     params = {k: v for k, v in (params or {}).items() if v is not None}
     cls = captioner_class(captioner)  # unknown name -> CaptionerError before any Ray work
+    check_setup(captioner, model, params)
     records = read_dataset(data, format=fmt, splits=splits)
     shards = plan_shards([r.audio_id for r in records], p.rows_per_shard)
     device = "cuda" if p.gpus_per_worker > 0 else "cpu"

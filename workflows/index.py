@@ -99,12 +99,16 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
 
     from hci_atr.models.model import HciAtrModel
     from workflows.cluster import ensure_ray
+    from workflows.sharded import project_error_in
 
     cfg = cfg or Config()
     p = cfg.pipeline
     workers = int(num_workers or p.num_workers)
     bs = int(batch_size or p.batch_size)
     items = collect_items(data, audio_dir, captions, fmt, splits)
+    # driver copy (caption embeddings + config), loaded first: a bad model dir fails here in one line, before
+    # any actor tries (and retries) to load it
+    model = HciAtrModel.from_pretrained(str(model_dir)).eval()
     t0 = time.perf_counter()
     ensure_ray()
     rows = [{"row": i, "audio_path": it.audio_path, "generated": it.generated_caption or ""}
@@ -123,13 +127,19 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
     payloads: dict[int, bytes] = {}
     errors: dict[int, str] = {}
     spec = None
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for r, err, sp, pl in zip(batch["row"], batch["error"], batch["spec"], batch["payload"]):
-            if err:
-                errors[int(r)] = str(err)
-            else:
-                payloads[int(r)] = bytes(pl)
-                spec = spec or json.loads(sp)
+    try:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for r, err, sp, pl in zip(batch["row"], batch["error"], batch["spec"], batch["payload"]):
+                if err:
+                    errors[int(r)] = str(err)
+                else:
+                    payloads[int(r)] = bytes(pl)
+                    spec = spec or json.loads(sp)
+    except Exception as e:  # a project error from an actor's constructor (bad model dir): its message, no trace
+        user = project_error_in(e)
+        if user is None or isinstance(e, HciAtrError):
+            raise
+        raise user from None
     if errors and len(errors) > p.max_failure_rate * len(items):
         first = sorted(errors.items())[:3]
         raise DataError(f"index: {len(errors)} of {len(items)} clips failed (limit {p.max_failure_rate:.0%}); first: "
@@ -144,7 +154,6 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
                 per_field.setdefault(k, []).append(z[k][None])
     arrays = {k: _stack_padded(v) for k, v in per_field.items()}
     kept = [items[r] for r in kept_rows]
-    model = HciAtrModel.from_pretrained(str(model_dir)).eval()  # driver copy: caption embeddings + config
     write_index(out, model, spec, arrays, kept, model_dir=str(Path(model_dir).resolve()),
                 extra={"errors": [{"audio_id": items[r].audio_id, "reason": e} for r, e in sorted(errors.items())],
                        "source": str(data or audio_dir)})

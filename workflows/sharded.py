@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hci_atr.config import atomic_write_text
-from hci_atr.errors import DataError
+from hci_atr.errors import DataError, HciAtrError
 
 PART_TEMPLATE = "part-{:05d}.parquet"
 ERRORS_FILE = "errors.parquet"
@@ -142,7 +142,8 @@ class ShardedOutput:
             self._lock_fh = None
             raise DataError(f"{self.dir}: another run is writing this directory; wait for it or use another --out")
         for p in self.dir.iterdir():
-            if p.name.startswith(".") and TMP_MARK in p.name:
+            # ours (".part-00003.parquet.tmp-<pid>") and atomic_write_text's (".{name}.<random>.tmp", _plan/_SUCCESS)
+            if p.name.startswith(".") and (TMP_MARK in p.name or p.name.endswith(".tmp")) and p.is_file():
                 p.unlink()
                 self.stale_removed += 1
         self._check_plan()
@@ -245,6 +246,27 @@ class ShardedOutput:
         return manifest
 
 
+def project_error_in(exc: BaseException) -> HciAtrError | None:
+    """The project error hidden inside a Ray error, or None.
+
+    A bad model path or backend parameter makes an actor's constructor raise (say) ``CaptionerError``; Ray Data
+    surfaces it on the driver as ``ActorDiedError`` wrapping a ``RayTaskError`` whose ``cause`` is the original. The
+    user should see that one-line message, not Ray's traceback. Walks ``cause``, ``args`` and the ``__cause__`` /
+    ``__context__`` chain (no Ray import: attribute access only).
+    """
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen or not isinstance(e, BaseException):
+            continue
+        seen.add(id(e))
+        if isinstance(e, HciAtrError):
+            return e
+        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__,
+                     *(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))])
+    return None
+
+
 def drain(batches: Iterable[pa.Table], output: ShardedOutput, progress: bool = True) -> None:
     """Consume result batches (any order, any size) and commit each shard as soon as all its rows have arrived.
 
@@ -283,5 +305,12 @@ def drain(batches: Iterable[pa.Table], output: ShardedOutput, progress: bool = T
                     bar.update(1)
         if want:
             raise RuntimeError(f"pipeline ended with {len(want)} shards incomplete (first: {min(want)})")
+    except HciAtrError:
+        raise
+    except Exception as e:  # an actor raised a project error (bad model / parameter): say that, not Ray's trace
+        user = project_error_in(e)
+        if user is None:
+            raise
+        raise user from None
     finally:
         bar.close()

@@ -45,6 +45,8 @@ from hci_atr.config import Config, atomic_write_text, save_config
 from hci_atr.errors import ConfigError, DataError, HciAtrError
 
 RUN_FILE = "hci_atr_run.json"
+# columns training reads from a feature shard (the extract-features schema, docs/architecture.md)
+FEATURE_COLUMNS = ("audio_id", "split", "captions", "n_frames", "n_mels", "mel")
 BEST_MODEL = "best_model"
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "train_state.pt"
@@ -81,6 +83,18 @@ def feature_files(features_dir: str | os.PathLike) -> list[str]:
     files = sorted(str(p.resolve()) for p in root.glob("part-*.parquet"))
     if not files:
         raise DataError(f"{root}: no part-*.parquet feature shards; run `hci-atr extract-features --out {root}`")
+    import pyarrow.parquet as pq
+
+    for f in files:  # footers only: a wrong or broken directory fails here in one line, not deep inside a reader
+        try:
+            names = set(pq.read_schema(f).names)
+        except Exception as e:  # ArrowInvalid / OSError for a truncated or non-parquet file
+            raise DataError(f"{f}: not a readable parquet file ({str(e).splitlines()[0][:120]}); re-run "
+                            f"`hci-atr extract-features --out {root}`") from None
+        missing = [c for c in FEATURE_COLUMNS if c not in names]
+        if missing:
+            raise DataError(f"{f}: missing column(s) {', '.join(missing)}; this is not an extract-features output "
+                            f"directory (pass the --out of `hci-atr extract-features`)")
     return files
 
 
