@@ -213,12 +213,15 @@ def _resolve_config(config_path: str | None) -> Config:
     return load_config(path) if path else Config()
 
 
-@serve.deployment(
-    autoscaling_config={"min_replicas": _DEFAULTS.min_replicas, "max_replicas": _DEFAULTS.max_replicas,
-                        "target_ongoing_requests": _DEFAULTS.target_ongoing_requests},
-    ray_actor_options={"num_cpus": _DEFAULTS.replica_cpus},
-    health_check_period_s=10.0,
-)
+def _deployment_options(cfg: ServeConfig) -> dict:
+    # max_ongoing_requests must admit a full @serve.batch, or batching never fills (and Serve warns about it)
+    return {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                   "target_ongoing_requests": cfg.target_ongoing_requests},
+            "max_ongoing_requests": max(cfg.batch_max_size, int(2 * cfg.target_ongoing_requests)),
+            "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
+
+
+@serve.deployment(**_deployment_options(_DEFAULTS), health_check_period_s=10.0)
 @serve.ingress(app)
 class SearchDeployment:
     """One replica: a Retriever (model + memory-mapped index) behind the FastAPI routes."""
@@ -396,12 +399,6 @@ class SearchDeployment:
         self.retriever.self_check()
 
 
-def _deployment_options(cfg: ServeConfig) -> dict:
-    return {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                   "target_ongoing_requests": cfg.target_ongoing_requests},
-            "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
-
-
 def build(args: dict[str, str]):
     """Application builder: ``serve run serve.app:build model=DIR index=DIR [config=YAML] [replicas=N]``.
 
@@ -416,7 +413,7 @@ def build(args: dict[str, str]):
     opts = _deployment_options(cfg)
     if args.get("replicas"):
         n = int(args["replicas"])
-        opts = {"num_replicas": n, "ray_actor_options": opts["ray_actor_options"], "autoscaling_config": None}
+        opts = {**opts, "num_replicas": n, "autoscaling_config": None}
     return SearchDeployment.options(**opts).bind(model_dir=args.get("model"), index_dir=args.get("index"),
                                                  config_path=args.get("config"), api_token=args.get("token"))
 

@@ -26,6 +26,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh local Ray: never attach to one `ray start` left on the machine
             num_cpus=2,
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
