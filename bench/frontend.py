@@ -53,7 +53,7 @@ def main() -> None:
             rows.append((sr, decode, resample, full, full * args.duration))
     print(f"{args.clips} clips x {args.duration:g} s, front end {cfg.sample_rate} Hz / n_fft {cfg.n_fft} / "
           f"hop {cfg.hop_length} / {cfg.n_mels} mels, torch threads {args.threads}, best of {args.repeats}")
-    print(f"| source rate | decode (clips/s) | + mono/resample (clips/s) | + log-mel (clips/s) | audio s per s |")
+    print("| source rate | decode (clips/s) | + mono/resample (clips/s) | + log-mel (clips/s) | audio s per s |")
     print("|---|---|---|---|---|")
     for sr, d, r, f, x in rows:
         print(f"| {sr} Hz | {d:.0f} | {r:.0f} | {f:.0f} | {x:.0f} |")

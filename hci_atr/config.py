@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
+import time
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -285,3 +287,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(tmp: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Swap the finished directory ``tmp`` into place at ``dst`` (readers never see a half-written ``dst``).
+
+    ``os.replace`` cannot overwrite a non-empty directory, so an existing ``dst`` is renamed aside first and removed
+    after the swap. ``tmp`` must be on the same filesystem as ``dst`` (make it beside ``dst``).
+    """
+    tmp, dst = Path(tmp), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dst

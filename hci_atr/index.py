@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from hci_atr.config import replace_dir
 from hci_atr.errors import DataError
 
 INDEX_FORMAT = "hci-atr-index"
@@ -431,14 +432,7 @@ def write_index(out_dir: str | os.PathLike, model: Any, spec: dict, arrays: dict
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        old = None
-        if out.exists():
-            # rename the old index aside first: os.replace cannot replace a non-empty directory
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -145,7 +145,7 @@ def test_extract_features_runs_as_a_job_on_the_cluster(ray_head, tmp_path, capsy
     captured = capsys.readouterr()
     printed = captured.out
     assert exc.value.code == 0, printed[-3000:] + captured.err[-2000:]
-    assert f"submitted job" in printed and "SUCCEEDED" in printed
+    assert "submitted job" in printed and "SUCCEEDED" in printed
     assert "features: 4 rows, 0 failed, 2 shards (2 computed)" in printed  # the job's own output, streamed back
     t = pq.read_table(out, schema=None, ignore_prefixes=[".", "_", "errors"])
     assert sorted(t["audio_id"].to_pylist()) == ["t0", "t1", "t2", "t3"]

@@ -4,12 +4,9 @@ serve.run, every endpoint over HTTP, every documented 4xx, auth on/off, and the 
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
 import socket
 import subprocess
-import tempfile
 from urllib.parse import quote
 
 import numpy as np

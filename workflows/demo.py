@@ -24,7 +24,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +99,7 @@ def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | No
     from workflows import tracking
     from workflows.caption import caption_all
     from workflows.features import extract_features
-    from workflows.train import train
+    from workflows.train import export_model_dir, train
 
     if s.size < 24:
         raise ConfigError(f"demo size must be at least 24 clips so every split has clips (got {s.size})")
@@ -138,7 +137,7 @@ def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | No
             vcfg = cfg.override({**overrides, "train.run_name": f"demo-{name}"}, "demo")
             r = train(vcfg, feat_dir, captions, tracking_uri=uri, echo=lambda m: echo("      " + m))
             dst = work / "models" / name
-            _replace_dir(Path(r.model_dir), dst)
+            export_model_dir(r.model_dir, dst)
             done = stages.mark(f"train_{name}", {"model_dir": str(dst), "run_id": r.mlflow_run_id,
                                                   "val_rsum": r.metrics.get("val_rsum")})
         models[name], runs[name] = done["model_dir"], done["run_id"]
@@ -207,17 +206,3 @@ def format_table(results: dict[str, dict]) -> tuple[str, str]:
         w.writerow([name] + [f"{v:.4f}" for v in vals])
     return "\n".join(lines), buf.getvalue()
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` so that ``dst`` is never half-written (copy beside it, then swap)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)

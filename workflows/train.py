@@ -37,11 +37,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from hci_atr.config import Config, atomic_write_text, save_config
+from hci_atr.config import Config, atomic_write_text, replace_dir, save_config
 from hci_atr.errors import ConfigError, DataError, HciAtrError
 
 RUN_FILE = "hci_atr_run.json"
@@ -413,14 +413,7 @@ def export_model_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     shutil.copytree(src, tmp, dirs_exist_ok=True)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old.{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
+    return replace_dir(tmp, dst)
 
 
 def default_torch_threads(num_workers: int, cpus: int | None = None) -> int:

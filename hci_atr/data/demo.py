@@ -42,6 +42,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from hci_atr.config import replace_dir
 from hci_atr.errors import ConfigError, DataError
 
 FRAME_S = 0.010  # loudness is measured on 10 ms frames (peak frame RMS)
@@ -462,13 +463,7 @@ def make_demo(out_dir: str | os.PathLike, seed: int = 0, size: int = 240, durati
     tmp.mkdir()
     try:
         summary = _write(tmp, out, seed, size, duration, sample_rate, progress)
-        if out.exists():  # replace an older demo: move it aside first so the swap leaves no mixed folder
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # an older demo is moved aside first, so no mixed folder is ever visible
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
