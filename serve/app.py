@@ -337,8 +337,12 @@ class SearchDeployment:
             raise RequestError(f"static file {name!r} not found", 404)
         return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name])
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
+    @app.get("/healthz", responses={503: {"model": ErrorOut}})
+    async def healthz(self) -> Any:
+        try:  # the same check Serve runs on the replica: a 200 here means this replica can answer queries now
+            self.check_health()
+        except Exception as e:
+            return _error(503, f"unhealthy: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return {"status": "ok", "n_clips": len(self.retriever.index), "model_dir": str(self.model_dir),
                 "index_dir": str(self.index_dir), "auth": bool(self.api_token),
                 "max_top_k": self.serve_cfg.max_top_k}

@@ -417,6 +417,17 @@ def test_killed_replica_under_load(ray_session, demo_root, tiny_text_dir, tmp_pa
         assert after and all(c == 200 for c in after), after
         h = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
         assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["n_clips"] == len(records)
+        # health tells the truth: with the index gone from under the replicas /healthz says 503 (not a stale "ok"),
+        # and 200 again once it is back
+        manifest = index_dir / "manifest.json"
+        manifest.rename(index_dir / "manifest.json.away")
+        try:
+            sick = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        finally:
+            (index_dir / "manifest.json.away").rename(manifest)
+        assert sick.status_code == 503 and "no longer readable" in sick.json()["error"], sick.text
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200, 120,
+                   "/healthz 200 again", poll=0.2)
         failed_during = sum(c != 200 for c in during)
         assert all(c in (200, 500, 503, -1) for c in during)
         print(f"\nserve: replica killed under load (4 clients); {len(during)} requests while it was replaced, "
