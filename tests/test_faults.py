@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -431,7 +432,7 @@ def test_killed_replica_under_load(ray_session, demo_root, tiny_text_dir, tmp_pa
         failed_during = sum(c != 200 for c in during)
         assert all(c in (200, 500, 503, -1) for c in during)
         print(f"\nserve: replica killed under load (4 clients); {len(during)} requests while it was replaced, "
-              f"{failed_during} failed; {len(after)} after recovery, all 200; status showed fewer than 2 running replicas "
+              f"{failed_during} failed (status {sorted(Counter(during).items())}); {len(after)} after recovery, all 200; status showed fewer than 2 running replicas "
               f"while replacing: {any(saw_degraded)}")
     finally:
         serve.shutdown()
