@@ -303,9 +303,9 @@ class SearchDeployment:
         wave = decode_audio_bytes(data, sr, where=f"file {file.filename or ''}".strip(),
                                   max_seconds=self.serve_cfg.max_audio_seconds)
         seconds = len(wave) / sr
-        if seconds > self.serve_cfg.max_audio_seconds:
-            raise RequestError(f"file: audio is {seconds:.1f} s long; the limit is "
-                               f"{self.serve_cfg.max_audio_seconds:g} s", 413)
+        if seconds > self.serve_cfg.max_audio_seconds:  # decoding stopped just past the limit: the length is unknown
+            raise RequestError(f"file: audio is longer than the limit of {self.serve_cfg.max_audio_seconds:g} s; "
+                               f"send a shorter clip", 413)
         return wave
 
     def _hits(self, result, request: Request) -> dict:
