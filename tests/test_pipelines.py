@@ -174,7 +174,7 @@ def _direct(captioner, model, data, **params):
     """What the backend returns when called directly on all rows (the pipeline must reproduce it)."""
     from hci_atr.captioners import build_captioner
     from hci_atr.data.formats import read_dataset
-    from workflows.features import record_row
+    from workflows.sharded import record_row
 
     rows = [record_row(r) for r in read_dataset(data)]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}

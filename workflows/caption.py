@@ -19,8 +19,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from hci_atr.config import Config
-from workflows.features import record_row
-from workflows.sharded import ShardedOutput, drain, plan_shards
+from workflows.sharded import ShardedOutput, map_pending, plan_shards
 
 STAGE = "caption"
 
@@ -82,27 +81,10 @@ def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: s
     t0 = time.perf_counter()
     with ShardedOutput(out, CAPTION_SCHEMA, STAGE, shards, p.max_failure_rate, extra) as output:
         if output.pending:
-            import ray
-
-            from workflows.cluster import ensure_ray
-
-            ensure_ray()
-            todo = {a for s in output.pending for a in s.audio_ids}
-            items = [record_row(r) for r in sorted(records, key=lambda r: r.audio_id) if r.audio_id in todo]
             ctor = {"device": device, **params}
             if model is not None or captioner != "blip":  # blip has a default model id; the others need one
                 ctor["model"] = model
-            ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // p.batch_size)))
-            ds = ds.map_batches(
-                cls,
-                fn_constructor_kwargs=ctor,
-                compute=ray.data.ActorPoolStrategy(size=p.num_workers),
-                batch_size=p.batch_size,
-                batch_format="numpy",
-                num_cpus=1,
-                **({"num_gpus": p.gpus_per_worker} if p.gpus_per_worker else {}),
-            )
-            drain(ds.iter_batches(batch_format="pyarrow", batch_size=None), output, progress=progress)
+            map_pending(records, output, cls, ctor, p, batch_format="numpy", progress=progress)
         manifest = output.finish()
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     manifest["computed_shards"] = len(output.pending)

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from hci_atr.config import AudioConfig, Config
 from hci_atr.errors import HciAtrError
-from workflows.sharded import ERROR_COLUMN, ShardedOutput, drain, plan_shards
+from workflows.sharded import ERROR_COLUMN, ShardedOutput, map_pending, plan_shards
 
 STAGE = "features"
 
@@ -35,13 +35,6 @@ FEATURE_SCHEMA = pa.schema([
     ("mel", pa.list_(pa.float32())),
 ])
 _RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field(ERROR_COLUMN, pa.string()))
-
-
-def record_row(rec) -> dict:
-    """A :class:`hci_atr.data.formats.Record` as a plain row for ``ray.data.from_items``."""
-    return {"audio_id": rec.audio_id, "audio_path": rec.audio_path, "split": rec.split,
-            "captions": list(rec.captions), "video_path": rec.video_path or "",
-            "start_time": float(rec.start_time) if rec.start_time is not None else float("nan")}
 
 
 class FeatureExtractor:
@@ -97,24 +90,8 @@ def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Co
     t0 = time.perf_counter()
     with ShardedOutput(out, FEATURE_SCHEMA, STAGE, shards, p.max_failure_rate, extra) as output:
         if output.pending:
-            import ray
-
-            from workflows.cluster import ensure_ray
-
-            ensure_ray()
-            todo = {a for s in output.pending for a in s.audio_ids}
-            items = [record_row(r) for r in sorted(records, key=lambda r: r.audio_id) if r.audio_id in todo]
-            ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // p.batch_size)))
-            ds = ds.map_batches(
-                FeatureExtractor,
-                fn_constructor_kwargs={"audio": dataclasses.asdict(cfg.audio)},
-                compute=ray.data.ActorPoolStrategy(size=p.num_workers),
-                batch_size=p.batch_size,
-                batch_format="pyarrow",
-                num_cpus=1,
-                **({"num_gpus": p.gpus_per_worker} if p.gpus_per_worker else {}),
-            )
-            drain(ds.iter_batches(batch_format="pyarrow", batch_size=None), output, progress=progress)
+            map_pending(records, output, FeatureExtractor, {"audio": dataclasses.asdict(cfg.audio)}, p,
+                        batch_format="pyarrow", progress=progress)
         manifest = output.finish()
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     manifest["computed_shards"] = len(output.pending)

@@ -267,6 +267,41 @@ def project_error_in(exc: BaseException) -> HciAtrError | None:
     return None
 
 
+def record_row(rec) -> dict:
+    """A :class:`hci_atr.data.formats.Record` as a plain row for ``ray.data.from_items``."""
+    return {"audio_id": rec.audio_id, "audio_path": rec.audio_path, "split": rec.split,
+            "captions": list(rec.captions), "video_path": rec.video_path or "",
+            "start_time": float(rec.start_time) if rec.start_time is not None else float("nan")}
+
+
+def map_pending(records, output: ShardedOutput, fn_cls, fn_kwargs: dict, pipeline, batch_format: str,
+                progress: bool = True) -> None:
+    """Run ``fn_cls`` (a callable class, one instance per actor) over the records of the pending shards with Ray
+    Data, committing each shard as soon as all its rows are back.
+
+    ``pipeline`` is ``cfg.pipeline``: ``num_workers`` actors (``ActorPoolStrategy``), ``batch_size`` rows per call,
+    ``gpus_per_worker`` GPUs per actor (0: CPU only).
+    """
+    import ray
+
+    from workflows.cluster import ensure_ray
+
+    ensure_ray()
+    todo = {a for s in output.pending for a in s.audio_ids}
+    items = [record_row(r) for r in sorted(records, key=lambda r: r.audio_id) if r.audio_id in todo]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pipeline.batch_size)))
+    ds = ds.map_batches(
+        fn_cls,
+        fn_constructor_kwargs=fn_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=pipeline.num_workers),
+        batch_size=pipeline.batch_size,
+        batch_format=batch_format,
+        num_cpus=1,
+        **({"num_gpus": pipeline.gpus_per_worker} if pipeline.gpus_per_worker else {}),
+    )
+    drain(ds.iter_batches(batch_format="pyarrow", batch_size=None), output, progress=progress)
+
+
 def drain(batches: Iterable[pa.Table], output: ShardedOutput, progress: bool = True) -> None:
     """Consume result batches (any order, any size) and commit each shard as soon as all its rows have arrived.
 
