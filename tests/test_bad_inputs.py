@@ -207,7 +207,7 @@ def _no_output(path: Path | None, before: set[str] | None = None) -> None:
     assert not temp_files(path)
 
 
-@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.ray] if c.ray else []) for c in CLI_CASES])
 def test_cli_bad_input(case: CliCase, env, capsys, request):
     if case.ray:
         request.getfixturevalue("ray_session")
