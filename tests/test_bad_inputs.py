@@ -12,7 +12,6 @@ The table is also printed as markdown (``-s``) for RELIABILITY.md.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
