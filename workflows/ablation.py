@@ -347,13 +347,13 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Config | None = None, data:
     say = echo or (lambda s: None)
     cfg = cfg or Config()
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     chosen = parse_variants(variants)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("ablation: give at least one seed")
     if caption_variant not in VARIANTS or VARIANTS[caption_variant].uses_captions:
         raise ConfigError(f"ablation: caption_variant must be a variant without AC (got {caption_variant!r})")
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a mistyped command leaves nothing behind
 
     if data is None:
         data = _ensure_demo(out, demo_size, float(demo_duration or cfg.audio.duration), cfg.audio.sample_rate,
