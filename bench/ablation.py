@@ -1,6 +1,8 @@
 """Ablation benchmark of HCI levels and AC uses: the same as ``hci-atr ablate`` (see workflows/ablation.py).
 
-    python bench/ablation.py --size 240 --epochs 6 --seeds 0,1,2 --publish bench/results
+    python bench/ablation.py --out hci_atr_runs/ablation --size 240 --epochs 12 --audio-width 8 --lr 0.001 \
+      --temperature 0.1 --set model.level_weights=1,0.5,0.5 --set model.segment_size=4 \
+      --set model.segment_stride=2 --seeds 0,1,2 --publish bench/results
 
 Every variant x seed is a Ray task (one CPU each); results go to --out (resumable), the table (mean ± std) and the
 bar plot to --out and, with --publish, to bench/results/. Figures and the exact command are in BENCHMARKS.md.
