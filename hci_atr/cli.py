@@ -11,7 +11,7 @@ import traceback
 
 import click
 
-from hci_atr.errors import HciAtrError
+from hci_atr.errors import ConfigError, HciAtrError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -248,14 +248,20 @@ def train_cmd(ctx, features, captions, config, cluster, **flags) -> None:
 @click.option("--log-mlflow", is_flag=True, help="Log the metrics to a new MLflow run in the evaluation experiment.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (registry look-ups and --log-mlflow).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
-def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tracking_uri, as_json) -> None:
+@click.option("--use-gpu", is_flag=True, help="Embed and score on CUDA.")
+def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tracking_uri, as_json, use_gpu) -> None:
     """Retrieval metrics (both directions, R@1/5/10, mAP@10, median rank) of a model on one split."""
     import json as _json
 
     from workflows.evaluate import evaluate, format_table
 
+    if use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--use-gpu: no CUDA device is visible here; drop the flag to evaluate on the CPU")
     m = evaluate(model_ref, features, split, captions_dir=captions, rerank_k=rerank_k, log_mlflow=log_mlflow,
-                 tracking_uri=tracking_uri)
+                 tracking_uri=tracking_uri, device="cuda" if use_gpu else "cpu")
     click.echo(_json.dumps(m, indent=1, sort_keys=True) if as_json else format_table(m, title=f"{model_ref} on {split}"))
 
 

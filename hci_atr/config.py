@@ -124,6 +124,7 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005
     cors_origins: tuple[str, ...] = ()
     replica_cpus: float = 0.5  # Ray CPUs reserved per Serve replica (fractional, so 2 replicas fit on 2 cores)
+    replica_gpus: float = 0.0  # Ray GPUs per Serve replica; > 0 runs the model on CUDA
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,12 @@ def _generated(row: dict) -> str:
     return g.strip() if isinstance(g, str) else ""
 
 
+def warmup_factor(epochs_done: float, warmup_epochs: int) -> float:
+    """Learning-rate multiplier of the linear warm-up: ``(epochs_done + 1) / warmup_epochs`` capped at 1, then
+    constant (``warmup_epochs = 0``: 1 from the start). ``epochs_done`` may be fractional (per-step schedules)."""
+    return min(1.0, (epochs_done + 1.0) / warmup_epochs) if warmup_epochs > 0 else 1.0
+
+
 def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
                generator: torch.Generator | None = None) -> Batch:
     """Rows -> Batch. Training: a random caption per clip and a random crop of ``cfg.audio.duration``; eval: the first

@@ -218,7 +218,8 @@ def _deployment_options(cfg: ServeConfig) -> dict:
     return {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                    "target_ongoing_requests": cfg.target_ongoing_requests},
             "max_ongoing_requests": max(cfg.batch_max_size, int(2 * cfg.target_ongoing_requests)),
-            "ray_actor_options": {"num_cpus": cfg.replica_cpus}}
+            "ray_actor_options": {"num_cpus": cfg.replica_cpus,
+                                  **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus > 0 else {})}}
 
 
 @serve.deployment(**_deployment_options(_DEFAULTS), health_check_period_s=10.0)
@@ -227,7 +228,7 @@ class SearchDeployment:
     """One replica: a Retriever (model + memory-mapped index) behind the FastAPI routes."""
 
     def __init__(self, model_dir: str | None = None, index_dir: str | None = None, config_path: str | None = None,
-                 api_token: str | None = None, device: str = "cpu"):
+                 api_token: str | None = None, device: str | None = None):
         from hci_atr.retriever import Retriever
 
         cfg = _resolve_config(config_path)
@@ -236,6 +237,7 @@ class SearchDeployment:
         self.index_dir = index_dir or os.environ.get("HCI_ATR_INDEX") or self.serve_cfg.index_dir
         token = api_token if api_token is not None else os.environ.get("HCI_ATR_API_TOKEN", "")
         self.api_token = token or None
+        device = device or ("cuda" if self.serve_cfg.replica_gpus > 0 else "cpu")
         self.retriever = Retriever.from_pretrained(self.model_dir, self.index_dir, device=device,
                                                    retrieve_k=self.serve_cfg.retrieve_k)
         app.state.limits["max_body"] = self.serve_cfg.max_upload_bytes + 64 * 1024  # multipart framing headroom

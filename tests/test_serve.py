@@ -218,3 +218,30 @@ def test_auth_on(served):
         assert c.get("/").status_code == 200  # the page itself stays open
     finally:
         serve.run(build(served["args"]), name="hci-atr", route_prefix="/")
+
+
+def test_deployment_options_follow_the_serve_config():
+    # GPU replicas reserve a GPU; every replica admits a full query batch (no Ray needed to check the options)
+    from hci_atr.config import ServeConfig
+    from serve.app import _deployment_options
+
+    cpu = _deployment_options(ServeConfig())
+    assert "num_gpus" not in cpu["ray_actor_options"]
+    assert cpu["max_ongoing_requests"] >= ServeConfig().batch_max_size
+    gpu = _deployment_options(ServeConfig(replica_gpus=1.0, min_replicas=2, max_replicas=4))
+    assert gpu["ray_actor_options"]["num_gpus"] == 1.0
+    assert gpu["autoscaling_config"]["min_replicas"] == 2 and gpu["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_evaluate_use_gpu_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    import torch
+
+    from hci_atr.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the flag is valid here")
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", str(tmp_path), "--features", str(tmp_path), "--use-gpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --use-gpu: no CUDA device")

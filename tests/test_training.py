@@ -1,5 +1,6 @@
 """Training core: batches, AC augmentation pairs, loss decreases, determinism, gather path, evaluation."""
 
+import pytest
 import torch
 
 from hci_atr.metrics import retrieval_metrics
@@ -96,3 +97,23 @@ def test_embed_split_covers_all_captions(tiny_text_dir):
     assert len(emb.audio) == 5 and len(emb.text) == 10
     assert emb.text_to_audio.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert model.training  # mode restored
+
+
+def test_warmup_factor_is_linear_then_constant():
+    from hci_atr.training import warmup_factor
+
+    assert [warmup_factor(e, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0 and warmup_factor(7, 0) == 1.0
+    assert warmup_factor(0.5, 3) == pytest.approx(0.5)  # fractional progress (per-step schedules)
+
+
+def test_train_refuses_a_missing_panns_checkpoint_before_starting_ray(tmp_path):
+    # checked on the driver, before the features are read: the workers would otherwise fail max_failures times
+    # before the user hears of it (the features directory does not even exist here)
+    from hci_atr.config import Config
+    from hci_atr.errors import ConfigError
+    from workflows.train import train
+
+    cfg = Config().override({"model.audio_encoder": "cnn14", "model.audio_checkpoint": str(tmp_path / "nope.pth")})
+    with pytest.raises(ConfigError, match="audio_checkpoint.*not a file"):
+        train(cfg, tmp_path / "features")

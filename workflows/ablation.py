@@ -27,7 +27,6 @@ not get their own caption back and no test caption is ever in the bank or seen b
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import io
@@ -140,9 +139,10 @@ def train_and_evaluate(cfg: Config, train_rows: list[dict], val_rows: list[dict]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     batch_size = min(tc.batch_size, len(train_rows))
     steps_per_epoch = max(1, len(train_rows) // batch_size)
-    warmup = max(0, tc.warmup_epochs) * steps_per_epoch
-    # linear warm-up over warmup_epochs, then constant (warmup_epochs = 0: constant from the start)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    # linear warm-up over warmup_epochs, per step, then constant (warmup_epochs = 0: constant from the start);
+    # after step k, (k + 1) / steps_per_epoch epochs are done: factor (k + 1) / (warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: training.warmup_factor((step + 1) / steps_per_epoch - 1, tc.warmup_epochs))
 
     class _Stepper:  # steps the schedule once per batch without touching the training core
         def __init__(self, batches):

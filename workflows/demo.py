@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +97,7 @@ def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | No
     from hci_atr.data.demo import make_demo
     from workflows import tracking
     from workflows.caption import caption_all
+    from workflows.evaluate import evaluate
     from workflows.features import extract_features
     from workflows.train import export_model_dir, train
 
@@ -158,7 +158,7 @@ def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | No
     for name, _label, _ in VARIANTS:
         done = stages.done(f"eval_{name}")
         if done is None:
-            metrics = evaluate_on_split(models[name], feat_dir, "test", cap_dir if name == "hci_ac" else None)
+            metrics = evaluate(models[name], feat_dir, "test", captions_dir=cap_dir if name == "hci_ac" else None)
             tracking.log_metrics(uri, runs[name], {f"test_{k}": v for k, v in metrics.items()}, step=0)
             done = stages.mark(f"eval_{name}", metrics)
         results[name] = done
@@ -173,21 +173,6 @@ def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | No
     atomic_write_text(work / "demo_results.csv", table_csv)
     return {"table": table_md, "results": results, "models": models, "runs": runs, "tracking_uri": uri,
             "workdir": str(work), "seconds": round(time.perf_counter() - t_start, 1)}
-
-
-def evaluate_on_split(model_dir: str | os.PathLike, features_dir: str | os.PathLike, split: str,
-                      captions_dir: str | os.PathLike | None = None) -> dict[str, float]:
-    """Metrics of a saved model on one split of the feature shards (full fused score, no rerank approximation)."""
-    import torch
-
-    from hci_atr import training
-    from hci_atr.models.model import HciAtrModel
-    from workflows.train import read_captions, read_split_rows
-
-    model = HciAtrModel.from_pretrained(model_dir).eval()
-    rows = read_split_rows(features_dir, split, read_captions(captions_dir))
-    with torch.no_grad():
-        return {k: float(v) for k, v in training.evaluate(model, rows, model.cfg).items()}
 
 
 def format_table(results: dict[str, dict]) -> tuple[str, str]:

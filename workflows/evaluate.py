@@ -53,10 +53,11 @@ def _rerank_matrix(clip: torch.Tensor, full_of, k: int, dim: int) -> torch.Tenso
 def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, split: str = "test",
              cfg: Config | None = None, *, captions_dir: str | os.PathLike | None = None, rerank_k: int | None = None,
              log_mlflow: bool = False, tracking_uri: str | None = None, batch_size: int | None = None,
-             experiment: str = "hci-atr-eval") -> dict[str, Any]:
+             experiment: str = "hci-atr-eval", device: str = "cpu") -> dict[str, Any]:
     """Metrics dict (``t2a_R1 .. a2t_meanr``, ``rsum``, per-level ``<level>_rsum``, ``n_audio``, ``n_text``).
 
-    ``cfg``: only ``train.batch_size`` is used from it (the model brings its own config). With ``log_mlflow`` a new
+    ``cfg``: only ``train.batch_size`` is used from it (the model brings its own config). ``device``: "cpu" or
+    "cuda" (embedding and scoring run there; metrics are computed on the CPU). With ``log_mlflow`` a new
     run in ``experiment`` gets the metrics (prefixed ``<split>_``) and the model reference as params.
     """
     from hci_atr import training
@@ -66,7 +67,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
     from workflows.train import read_captions, read_split_rows
 
     model_dir = tracking.resolve_model_ref(str(model_ref), tracking_uri)
-    model = HciAtrModel.from_pretrained(model_dir).eval()
+    model = HciAtrModel.from_pretrained(model_dir).eval().to(device)
     mcfg = model.cfg
     if (mcfg.model.ac_fusion or mcfg.model.ac_branch) and not captions_dir:
         raise ConfigError(f"{model_ref}: the model uses auxiliary captions (ac_fusion/ac_branch); pass --captions DIR "

@@ -44,8 +44,9 @@ class FeatureExtractor:
     :data:`FEATURE_SCHEMA` columns plus ``error`` ("" when the row is fine).
     """
 
-    def __init__(self, audio: dict):
+    def __init__(self, audio: dict, device: str = "cpu"):
         self.audio_cfg = AudioConfig(**audio)
+        self.device = device  # "cuda" when the pipeline gives each actor a GPU: the mel runs there
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from hci_atr.data.audio import clip_features_and_duration
@@ -53,7 +54,7 @@ class FeatureExtractor:
         cols = {name: [] for name in _RESULT_SCHEMA.names}
         for row in batch.select(["audio_id", "audio_path", "split", "captions"]).to_pylist():
             try:
-                mel, seconds = clip_features_and_duration(row["audio_path"], self.audio_cfg)  # [T, n_mels]
+                mel, seconds = clip_features_and_duration(row["audio_path"], self.audio_cfg, self.device)  # [T, n_mels]
                 err = ""
             except HciAtrError as e:
                 mel, seconds, err = np.zeros((0, self.audio_cfg.n_mels), np.float32), 0.0, str(e)
@@ -90,7 +91,8 @@ def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Co
     t0 = time.perf_counter()
     with ShardedOutput(out, FEATURE_SCHEMA, STAGE, shards, p.max_failure_rate, extra) as output:
         if output.pending:
-            map_pending(records, output, FeatureExtractor, {"audio": dataclasses.asdict(cfg.audio)}, p,
+            map_pending(records, output, FeatureExtractor, {"audio": dataclasses.asdict(cfg.audio),
+                                                          "device": "cuda" if p.gpus_per_worker > 0 else "cpu"}, p,
                         batch_format="pyarrow", progress=progress)
         manifest = output.finish()
     manifest["seconds"] = round(time.perf_counter() - t0, 3)

@@ -325,6 +325,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _fault_point(config.get("fault"), epoch, rank, i)
                 yield training.make_batch(rows, cfg, model, True, gen)
 
+        for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run gets the same lr
+            group["lr"] = tc.lr * training.warmup_factor(epoch, tc.warmup_epochs)
         t0 = time.perf_counter()
         losses = training.train_epoch(model, optimizer, batches(), cfg, gather=gather)
         seconds = time.perf_counter() - t0
@@ -442,6 +444,9 @@ def train(cfg: Config, features_dir: str | os.PathLike, captions_dir: str | os.P
 
     say = echo or (lambda _m: None)
     tc = cfg.train
+    if cfg.model.audio_checkpoint and not Path(cfg.model.audio_checkpoint).is_file():
+        raise ConfigError(f"model.audio_checkpoint: {cfg.model.audio_checkpoint} is not a file; point it at a PANNs "
+                          "Cnn14 .pth checkpoint (or leave it empty to train the audio encoder from scratch)")
     features_dir = Path(features_dir).resolve()
     counts = split_counts(features_dir)
     for split in (tc.train_split, tc.val_split):

@@ -88,23 +88,24 @@ _MEL_LOCK = threading.Lock()
 
 @lru_cache(maxsize=16)
 def _mel_module(sample_rate: int, n_fft: int, win_length: int, hop_length: int, n_mels: int, f_min: float,
-                f_max: float) -> torchaudio.transforms.MelSpectrogram:
+                f_max: float, device: str = "cpu") -> torchaudio.transforms.MelSpectrogram:
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length, f_min=f_min,
         f_max=f_max, n_mels=n_mels, power=2.0, center=True, pad_mode="constant",
-    )
+    ).to(device)
 
 
-def mel_transform(audio_cfg: AudioConfig) -> torchaudio.transforms.MelSpectrogram:
-    """The cached MelSpectrogram for ``audio_cfg`` (``f_max`` capped at Nyquist)."""
+def mel_transform(audio_cfg: AudioConfig, device: str = "cpu") -> torchaudio.transforms.MelSpectrogram:
+    """The cached MelSpectrogram for ``audio_cfg`` on ``device`` (``f_max`` capped at Nyquist)."""
     f_max = min(float(audio_cfg.f_max), audio_cfg.sample_rate / 2.0)
     with _MEL_LOCK:
         return _mel_module(audio_cfg.sample_rate, audio_cfg.n_fft, audio_cfg.win_length, audio_cfg.hop_length,
-                           audio_cfg.n_mels, float(audio_cfg.f_min), f_max)
+                           audio_cfg.n_mels, float(audio_cfg.f_min), f_max, str(device))
 
 
-def log_mel(wave: np.ndarray | torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
-    """Log-mel of a mono wave ``[N]`` at ``audio_cfg.sample_rate``: ``[T, n_mels]`` float32, ``T = N // hop + 1``."""
+def log_mel(wave: np.ndarray | torch.Tensor, audio_cfg: AudioConfig, device: str = "cpu") -> torch.Tensor:
+    """Log-mel of a mono wave ``[N]`` at ``audio_cfg.sample_rate``: ``[T, n_mels]`` float32 on the CPU,
+    ``T = N // hop + 1``. ``device="cuda"`` computes the spectrogram on the GPU (the result comes back to the CPU)."""
     x = torch.as_tensor(np.asarray(wave, dtype=np.float32) if not isinstance(wave, torch.Tensor) else wave)
     x = x.to(torch.float32)
     if x.ndim != 1:
@@ -112,8 +113,8 @@ def log_mel(wave: np.ndarray | torch.Tensor, audio_cfg: AudioConfig) -> torch.Te
     if x.numel() == 0:
         raise AudioError("log_mel got an empty wave")
     with torch.no_grad():
-        mel = mel_transform(audio_cfg)(x)  # [n_mels, T]
-    return torch.log(mel + LOG_EPS).T.contiguous()
+        mel = mel_transform(audio_cfg, device)(x.to(device))  # [n_mels, T]
+        return torch.log(mel + LOG_EPS).T.contiguous().cpu()
 
 
 def n_samples(audio_cfg: AudioConfig) -> int:
@@ -126,15 +127,17 @@ def n_frames(audio_cfg: AudioConfig) -> int:
     return n_samples(audio_cfg) // audio_cfg.hop_length + 1
 
 
-def clip_features_and_duration(path: str | os.PathLike, audio_cfg: AudioConfig) -> tuple[np.ndarray, float]:
-    """``(features [T, n_mels] float32, seconds of real audio <= duration)``; T fixed by :func:`n_frames`."""
+def clip_features_and_duration(path: str | os.PathLike, audio_cfg: AudioConfig,
+                               device: str = "cpu") -> tuple[np.ndarray, float]:
+    """``(features [T, n_mels] float32, seconds of real audio <= duration)``; T fixed by :func:`n_frames`.
+    ``device``: where the mel spectrogram is computed (decoding and resampling stay on the CPU)."""
     wave = load_audio(path, audio_cfg.sample_rate, max_seconds=audio_cfg.duration)
     target = n_samples(audio_cfg)
     wave = wave[:target]
     seconds = wave.shape[0] / audio_cfg.sample_rate
     if wave.shape[0] < target:
         wave = np.pad(wave, (0, target - wave.shape[0]))  # zero = silence, so padded frames sit at the log floor
-    return log_mel(wave, audio_cfg).numpy(), float(seconds)
+    return log_mel(wave, audio_cfg, device).numpy(), float(seconds)
 
 
 def clip_features(path: str | os.PathLike, audio_cfg: AudioConfig) -> np.ndarray:
