@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=120)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--no-all-gather", action="store_true", help="local negatives only (to see what the gather costs)")
     args = ap.parse_args()
 
     import ray
@@ -59,24 +60,27 @@ def main() -> None:
             "model.text_encoder": str(work / "text"), "model.freeze_text": False, "model.audio_width": 16,
             "model.embed_dim": 64, "train.epochs": args.epochs, "train.batch_size": args.batch_size // workers,
             "train.num_workers": workers, "train.storage_path": str(work / "runs"),
-            "train.run_name": f"w{workers}", "train.registered_model": "bench"})
+            "train.run_name": f"w{workers}", "train.registered_model": "bench",
+            "train.all_gather": not args.no_all_gather})
 
     results = {}
-    # plain loop: same rows, same global batch, all cores
+    # plain loop: same rows, same global batch; with all cores, and with one thread (what each of 2 workers gets)
     c = cfg(1)
-    torch.set_num_threads(cores)
-    torch.manual_seed(0)
-    model = HciAtrModel(c)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.train.lr)
     rows = read_split_rows(work / "feats", "train")
-    g = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(args.epochs):
-        t0 = time.perf_counter()
-        h = training.train_epoch(model, opt, training.iter_batches(rows, c, model, True, g, drop_last=True), c)
-        times.append((time.perf_counter() - t0, h["batches"] * args.batch_size))
-    steady = times[1:] or times
-    results["plain"] = sum(n for _, n in steady) / sum(t for t, _ in steady)
+    for name, threads in (("plain", cores), ("plain_1thread", 1)):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = HciAtrModel(c)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.train.lr)
+        g = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(args.epochs):
+            t0 = time.perf_counter()
+            h = training.train_epoch(model, opt, training.iter_batches(rows, c, model, True, g, drop_last=True), c)
+            times.append((time.perf_counter() - t0, h["batches"] * args.batch_size))
+        steady = times[1:] or times
+        results[name] = sum(n for _, n in steady) / sum(t for t, _ in steady)
+    torch.set_num_threads(cores)
 
     for workers in (1, 2):
         res = train(cfg(workers), work / "feats", tracking_uri=f"sqlite:///{work / 'mlflow.db'}", register=False,
@@ -88,6 +92,7 @@ def main() -> None:
     out = {"samples_per_s": {k: round(v, 2) for k, v in results.items()},
            "ray_1w_over_plain": round(results["ray_1w"] / results["plain"], 3),
            "ray_2w_over_1w": round(results["ray_2w"] / results["ray_1w"], 3),
+           "plain_over_plain_1thread": round(results["plain"] / results["plain_1thread"], 3),
            "train_rows": len(rows), "global_batch": args.batch_size, "cores": cores}
     print(json.dumps(out, indent=1))
 
