@@ -268,6 +268,26 @@ class Captioner:
         }
 
 
+def _decode_rows(paths: list[Any], decode: Callable[[str], Any]) -> tuple[list[Any], list[str], list[float]]:
+    """Decode each row's audio with ``decode(path)``: ``(values, errors, seconds)`` per row. A row whose audio is
+    missing or unreadable gets a one-line error (and ``None``) instead of raising, so the batch goes on."""
+    n = len(paths)
+    values: list[Any] = [None] * n
+    errors = [""] * n
+    seconds = [0.0] * n
+    for i in range(n):
+        t0 = time.perf_counter()
+        path = _text(paths[i])
+        try:
+            if not path:
+                raise ValueError("no audio_path for clip")
+            values[i] = decode(path)
+        except Exception as e:  # noqa: BLE001 - unreadable audio is a row error
+            errors[i] = one_line(e)
+        seconds[i] = time.perf_counter() - t0
+    return values, errors, seconds
+
+
 def _run_isolated(items: list[Any], fn: Callable[[list[Any]], list[str]]) -> tuple[list[str], list[str]]:
     """Run a batched model call; if the whole batch fails, retry item by item so one bad item only fails itself.
 
@@ -455,21 +475,10 @@ class AudioCaptioner(Captioner):
         return [" ".join(t.split()) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
-        paths = _column(batch, "audio_path", n)
-        waves: list[np.ndarray | None] = [None] * n
-        errors = [""] * n
-        seconds = [0.0] * n
         keep = int(float(self.params["max_seconds"]) * self.sample_rate)
-        for i in range(n):
-            t0 = time.perf_counter()
-            path = _text(paths[i])
-            try:
-                if not path:
-                    raise ValueError("no audio_path for clip")
-                waves[i] = load_audio(path, self.sample_rate)[:keep]  # [N] mono at the processor's rate
-            except Exception as e:  # noqa: BLE001 - unreadable audio is a row error
-                errors[i] = one_line(e)
-            seconds[i] = time.perf_counter() - t0
+        # [N] mono at the processor's rate
+        waves, errors, seconds = _decode_rows(_column(batch, "audio_path", n),
+                                              lambda path: load_audio(path, self.sample_rate)[:keep])
         ok = [i for i in range(n) if not errors[i]]
         captions = [""] * n
         if ok:
@@ -557,21 +566,10 @@ class NearestCaptioner(Captioner):
         import torch
 
         ids = [str(a) for a in _column(batch, "audio_id", n)]
-        paths = _column(batch, "audio_path", n)
         own = _column(batch, "captions", n)
-        mels: list[np.ndarray | None] = [None] * n
-        errors = [""] * n
-        seconds = [0.0] * n
-        for i in range(n):
-            t0 = time.perf_counter()
-            path = _text(paths[i])
-            try:
-                if not path:
-                    raise ValueError("no audio_path for clip")
-                mels[i] = np.asarray(clip_features(path, self.audio_cfg), dtype=np.float32)  # [T, n_mels]
-            except Exception as e:  # noqa: BLE001 - unreadable audio is a row error
-                errors[i] = one_line(e)
-            seconds[i] = time.perf_counter() - t0
+        mels, errors, seconds = _decode_rows(  # [T, n_mels] each
+            _column(batch, "audio_path", n),
+            lambda path: np.asarray(clip_features(path, self.audio_cfg), dtype=np.float32))
         ok = [i for i in range(n) if not errors[i]]
         captions = [""] * n
         if ok:

@@ -266,6 +266,8 @@ def plot_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, title: st
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    from workflows.tracking import save_figure
+
     metrics = ("t2a_R1", "t2a_R5", "t2a_R10", "a2t_R1", "a2t_R5", "a2t_R10")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=False)
     width = 0.8 / max(1, len(rows))
@@ -282,11 +284,7 @@ def plot_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, title: st
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -206,8 +206,6 @@ def plot_training_curve(history: list[dict[str, float]], path: str | os.PathLike
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from hci_atr.config import atomic_write_bytes
-
     epochs = [int(h["epoch"]) for h in history]
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(9, 3.5))
     loss_keys = sorted({k for h in history for k in h if k == "loss" or k.startswith("loss_")})
@@ -220,10 +218,19 @@ def plot_training_curve(history: list[dict[str, float]], path: str | os.PathLike
     ax_r.set_xlabel("epoch")
     ax_r.set_ylabel("validation R-sum (t2a R@1+5+10, %)")
     fig.tight_layout()
+    return save_figure(fig, path, dpi=90)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG atomically (readers never see half a file) and close it."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    from hci_atr.config import atomic_write_bytes
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
