@@ -284,8 +284,9 @@ class HciAtrModel(nn.Module):
         if pair_weight is None:
             pair_weight = torch.ones(len(t), device=t.sentence.device)
         if gather is not None:
-            a, t = _gather_audio(a, gather), _gather_text(t, gather)
-            audio_keys, text_keys, pair_weight = gather(audio_keys), gather(text_keys), gather(pair_weight)
+            a = _gather_audio(a, gather)
+            t, pair_weight = _gather_text(t, pair_weight, gather)
+            audio_keys, text_keys = gather(audio_keys), gather(text_keys)  # float64: exact, gathered apart
         scores = self.score(a, t)
         pos = positives_mask(audio_keys, text_keys)
         levels = dict(scores.levels)
@@ -351,18 +352,33 @@ class HciAtrModel(nn.Module):
         return model.to(map_location).eval()
 
 
+def _gather_packed(gather: Gather, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """All-gather several ``[B, ...]`` tensors (same B) in ONE collective: flatten each to ``[B, k]`` float32,
+    concatenate, gather ``[world * B, sum k]``, split back. One call instead of one per tensor matters: on CPU each
+    collective has a fixed cost that, per step, outweighs the compute it is there to share. Bool masks travel as
+    0/1 and come back bool; gradients flow through the concatenation into the gather. ``None`` stays ``None``.
+    (float64 clip keys are NOT packed: float32 would round them; see ``forward``.)"""
+    present = [(i, x) for i, x in enumerate(tensors) if x is not None]
+    if not present:
+        return list(tensors)
+    flat = [x.to(torch.float32).reshape(x.shape[0], -1) for _, x in present]
+    out = gather(torch.cat(flat, dim=1))  # [world * B, sum k]
+    res: list[torch.Tensor | None] = [None] * len(tensors)
+    for (i, x), part in zip(present, torch.split(out, [f.shape[1] for f in flat], dim=1)):
+        y = part.reshape(-1, *x.shape[1:])
+        res[i] = y > 0.5 if x.dtype == torch.bool else y.to(x.dtype)
+    return res
+
+
 def _gather_audio(a: AudioEmbeddings, gather: Gather) -> AudioEmbeddings:
-    def g(x, is_mask=False):
-        if x is None:
-            return None
-        return gather(x.to(torch.float32)) > 0.5 if is_mask else gather(x)
-
-    return AudioEmbeddings(g(a.clip), g(a.segments), g(a.segment_mask, True), g(a.frames), g(a.frame_mask, True),
-                           g(a.aux_sentence), g(a.aux_mask, True))
+    return AudioEmbeddings(*_gather_packed(gather, [a.clip, a.segments, a.segment_mask.to(torch.bool), a.frames,
+                                                    a.frame_mask.to(torch.bool), a.aux_sentence,
+                                                    None if a.aux_mask is None else a.aux_mask.to(torch.bool)]))
 
 
-def _gather_text(t: TextEmbeddings, gather: Gather) -> TextEmbeddings:
-    return TextEmbeddings(gather(t.sentence), gather(t.phrases), gather(t.phrase_mask.to(torch.float32)) > 0.5,
-                          gather(t.words), gather(t.word_mask.to(torch.float32)) > 0.5)
+def _gather_text(t: TextEmbeddings, pair_weight: torch.Tensor, gather: Gather) -> tuple[TextEmbeddings, torch.Tensor]:
+    *fields, weight = _gather_packed(gather, [t.sentence, t.phrases, t.phrase_mask.to(torch.bool), t.words,
+                                              t.word_mask.to(torch.bool), pair_weight])
+    return TextEmbeddings(*fields), weight
 
 
