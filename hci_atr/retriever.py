@@ -119,6 +119,16 @@ def _slice(obj: Any, sl: slice) -> Any:
     return obj
 
 
+
+def _final_order(full: np.ndarray | None, stage1: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into the stage-1 candidates) and scores of the final ``top_k``: by the full score when the
+    candidates were reranked (stable, so ties keep the stage-1 order), else the stage-1 order as it is."""
+    if full is None:
+        order = np.arange(min(top_k, len(stage1)))
+        return order, stage1[order]
+    order = np.argsort(-full, kind="stable")[:top_k]
+    return order, full[order]
+
 class Retriever:
     """Text -> audio and audio -> audio/text search over an :class:`~hci_atr.index.Index` with a trained model."""
 
@@ -240,11 +250,9 @@ class Retriever:
                 s = self.model.score(audio, text)
             full = s.fused[:, 0].float().cpu().numpy()  # [K]
             levels = {name: v[:, 0].float().cpu().numpy() for name, v in (s.levels or {}).items() if v is not None}
-            order = np.argsort(-full, kind="stable")[:top_k]
-            final = full[order]
         else:
-            order = np.arange(min(top_k, len(rows)))
-            final = clip_scores[order]
+            full = None
+        order, final = _final_order(full, clip_scores, top_k)
         t3 = time.perf_counter()
         hits = []
         for rank, (j, sc) in enumerate(zip(order, final), start=1):
@@ -293,11 +301,9 @@ class Retriever:
             t = self.encode_queries(texts)
             with torch.no_grad():
                 full = self.model.score(emb, t).fused[0].float().cpu().numpy()  # [K]
-            order = np.argsort(-full, kind="stable")[:top_k]
-            final = full[order]
         else:
-            order = np.arange(min(top_k, len(rows)))
-            final = cap_scores[order]
+            full = None
+        order, final = _final_order(full, cap_scores, top_k)
         t3 = time.perf_counter()
         hits = []
         for rank, (j, sc) in enumerate(zip(order, final), start=1):
