@@ -10,11 +10,18 @@ so other positives (several captions of one clip, or a real and a generated capt
 The loss is the pair-weighted mean over positive pairs of the mean of the two directions; weights let the AC
 augmentation pairs count less (``model.ac_augment_weight``). A text with weight 0 is ignored entirely (neither a
 positive nor a negative): batches use such placeholder texts to keep shapes equal across workers.
+
+Across workers (``gather`` given, see :func:`hierarchical_loss`) each worker scores only its OWN audio rows against
+the texts of the whole global batch ``[b, B_t]``: the a2t side of a local row is complete, and the t2a side needs
+each text's negatives over every worker's audio, i.e. a log-sum-exp over columns, which is the log-sum-exp of the
+workers' partial column log-sum-exps (one small all-gather). The workers' row losses add up to the global loss;
+nobody computes the global ``B_a x B_t`` matrix, so the scoring work is split, not repeated.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,23 +34,33 @@ def positives_mask(audio_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.T
     return audio_keys[:, None] == text_keys[None, :]
 
 
-def info_nce(scores: torch.Tensor, pos: torch.Tensor, tau: torch.Tensor | float,
-             pair_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric multi-positive InfoNCE. scores/pos [B_a, B_t]; pair_weight [B_t] (per text) or None -> scalar."""
+def _negatives(scores: torch.Tensor, pos: torch.Tensor, tau: torch.Tensor | float,
+               pair_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> logits [B_a, B_t], negatives-only logits (positives and weight-0 texts at -max), pair weights [B_a, B_t]."""
     logits = scores / tau
-    neg_inf = torch.finfo(logits.dtype).min
     col_ok = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device) if pair_weight is None \
         else pair_weight > 0
-    neg_only = logits.masked_fill(pos | ~col_ok[None, :], neg_inf)
-    lse_col = torch.logsumexp(neg_only, dim=0, keepdim=True)  # [1, B_t]: negatives of each text (over audio)
-    lse_row = torch.logsumexp(neg_only, dim=1, keepdim=True)  # [B_a, 1]: negatives of each audio (over text)
-    t2a = torch.logaddexp(logits, lse_col) - logits
-    a2t = torch.logaddexp(logits, lse_row) - logits
-    per_pair = 0.5 * (t2a + a2t)
+    neg_only = logits.masked_fill(pos | ~col_ok[None, :], torch.finfo(logits.dtype).min)
     w = pos.to(logits.dtype)
     if pair_weight is not None:
         w = w * pair_weight[None, :].to(logits.dtype)
-    return (per_pair * w).sum() / w.sum().clamp(min=1e-8)
+    return logits, neg_only, w
+
+
+def _pair_terms(logits: torch.Tensor, neg_only: torch.Tensor, lse_col: torch.Tensor) -> torch.Tensor:
+    """Per-pair loss [B_a, B_t] = mean of t2a (negatives over audio: ``lse_col`` [1, B_t]) and a2t (over text)."""
+    lse_row = torch.logsumexp(neg_only, dim=1, keepdim=True)  # [B_a, 1]: negatives of each audio (over text)
+    t2a = torch.logaddexp(logits, lse_col) - logits
+    a2t = torch.logaddexp(logits, lse_row) - logits
+    return 0.5 * (t2a + a2t)
+
+
+def info_nce(scores: torch.Tensor, pos: torch.Tensor, tau: torch.Tensor | float,
+             pair_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE. scores/pos [B_a, B_t]; pair_weight [B_t] (per text) or None -> scalar."""
+    logits, neg_only, w = _negatives(scores, pos, tau, pair_weight)
+    lse_col = torch.logsumexp(neg_only, dim=0, keepdim=True)  # [1, B_t]: negatives of each text (over audio)
+    return (_pair_terms(logits, neg_only, lse_col) * w).sum() / w.sum().clamp(min=1e-8)
 
 
 class LevelTemperatures(nn.Module):
@@ -61,15 +78,49 @@ class LevelTemperatures(nn.Module):
         return {lv: float(self.tau(lv).detach()) for lv in self.levels}
 
 
+def sharded_info_nce(levels: dict[str, torch.Tensor], pos: torch.Tensor, taus: dict[str, torch.Tensor | float],
+                     pair_weight: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """This worker's share of the global InfoNCE of every level, scaled by the number of workers ``N``.
+
+    levels[name] / pos: ``[b, B_t]`` = this worker's ``b`` audio rows x the ``B_t`` texts of the global batch;
+    pair_weight ``[B_t]`` (global); ``gather(x [1, k]) -> [N, k]``: every worker's ``x`` in rank order, with gradient
+    (``torch.distributed.nn.functional.all_gather``). One gather carries the partial column log-sum-exps of all
+    levels and the worker's positive-pair weight.
+
+    Returns ``N * L_r`` per level, where the workers' ``L_r`` sum to the global loss: the mean over workers of the
+    returned values IS the global loss, and backpropagating it on every worker under DDP's gradient averaging gives
+    the gradient of the global loss (all_gather's backward sums each worker's slice over all workers).
+    """
+    names = list(levels)
+    parts = {n: _negatives(levels[n], pos, taus[n], pair_weight) for n in names}
+    w = parts[names[0]][2]
+    local = torch.cat([torch.logsumexp(parts[n][1], dim=0) for n in names] + [w.sum().reshape(1)])
+    every = gather(local[None, :])  # [N, len(names) * B_t + 1]
+    n_workers, b_t = every.shape[0], pos.shape[1]
+    col = torch.logsumexp(every[:, :-1], dim=0).reshape(len(names), 1, b_t)  # negatives of each text, all audio
+    wsum = every[:, -1].sum().clamp(min=1e-8)
+    return {n: n_workers * (_pair_terms(parts[n][0], parts[n][1], col[k]) * w).sum() / wsum
+            for k, n in enumerate(names)}
+
+
 def hierarchical_loss(levels: dict[str, torch.Tensor], pos: torch.Tensor, temps: LevelTemperatures,
-                      weights: dict[str, float | torch.Tensor], pair_weight: torch.Tensor | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """InfoNCE per level score matrix; ``total`` = weighted sum (weights normalised to sum 1 over present levels)."""
+                      weights: dict[str, float | torch.Tensor], pair_weight: torch.Tensor | None = None,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """InfoNCE per level score matrix; ``total`` = weighted sum (weights normalised to sum 1 over present levels).
+
+    With ``gather`` the score matrices are this worker's rows against the global texts and each value is the
+    worker's share of the global loss scaled by the number of workers (:func:`sharded_info_nce`).
+    """
     out: dict[str, torch.Tensor] = {}
     total = None
     wsum = sum(float(weights[k]) for k in levels)
+    if gather is not None:
+        if pair_weight is None:
+            pair_weight = torch.ones(pos.shape[1], device=pos.device)
+        per_level = sharded_info_nce(levels, pos, {n: temps.tau(n) for n in levels}, pair_weight, gather)
     for name, s in levels.items():
-        loss = info_nce(s, pos, temps.tau(name), pair_weight)
+        loss = per_level[name] if gather is not None else info_nce(s, pos, temps.tau(name), pair_weight)
         out[name] = loss
         term = weights[name] * loss / max(wsum, 1e-8)
         total = term if total is None else total + term

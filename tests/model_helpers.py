@@ -37,3 +37,36 @@ def tiny_rows(n: int = 6, n_frames: int = 80, n_mels: int = 16, seed: int = 0, c
             row["generated_caption"] = words[cls] if i % 3 else None
         rows.append(row)
     return rows
+
+
+class ThreadGather:
+    """In-process stand-in for an all-gather across ``n`` workers, for the library's unit tests (no Ray, no
+    torch.distributed): worker ``r`` runs in its own thread and calls ``gather_for(r)(x)``; every call returns all
+    workers' ``x`` concatenated in rank order. The workers share one autograd graph, so a backward through the
+    result reaches every worker's tensors, as all_gather's backward (a reduce-scatter of the gradients) does."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.n = n
+        self.slots: list = [None] * n
+        self.barrier = threading.Barrier(n, timeout=60)
+
+    def gather_for(self, rank: int):
+        import torch
+
+        def gather(x):
+            self.slots[rank] = x
+            self.barrier.wait()
+            out = torch.cat(self.slots, dim=0)
+            self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return out
+        return gather
+
+    def run(self, fn):
+        """Call ``fn(rank, gather)`` in ``n`` threads; return their results in rank order (re-raises a failure)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.n) as pool:
+            futures = [pool.submit(fn, r, self.gather_for(r)) for r in range(self.n)]
+            return [f.result() for f in futures]

@@ -66,10 +66,11 @@ def main_run(feats, work, tiny_text_dir):
 
 
 def _gather_loop(config):
-    """Each worker holds its half of a global batch; the loss uses GatherWithGrad over both halves."""
+    """Each worker holds its half of a global batch: it gathers every worker's texts (GatherWithGrad) and scores its
+    own audio rows against them; the column side of the loss is completed by the second (log-sum-exp) gather."""
     import ray.train
 
-    from hci_atr.losses import info_nce
+    from hci_atr.losses import sharded_info_nce
     from workflows.train import GatherWithGrad
 
     rank = ray.train.get_context().get_world_rank()
@@ -79,19 +80,22 @@ def _gather_loop(config):
     t = t_all[rank * b:(rank + 1) * b].clone().requires_grad_(True)
     keys = torch.arange(rank * b, (rank + 1) * b, dtype=torch.float64)
     gather = GatherWithGrad()
-    ga, gt, gk = gather(a), gather(t), gather(keys)
-    loss = info_nce(ga @ gt.T, gk[:, None] == gk[None, :], 0.1)
+    gt, gk = gather(t), gather(keys)
+    logits = a @ gt.T
+    loss = sharded_info_nce({"clip": logits}, keys[:, None] == gk[None, :], {"clip": 0.1}, torch.ones(len(gk)),
+                            gather)["clip"]
     loss.backward()
     with open(f"{config['out']}/rank{rank}.json", "w") as fh:
-        json.dump({"loss": float(loss), "grad_a": a.grad.tolist(), "rows": gather.rows_seen,
-                   "logits": list(ga.shape[:1]) + list(gt.shape[:1])}, fh)
+        json.dump({"loss": float(loss), "grad_a": a.grad.tolist(), "grad_t": t.grad.tolist(),
+                   "rows": gather.rows_seen, "logits": list(logits.shape)}, fh)
     ray.train.report({"loss": float(loss)})
 
 
 def test_all_gather_spans_workers(ray_session, tmp_path):
-    """Each worker's loss equals the single-process loss of the concatenated batch (local negatives would not), and
-    the gradient of its own rows is world_size x the global gradient (all_gather's backward sums over workers; DDP's
-    averaging then restores the global gradient)."""
+    """Each worker scores its own 4 audio rows against all 8 texts; the mean of the workers' losses equals the
+    single-process loss of the concatenated batch (local negatives would not), and the gradient of a worker's own
+    rows is world_size x the global gradient (all_gather's backward sums over workers; DDP's averaging then
+    restores the global gradient)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -109,16 +113,20 @@ def test_all_gather_spans_workers(ray_session, tmp_path):
                  scaling_config=ScalingConfig(num_workers=2),
                  run_config=RunConfig(name="gather", storage_path=str(tmp_path / "rr"))).fit()
     a_ref = a_all.clone().requires_grad_(True)
-    ref = info_nce(a_ref @ t_all.T, torch.eye(8, dtype=torch.bool), 0.1)
+    t_ref = t_all.clone().requires_grad_(True)
+    ref = info_nce(a_ref @ t_ref.T, torch.eye(8, dtype=torch.bool), 0.1)
     ref.backward()
     local_only = 0.5 * sum(float(info_nce(a_all[s] @ t_all[s].T, torch.eye(4, dtype=torch.bool), 0.1))
                            for s in (slice(0, 4), slice(4, 8)))
     assert abs(ref.item() - local_only) > 0.05  # the test can tell global from local negatives
+    got = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert 0.5 * (got[0]["loss"] + got[1]["loss"]) == pytest.approx(float(ref.detach()), rel=1e-6)
+    assert abs(got[0]["loss"] - got[1]["loss"]) > 1e-3  # each worker computed its own share, not the whole
     for rank in (0, 1):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["rows"] == 8 and got["logits"] == [8, 8]
-        assert got["loss"] == pytest.approx(float(ref.detach()), rel=1e-6)
-        torch.testing.assert_close(torch.tensor(got["grad_a"]), 2 * a_ref.grad[rank * 4:(rank + 1) * 4])
+        assert got[rank]["rows"] == 8 and got[rank]["logits"] == [4, 8]
+        rows = slice(rank * 4, (rank + 1) * 4)
+        torch.testing.assert_close(torch.tensor(got[rank]["grad_a"]), 2 * a_ref.grad[rows])
+        torch.testing.assert_close(torch.tensor(got[rank]["grad_t"]), 2 * t_ref.grad[rows])
 
 
 # -- the main run ----------------------------------------------------------------------------------------------------

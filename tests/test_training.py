@@ -66,28 +66,37 @@ def test_ac_uses_train_and_switch_losses(tiny_text_dir):
     assert hist[-1]["loss_total"] < hist[0]["loss_total"]
 
 
-def test_gather_path_equals_global_batch(tiny_text_dir):
-    """A gather that concatenates two half batches gives the loss of the whole batch (what all_gather does)."""
-    cfg, model, _ = _setup(tiny_text_dir)
-    model.eval()
-    rows = tiny_rows(4)
-    whole = make_batch(rows, cfg, model, train=False)
-    halves = [make_batch(rows[:2], cfg, model, train=False), make_batch(rows[2:], cfg, model, train=False)]
-    # simulate worker 0: its own tensors plus worker 1's, concatenated in rank order
-    with torch.no_grad():
-        other = {}
+@pytest.mark.parametrize("over", [{}, {"model.ac_branch": True, "model.ac_fusion": True, "model.ac_augment": True,
+                                       "model.learn_level_weights": True}])
+def test_sharded_loss_is_the_global_batch_loss(tiny_text_dir, over):
+    """Two simulated workers (threads sharing one autograd graph, gathering each other's texts): the mean of their
+    losses is the loss of the whole batch at every level, each worker scored only its own audio rows, and the
+    gradient DDP would apply (the mean of the workers' gradients) is the whole-batch gradient."""
+    from model_helpers import ThreadGather
 
-        def capture(x):
-            other.setdefault("q", []).append(x)
-            return x
-        model(**halves[1].forward_kwargs(), gather=capture)
-        queue = list(other["q"])
+    cfg, model, _ = _setup(tiny_text_dir, **over)
+    model.eval()  # no dropout: the two computations must see the same network
+    # one caption per clip and exactly the target frames: training batches without any random choice
+    rows = tiny_rows(6, n_frames=n_target_frames(cfg), captions_per_clip=1, generated=True)
+    whole = make_batch(rows, cfg, model, train=True, generator=torch.Generator())
+    halves = [make_batch(rows[:3], cfg, model, train=True, generator=torch.Generator()),
+              make_batch(rows[3:], cfg, model, train=True, generator=torch.Generator())]
+    params = [p for p in model.parameters() if p.requires_grad]
 
-        def gather(x):
-            return torch.cat([x, queue.pop(0)])
-        loss_g = model(**halves[0].forward_kwargs(), gather=gather).losses["total"]
-        loss_w = model(**whole.forward_kwargs()).losses["total"]
-    torch.testing.assert_close(loss_g, loss_w, atol=1e-5, rtol=1e-5)
+    ref = model(**whole.forward_kwargs()).losses
+    ref_grad = torch.autograd.grad(ref["total"], params, allow_unused=True)
+    outs = ThreadGather(2).run(lambda r, g: model(**halves[r].forward_kwargs(), gather=g))
+    assert [tuple(o.scores.fused.shape) for o in outs] == [(3, len(whole.text))] * 2  # own rows x global texts
+    for name, value in ref.items():
+        torch.testing.assert_close((outs[0].losses[name] + outs[1].losses[name]) / 2, value, atol=1e-5, rtol=1e-5)
+    assert abs(outs[0].losses["total"].item() - ref["total"].item()) > 1e-3  # a worker alone is not the global loss
+    objective = (outs[0].losses["total"] + outs[1].losses["total"]) / 2  # what DDP's gradient averaging applies
+    got_grad = torch.autograd.grad(objective, params, allow_unused=True)
+    for p, a, b in zip(params, got_grad, ref_grad):
+        if b is None:
+            assert a is None or torch.all(a == 0)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_embed_split_covers_all_captions(tiny_text_dir):

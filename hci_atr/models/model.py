@@ -277,16 +277,17 @@ class HciAtrModel(nn.Module):
 
         mel [B_a, T, M], mel_mask [B_a, T]; text: B_t captions; audio_keys [B_a], text_keys [B_t] (float64 clip
         identities: equal keys are positives); pair_weight [B_t]. ``gather`` all-gathers a tensor across workers
-        with gradient: the loss is then the global-batch loss (every worker computes the same value).
+        with gradient: the texts of every worker are gathered, this worker's audio is scored against all of them,
+        and the losses are this worker's share of the global-batch loss times the number of workers (their mean
+        over workers is the global loss; see :func:`hci_atr.losses.sharded_info_nce`). ``scores`` are then
+        ``[B_a local, B_t global]``.
         """
         a = self.encode_audio(mel, mel_mask, aux, aux_mask)
         t = self.encode_text(text)
         if pair_weight is None:
             pair_weight = torch.ones(len(t), device=t.sentence.device)
         if gather is not None:
-            a = _gather_audio(a, gather)
-            t, pair_weight = _gather_text(t, pair_weight, gather)
-            audio_keys, text_keys = gather(audio_keys), gather(text_keys)  # float64: exact, gathered apart
+            t, pair_weight, text_keys = _gather_text(t, pair_weight, text_keys, gather)
         scores = self.score(a, t)
         pos = positives_mask(audio_keys, text_keys)
         levels = dict(scores.levels)
@@ -297,7 +298,7 @@ class HciAtrModel(nn.Module):
         if self.cfg.model.learn_level_weights:  # the learnt mixture is trained through the fused score
             levels["fused"] = scores.fused
             weights["fused"] = 1.0
-        return LossOutput(hierarchical_loss(levels, pos, self.temps, weights, pair_weight), scores)
+        return LossOutput(hierarchical_loss(levels, pos, self.temps, weights, pair_weight, gather), scores)
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
@@ -352,33 +353,37 @@ class HciAtrModel(nn.Module):
         return model.to(map_location).eval()
 
 
-def _gather_packed(gather: Gather, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+def _gather_packed(gather: Gather, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """All-gather several ``[B, ...]`` tensors (same B) in ONE collective: flatten each to ``[B, k]`` float32,
     concatenate, gather ``[world * B, sum k]``, split back. One call instead of one per tensor matters: on CPU each
-    collective has a fixed cost that, per step, outweighs the compute it is there to share. Bool masks travel as
-    0/1 and come back bool; gradients flow through the concatenation into the gather. ``None`` stays ``None``.
-    (float64 clip keys are NOT packed: float32 would round them; see ``forward``.)"""
-    present = [(i, x) for i, x in enumerate(tensors) if x is not None]
-    if not present:
-        return list(tensors)
-    flat = [x.to(torch.float32).reshape(x.shape[0], -1) for _, x in present]
+    collective has a fixed cost. Bool masks travel as 0/1 and come back bool; gradients flow through the
+    concatenation into the gather. (float64 keys must be split first: see :func:`_split_key`.)"""
+    flat = [x.to(torch.float32).reshape(x.shape[0], -1) for x in tensors]
     out = gather(torch.cat(flat, dim=1))  # [world * B, sum k]
-    res: list[torch.Tensor | None] = [None] * len(tensors)
-    for (i, x), part in zip(present, torch.split(out, [f.shape[1] for f in flat], dim=1)):
+    res = []
+    for x, part in zip(tensors, torch.split(out, [f.shape[1] for f in flat], dim=1)):
         y = part.reshape(-1, *x.shape[1:])
-        res[i] = y > 0.5 if x.dtype == torch.bool else y.to(x.dtype)
+        res.append(y > 0.5 if x.dtype == torch.bool else y.to(x.dtype))
     return res
 
 
-def _gather_audio(a: AudioEmbeddings, gather: Gather) -> AudioEmbeddings:
-    return AudioEmbeddings(*_gather_packed(gather, [a.clip, a.segments, a.segment_mask.to(torch.bool), a.frames,
-                                                    a.frame_mask.to(torch.bool), a.aux_sentence,
-                                                    None if a.aux_mask is None else a.aux_mask.to(torch.bool)]))
+_KEY_HALF = float(1 << 24)  # clip keys are < 2**48 (training.audio_key): two float32-exact 24-bit halves
 
 
-def _gather_text(t: TextEmbeddings, pair_weight: torch.Tensor, gather: Gather) -> tuple[TextEmbeddings, torch.Tensor]:
-    *fields, weight = _gather_packed(gather, [t.sentence, t.phrases, t.phrase_mask.to(torch.bool), t.words,
-                                              t.word_mask.to(torch.bool), pair_weight])
-    return TextEmbeddings(*fields), weight
+def _split_key(keys: torch.Tensor) -> torch.Tensor:
+    """float64 keys [B] -> [B, 2] (high, low 24 bits), each exact in float32."""
+    hi = torch.floor(keys / _KEY_HALF)
+    return torch.stack([hi, keys - hi * _KEY_HALF], dim=1)
 
 
+def _join_key(halves: torch.Tensor) -> torch.Tensor:
+    h = halves.to(torch.float64)
+    return h[:, 0] * _KEY_HALF + h[:, 1]
+
+
+def _gather_text(t: TextEmbeddings, pair_weight: torch.Tensor, keys: torch.Tensor, gather: Gather
+                 ) -> tuple[TextEmbeddings, torch.Tensor, torch.Tensor]:
+    """Every worker's texts (embeddings, masks, pair weights, clip keys) in rank order: one collective."""
+    *fields, weight, halves = _gather_packed(gather, [t.sentence, t.phrases, t.phrase_mask.to(torch.bool), t.words,
+                                                      t.word_mask.to(torch.bool), pair_weight, _split_key(keys)])
+    return TextEmbeddings(*fields), weight, _join_key(halves)
