@@ -6,7 +6,9 @@ Makes a demo set, extracts features (Ray Data), then measures samples/s of the t
 checkpoint upload and validation excluded: ``epoch_seconds`` covers ``train_epoch`` over the shard, and the plain
 loop is timed the same way), first epoch dropped as warm-up. Torch intra-op threads: the plain loop and the 1-worker
 run use all cores; with N workers each gets cores // N threads (what ``hci-atr train`` does), so 2 workers on 2 cores
-cannot beat 1 worker that already uses both cores unless the per-batch work does not scale with threads.
+cannot beat 1 worker that already uses both cores unless the per-batch work does not scale with threads. A third Ray
+run pins 1 worker to 1 thread (one CPU per worker, Ray's resource model): 2 workers vs that is the like-for-like
+scaling step, which is what adding machines or GPUs gives.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-all-gather", action="store_true", help="local negatives only (to see what the gather costs)")
+    ap.add_argument("--freeze-text", action="store_true",
+                    help="keep the text transformer fixed (the default config's model.freeze_text); without it the "
+                         "2-layer BERT trains, and its 2M-parameter word-embedding table dominates the gradient "
+                         "all-reduce and the optimizer step")
     args = ap.parse_args()
 
     import ray
@@ -57,7 +63,7 @@ def main() -> None:
     def cfg(workers: int) -> Config:
         return Config().override({
             "audio.sample_rate": 16000, "audio.duration": 2.0, "audio.n_mels": 32,
-            "model.text_encoder": str(work / "text"), "model.freeze_text": False, "model.audio_width": 16,
+            "model.text_encoder": str(work / "text"), "model.freeze_text": args.freeze_text, "model.audio_width": 16,
             "model.embed_dim": 64, "train.epochs": args.epochs, "train.batch_size": args.batch_size // workers,
             "train.num_workers": workers, "train.storage_path": str(work / "runs"),
             "train.run_name": f"w{workers}", "train.registered_model": "bench",
@@ -82,18 +88,24 @@ def main() -> None:
         results[name] = sum(n for _, n in steady) / sum(t for t, _ in steady)
     torch.set_num_threads(cores)
 
-    for workers in (1, 2):
-        res = train(cfg(workers), work / "feats", tracking_uri=f"sqlite:///{work / 'mlflow.db'}", register=False,
-                    log_examples=False)
+    # hci-atr train's default threads (cores // workers), and 1 worker pinned to 1 thread: Ray's own resource model
+    # (one CPU per worker), the base against which adding a second 1-CPU worker is a like-for-like scaling step
+    for name, workers, threads in (("ray_1w", 1, None), ("ray_1w_1thread", 1, 1), ("ray_2w", 2, None)):
+        c = cfg(workers).override({"train.run_name": name})
+        res = train(c, work / "feats", tracking_uri=f"sqlite:///{work / 'mlflow.db'}", register=False,
+                    log_examples=False, torch_threads=threads)
         hist = res.history[1:] or res.history
         samples = sum(h["batches"] * args.batch_size for h in hist)  # batches per worker x global batch
-        results[f"ray_{workers}w"] = samples / sum(h["epoch_seconds"] for h in hist)
+        results[name] = samples / sum(h["epoch_seconds"] for h in hist)
 
     out = {"samples_per_s": {k: round(v, 2) for k, v in results.items()},
            "ray_1w_over_plain": round(results["ray_1w"] / results["plain"], 3),
            "ray_2w_over_1w": round(results["ray_2w"] / results["ray_1w"], 3),
+           "ray_2w_over_1w_1thread": round(results["ray_2w"] / results["ray_1w_1thread"], 3),
+           "ray_1w_1thread_over_plain_1thread": round(results["ray_1w_1thread"] / results["plain_1thread"], 3),
            "plain_over_plain_1thread": round(results["plain"] / results["plain_1thread"], 3),
-           "train_rows": len(rows), "global_batch": args.batch_size, "cores": cores}
+           "train_rows": len(rows), "global_batch": args.batch_size, "cores": cores,
+           "trainable_params": sum(p.numel() for p in HciAtrModel(cfg(1)).parameters() if p.requires_grad)}
     print(json.dumps(out, indent=1))
 
 

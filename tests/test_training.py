@@ -126,3 +126,22 @@ def test_train_refuses_a_missing_panns_checkpoint_before_starting_ray(tmp_path):
     cfg = Config().override({"model.audio_encoder": "cnn14", "model.audio_checkpoint": str(tmp_path / "nope.pth")})
     with pytest.raises(ConfigError, match="audio_checkpoint.*not a file"):
         train(cfg, tmp_path / "features")
+
+
+@pytest.mark.parametrize("over", [
+    {},
+    {"model.use_clip": False},
+    {"model.use_segment": False, "model.use_frame": False},
+    {"model.ac_fusion": True, "model.ac_branch": True, "model.ac_augment": True, "model.learn_level_weights": True},
+    {"model.ac_branch": True, "model.use_clip": False},
+])
+def test_every_trainable_parameter_gets_a_gradient(tiny_text_dir, over):
+    """What lets DDP run without find_unused_parameters: whatever the switches, a training step reaches every
+    parameter left trainable (switched-off parts and the text transformer's pooler head are frozen)."""
+    cfg, model, _ = _setup(tiny_text_dir, **{"model.freeze_text": False, **over})
+    batch = make_batch(tiny_rows(4, generated=True), cfg, model, train=True, generator=torch.Generator().manual_seed(0))
+    model(**batch.forward_kwargs()).losses["total"].backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("text.transformer.") for n in trainable)
+    assert not any(".pooler." in n for n in trainable)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -297,9 +297,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt_state = state["optimizer"]
     core = model
     # DDP (world > 1): gradients averaged over workers during backward; the model calls forward() through it.
-    # find_unused_parameters: parts a config leaves unused (e.g. the HF text pooler when the text encoder trains)
-    # get no gradient; DDP must not wait for them.
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    # No find_unused_parameters search: every parameter a config leaves trainable gets a gradient each step (the
+    # model freezes switched-off parts and the text pooler; tests/test_training.py checks every switch).
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     params = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     if opt_state is not None:

@@ -103,6 +103,10 @@ class TextEncoder(nn.Module):
         if freeze:
             for p in self.transformer.parameters():
                 p.requires_grad_(False)
+        # the sentence is the masked mean of the pieces: a pooler head (BERT's [CLS] dense layer) never reaches a
+        # loss, so it stays fixed (no trainable parameter without a gradient: DDP needs no unused-parameter search)
+        for p in (getattr(self.transformer, "pooler", None) or nn.Identity()).parameters():
+            p.requires_grad_(False)
         self.proj = nn.Linear(self.hidden_dim, out_dim) if out_dim else nn.Identity()
 
     def train(self, mode: bool = True):
