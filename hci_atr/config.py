@@ -116,6 +116,15 @@ class ServeConfig:
     max_replicas: int = 2
     target_ongoing_requests: float = 4.0
     retrieve_k: int = 50  # clip-level candidates reranked by the full score
+    # stage-1 scan over all clip embeddings: "auto" (FAISS exact if installed, else numpy) | "numpy" | "faiss"
+    # (exact, float32) | "faiss-fp16" (every clip, vectors held in float16: scores within ~1e-3 of exact) |
+    # "ivf" (FAISS inverted lists: APPROXIMATE, visits ivf_nprobe of ivf_nlist lists; a true top hit can be missed)
+    scan: str = "auto"
+    ivf_nlist: int = 0  # lists of the "ivf" scan; 0 = 4 * sqrt(N) (at most N / 39, at least 1)
+    ivf_nprobe: int = 32  # lists visited per query by the "ivf" scan
+    threads: int = 1  # intra-op threads (torch + FAISS) of each replica; 0 leaves the libraries' defaults
+    batch_search: bool = True  # a @serve.batch of text queries shares one encode and one scan (else: the encode)
+    index_unit_dtype: str = "float16"  # how `hci-atr index` stores segment/frame embeddings: float16 | float32
     max_top_k: int = 100
     max_upload_bytes: int = 10 * 1024 * 1024
     max_audio_seconds: float = 60.0

@@ -8,14 +8,25 @@ into place only when complete, so a reader never sees a half-written index)::
       clip.npy             float32 [N, D]   clip-level embeddings, L2-normalised (the first, exact-scan stage)
       audio/<field>.npy    every tensor of the model's AudioEmbeddings for all N clips, stacked on axis 0
                            (e.g. segments [N, S, D] + segment mask [N, S], frames [N, T', D] + frame mask [N, T'],
-                           generated-caption embeddings when AC is on); what reranking with the full score needs
+                           generated-caption embeddings when AC is on); what reranking with the full score needs.
+                           Unit-level tensors (3 or more axes: segments, frames) are stored in ``unit_dtype``
+                           (manifest; float16 by default, float32 on request), everything else as computed
+                           (per-clip vectors float32, masks bool); reading casts them back to float32
       metadata.parquet     one row per clip: id, path, duration, split, captions (list<string>), generated_caption
       captions.parquet     one row per caption text: caption_idx, audio_id, text, source ("reference"|"generated")
       caption_emb.npy      float32 [C, D]   sentence embeddings of captions.parquet's texts, L2-normalised
                            (the first stage of audio -> text search)
 
-Row i of clip.npy, of every audio/*.npy and of metadata.parquet describe the same clip. The stored AudioEmbeddings are
-rebuilt for any subset of rows with :meth:`Index.audio_embeddings`, so the model's own ``score`` runs on them
+Row i of clip.npy, of every audio/*.npy and of metadata.parquet describe the same clip. Every array is a plain ``.npy``
+file opened memory-mapped, so a loaded index costs RAM only for the clip matrix, the metadata and the rows a query
+touches: at 100k clips of the default 5 s setup (S = 15 segments, T' = 62 frames, D = 256) the segment + frame
+tensors are 3.9 GB in float16 (7.9 GB in float32), on disk and in the page cache, not in the process's own memory. :class:`IndexWriter` writes
+an index batch by batch in bounded memory (one batch, the clip matrix and the caption texts).
+
+Versions: 2 (this one) added ``unit_dtype``; version-1 indexes (all float32) load unchanged. Code that reads only
+version 1 refuses a version-2 index with a one-line "rebuild" error instead of scoring float16 tensors.
+
+The stored AudioEmbeddings are rebuilt for any subset of rows with :meth:`Index.audio_embeddings`, so the model's own ``score`` runs on them
 unchanged. The structure is recorded generically (class name + field -> array file), so the index does not hard-code
 the model's field names; classes are only ever re-imported from inside the ``hci_atr`` package.
 """
@@ -41,7 +52,9 @@ from hci_atr.config import replace_dir
 from hci_atr.errors import DataError
 
 INDEX_FORMAT = "hci-atr-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+UNIT_DTYPES = ("float16", "float32")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a")
 
 
@@ -368,75 +381,206 @@ def _wave_duration(path: str) -> float:
         return float("nan")
 
 
+def _stored(arr: np.ndarray, unit_dtype: str) -> np.ndarray:
+    """How an AudioEmbeddings array is stored: unit-level float tensors (3+ axes) in ``unit_dtype``, other float
+    arrays float32, everything else (masks) as it is."""
+    arr = np.asarray(arr)
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.ascontiguousarray(arr, dtype=unit_dtype if arr.ndim >= 3 else np.float32)
+    return np.ascontiguousarray(arr)
+
+
+def _check_unit_dtype(unit_dtype: str) -> str:
+    if unit_dtype not in UNIT_DTYPES:
+        from hci_atr.errors import ConfigError
+
+        raise ConfigError(f"index unit dtype {unit_dtype!r} is not one of {', '.join(UNIT_DTYPES)}; set "
+                          "serve.index_unit_dtype to float16 or float32")
+    return unit_dtype
+
+
+class IndexWriter:
+    """Write an index directory batch by batch, in bounded memory, atomically.
+
+    Each :meth:`add` stores one batch of embedded clips as chunk files inside a temporary sibling directory;
+    :meth:`close` joins the chunks into the final memory-mappable ``.npy`` files (zero-padding unit axes to the
+    largest batch, as :func:`_stack_padded` does), embeds the caption texts (each distinct text once) and renames the
+    directory into place (an existing index is replaced). Memory: one batch, the clip matrix [N, D], the items and
+    caption texts. Used as a context manager, an exception discards the partial directory::
+
+        with IndexWriter(out, model) as w:
+            for spec, arrays, items in batches:
+                w.add(spec, arrays, items)
+        # closed on a clean exit; w.path is the index
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, model: Any, model_dir: str | None = None,
+                 extra: dict | None = None, device: str = "cpu", unit_dtype: str = "float16"):
+        self.out = Path(out_dir)
+        self.model = model
+        self.cfg = model_config(model)
+        self.model_dir = model_dir
+        self.extra = dict(extra or {})
+        self.device = device
+        self.unit_dtype = _check_unit_dtype(unit_dtype)
+        self.spec: dict | None = None
+        self.items: list[IndexItem] = []
+        self._clip: list[np.ndarray] = []
+        self._chunks: dict[str, list[Path]] = {}
+        self.path: Path | None = None
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        (self.tmp / "chunks").mkdir()
+
+    def __enter__(self) -> "IndexWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if self.path is None:
+                self.close()
+        else:
+            self.abort()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, spec: dict, arrays: dict[str, np.ndarray], items: Sequence[IndexItem]) -> None:
+        """One batch: the stored AudioEmbeddings (``flatten_outputs`` of the model output) of ``items``, same order."""
+        b = len(items)
+        if b == 0:
+            return
+        if self.spec is None:
+            self.spec = spec
+            _clip_field(spec)
+        elif spec != self.spec:
+            raise DataError(f"{self.out}: a batch's embeddings have a different structure than the first batch's; "
+                            "embed the whole collection with one model")
+        if set(arrays) != set(self._chunks or arrays):
+            raise DataError(f"{self.out}: a batch has fields {sorted(arrays)}, the first had {sorted(self._chunks)}")
+        bad = [k for k, v in arrays.items() if np.shape(v)[0] != b]
+        if bad:
+            raise DataError(f"{self.out}: embeddings {bad} do not have one row per clip of the batch ({b})")
+        self._clip.append(l2_normalize(arrays[_clip_field(spec)]))
+        for i, name in enumerate(sorted(arrays)):
+            path = self.tmp / "chunks" / f"{i:02d}.{len(self._chunks.get(name, [])):07d}.npy"
+            np.save(path, _stored(arrays[name], self.unit_dtype))
+            self._chunks.setdefault(name, []).append(path)
+        self.items.extend(items)
+
+    def _join(self, chunks: list[Path], dest: Path) -> None:
+        if len(chunks) == 1:
+            os.replace(chunks[0], dest)
+            return
+        parts = [np.load(c, mmap_mode="r") for c in chunks]
+        ndim = parts[0].ndim
+        target = tuple(max(p.shape[d] for p in parts) for d in range(1, ndim))
+        # a new file reads as zeros, so the padding of a smaller chunk is zeros (= masked out, as _stack_padded)
+        out = np.lib.format.open_memmap(dest, mode="w+", dtype=parts[0].dtype, shape=(len(self.items), *target))
+        r = 0
+        for p in parts:
+            out[(slice(r, r + p.shape[0]),) + tuple(slice(0, s) for s in p.shape[1:])] = p
+            r += p.shape[0]
+        out.flush()
+        del out, parts
+
+    def close(self) -> Path:
+        """Finish the index and rename it into place; returns its path."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            n = len(self.items)
+            if n == 0 or self.spec is None:
+                raise DataError(f"{self.out}: nothing to index (no clip was added)")
+            clip = np.concatenate(self._clip, axis=0)
+            self._clip = []
+            items = self.items
+            cap_rows = {"caption_idx": [], "audio_id": [], "text": [], "source": []}
+            for it in items:
+                for c in it.captions:
+                    cap_rows["audio_id"].append(it.audio_id), cap_rows["text"].append(c)
+                    cap_rows["source"].append("reference")
+                if it.generated_caption:
+                    cap_rows["audio_id"].append(it.audio_id), cap_rows["text"].append(it.generated_caption)
+                    cap_rows["source"].append("generated")
+            cap_rows["caption_idx"] = list(range(len(cap_rows["text"])))
+            if cap_rows["text"]:  # each distinct text once (references and generated captions repeat)
+                distinct, inverse = np.unique(np.asarray(cap_rows["text"], dtype=object), return_inverse=True)
+                cap_emb = embed_texts(self.model, [str(t) for t in distinct], device=self.device)[inverse]
+            else:
+                cap_emb = np.zeros((0, clip.shape[1]), dtype=np.float32)
+
+            tmp = self.tmp
+            np.save(tmp / "clip.npy", clip.astype(np.float32))
+            (tmp / "audio").mkdir()
+            files = {}
+            for i, name in enumerate(sorted(self._chunks)):
+                fname = f"audio/{i:02d}_{name.replace('/', '_')}.npy"
+                self._join(self._chunks[name], tmp / fname)
+                files[name] = fname
+            shutil.rmtree(tmp / "chunks", ignore_errors=True)
+            meta = pa.table({
+                "id": pa.array([it.audio_id for it in items], pa.string()),
+                "path": pa.array([it.audio_path for it in items], pa.string()),
+                "duration": pa.array(_durations(items), pa.float32()),
+                "split": pa.array([it.split for it in items], pa.string()),
+                "captions": pa.array([list(it.captions) for it in items], pa.list_(pa.string())),
+                "generated_caption": pa.array([it.generated_caption for it in items], pa.string()),
+            })
+            pq.write_table(meta, tmp / "metadata.parquet")
+            pq.write_table(pa.table({
+                "caption_idx": pa.array(cap_rows["caption_idx"], pa.int64()),
+                "audio_id": pa.array(cap_rows["audio_id"], pa.string()),
+                "text": pa.array(cap_rows["text"], pa.string()),
+                "source": pa.array(cap_rows["source"], pa.string()),
+            }), tmp / "captions.parquet")
+            np.save(tmp / "caption_emb.npy", cap_emb.astype(np.float32))
+            manifest = {
+                "format": INDEX_FORMAT, "version": INDEX_VERSION, "n_clips": n, "embed_dim": int(clip.shape[1]),
+                "n_captions": len(cap_rows["text"]), "clip_field": _clip_field(self.spec), "structure": self.spec,
+                "files": files, "unit_dtype": self.unit_dtype,
+                "model_dir": str(self.model_dir) if self.model_dir else None, "config": self.cfg.to_dict(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.extra,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            self.path = replace_dir(tmp, self.out)
+            return self.path
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Discard the partial directory (nothing at ``out`` changes)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _durations(items: Sequence[IndexItem]) -> list[float]:
+    """Seconds of each item's file (NaN when unreadable); a path shared by several items is read once."""
+    seen: dict[str, float] = {}
+    for it in items:
+        if it.audio_path not in seen:
+            seen[it.audio_path] = _wave_duration(it.audio_path)
+    return [seen[it.audio_path] for it in items]
+
+
 def write_index(out_dir: str | os.PathLike, model: Any, spec: dict, arrays: dict[str, np.ndarray],
                 items: Sequence[IndexItem], model_dir: str | None = None, extra: dict | None = None,
-                device: str = "cpu") -> Path:
+                device: str = "cpu", unit_dtype: str = "float16") -> Path:
     """Write an index directory atomically (temporary sibling, then rename; an existing index is replaced).
 
     ``spec``/``arrays``: the stored AudioEmbeddings for ``items`` in the same row order (see :func:`embed_items`).
-    Caption sentence embeddings (references + generated) are computed here with ``model``.
+    Caption sentence embeddings (references + generated) are computed here with ``model``. For collections that do
+    not fit in memory, add batches to an :class:`IndexWriter` instead.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     n = len(items)
     clip_key = _clip_field(spec)
     if n == 0 or clip_key not in arrays or arrays[clip_key].shape[0] != n:
         raise DataError(f"{out}: nothing to index (or embeddings do not match the {n} clips)")
-    cfg = model_config(model)
-    clip = l2_normalize(arrays[clip_key])
-
-    cap_rows = {"caption_idx": [], "audio_id": [], "text": [], "source": []}
-    for it in items:
-        for c in it.captions:
-            cap_rows["audio_id"].append(it.audio_id), cap_rows["text"].append(c)
-            cap_rows["source"].append("reference")
-        if it.generated_caption:
-            cap_rows["audio_id"].append(it.audio_id), cap_rows["text"].append(it.generated_caption)
-            cap_rows["source"].append("generated")
-    cap_rows["caption_idx"] = list(range(len(cap_rows["text"])))
-    cap_emb = embed_texts(model, cap_rows["text"], device=device) if cap_rows["text"] else \
-        np.zeros((0, clip.shape[1]), dtype=np.float32)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        np.save(tmp / "clip.npy", clip.astype(np.float32))
-        (tmp / "audio").mkdir()
-        files = {}
-        for i, (name, arr) in enumerate(sorted(arrays.items())):
-            fname = f"audio/{i:02d}_{name.replace('/', '_')}.npy"
-            np.save(tmp / fname, np.ascontiguousarray(arr))
-            files[name] = fname
-        meta = pa.table({
-            "id": pa.array([it.audio_id for it in items], pa.string()),
-            "path": pa.array([it.audio_path for it in items], pa.string()),
-            "duration": pa.array([_wave_duration(it.audio_path) for it in items], pa.float32()),
-            "split": pa.array([it.split for it in items], pa.string()),
-            "captions": pa.array([list(it.captions) for it in items], pa.list_(pa.string())),
-            "generated_caption": pa.array([it.generated_caption for it in items], pa.string()),
-        })
-        pq.write_table(meta, tmp / "metadata.parquet")
-        pq.write_table(pa.table({
-            "caption_idx": pa.array(cap_rows["caption_idx"], pa.int64()),
-            "audio_id": pa.array(cap_rows["audio_id"], pa.string()),
-            "text": pa.array(cap_rows["text"], pa.string()),
-            "source": pa.array(cap_rows["source"], pa.string()),
-        }), tmp / "captions.parquet")
-        np.save(tmp / "caption_emb.npy", cap_emb.astype(np.float32))
-        manifest = {
-            "format": INDEX_FORMAT, "version": INDEX_VERSION, "n_clips": n, "embed_dim": int(clip.shape[1]),
-            "n_captions": len(cap_rows["text"]), "clip_field": clip_key, "structure": spec, "files": files,
-            "model_dir": str(model_dir) if model_dir else None, "config": cfg.to_dict(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    with IndexWriter(out, model, model_dir=model_dir, extra=extra, device=device, unit_dtype=unit_dtype) as w:
+        w.add(spec, arrays, items)
+    return w.path
 
 
 def _clip_field(spec: dict) -> str:
@@ -444,6 +588,12 @@ def _clip_field(spec: dict) -> str:
     if "clip" in fields and "__array__" in fields["clip"]:
         return fields["clip"]["__array__"]
     raise DataError("model's AudioEmbeddings has no per-clip 'clip' tensor; cannot build a clip-level index")
+
+
+def _computed(arr: np.ndarray) -> np.ndarray:
+    """Stored rows -> what the model computes with (float16 unit tensors back to float32)."""
+    arr = np.asarray(arr)
+    return arr.astype(np.float32) if arr.dtype == np.float16 else arr
 
 
 class Index:
@@ -476,9 +626,10 @@ class Index:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{mf}: not valid JSON ({e}); rebuild the index") from None
-        if manifest.get("format") != INDEX_FORMAT or manifest.get("version") != INDEX_VERSION:
+        if manifest.get("format") != INDEX_FORMAT or manifest.get("version") not in READABLE_VERSIONS:
+            readable = ", ".join(f"v{v}" for v in READABLE_VERSIONS)
             raise DataError(f"{mf}: format {manifest.get('format')} v{manifest.get('version')} is not "
-                            f"{INDEX_FORMAT} v{INDEX_VERSION}; rebuild the index with this version")
+                            f"{INDEX_FORMAT} {readable}; rebuild the index with this version (`hci-atr index`)")
         mode = "r" if mmap else None
         try:
             clip = np.load(p / "clip.npy", mmap_mode=mode)
@@ -496,7 +647,7 @@ class Index:
     def audio_embeddings(self, rows: Sequence[int] | np.ndarray, device: str = "cpu") -> Any:
         """The model's AudioEmbeddings for the given rows (batch axis in the given order)."""
         rows = np.asarray(rows, dtype=np.int64)
-        selected = {k: np.asarray(a[rows]) for k, a in self.audio.items()}
+        selected = {k: _computed(a[rows]) for k, a in self.audio.items()}
         return unflatten_outputs(self.manifest["structure"], selected, device)
 
     def meta(self, row: int) -> dict:

@@ -2,7 +2,9 @@
 
 Stage 1 (retrieve): the query's sentence embedding against every clip-level embedding — one exact float32 matmul and
 an ``argpartition`` for the top ``retrieve_k`` (FAISS's exact inner-product index is used instead when the library
-happens to be installed; results are the same). Stage 2 (rerank): the model's full fused score (clip + segment + frame
+is installed: ``pip install 'hci-atr[faiss]'``; results are the same). Opt-in scans for large indexes
+(``scan_backend``, ``serve.scan``): ``faiss-fp16`` (every clip, vectors held in float16; scores within ~1e-3) and
+``ivf`` (inverted lists; APPROXIMATE: a true top clip can be missed). Stage 2 (rerank): the model's full fused score (clip + segment + frame
 levels, plus the AC branch when on) on those K candidates only, from the segment/frame/generated-caption embeddings
 stored in the index. Why two stages: the full score needs token-level interaction and costs O(K) model work, while
 the clip level is one matrix product over the whole collection.
@@ -11,12 +13,14 @@ Usage::
 
     r = Retriever.from_pretrained("hci_atr_runs/models/hci_ac", "hci_atr_runs/index")
     hits = r.search_text("a dog barks while birds sing", top_k=10)
-    hits.timings  # {"encode_ms": ..., "retrieve_ms": ..., "rerank_ms": ..., "total_ms": ...}
+    hits.timings  # {"encode_ms": ..., "retrieve_ms": ..., "rerank_ms": ..., "hits_ms": ..., "total_ms": ...}
+    many = r.search_text_batch(["rain on a roof", "a car passes"], top_k=10)  # one encode + one scan for both
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hci_atr.errors import AudioError, ModelLoadError, RequestError
+from hci_atr.errors import AudioError, ConfigError, ModelLoadError, RequestError
 from hci_atr.index import (Index, decode_audio_bytes, embed_audio_batch, l2_normalize, mel_from_wave, model_config,
                            _to_device)
 
@@ -81,28 +85,97 @@ def top_k_exact(matrix: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarr
     return rows.astype(np.int64), np.take_along_axis(part_scores, order, axis=1)
 
 
-class _Scanner:
-    """Stage-1 scanner over a fixed matrix: FAISS flat inner-product index if installed, else numpy."""
+SCAN_BACKENDS = ("auto", "numpy", "faiss", "faiss-fp16", "ivf")
 
-    def __init__(self, matrix: np.ndarray, backend: str = "auto"):
-        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+
+def set_threads(n: int) -> None:
+    """Intra-op threads of torch, FAISS and the BLAS numpy uses, for this process (``n <= 0``: leave them).
+
+    Why: on a small shared machine, a replica whose libraries each start one thread per core contends with itself and
+    with its neighbours; one thread per replica measured several times faster per query here (BENCHMARKS.md).
+    """
+    if n <= 0:
+        return
+    import torch
+
+    torch.set_num_threads(int(n))
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(int(n))
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(int(n))
+    except ImportError:
+        pass
+
+
+class _Scanner:
+    """Stage-1 scanner over a fixed matrix [N, D] of L2-normalised rows; ``search(queries [Q, D], k)``.
+
+    Backends: ``numpy`` (exact matmul + argpartition), ``faiss`` (exact flat inner product, same rows as numpy),
+    ``faiss-fp16`` (every row, but held in float16: scores within ~1e-3 of exact, so near-ties can swap),
+    ``ivf`` (FAISS inverted lists, APPROXIMATE: only ``nprobe`` of ``nlist`` k-means cells are visited, so a true top
+    row can be missed, and fewer than k rows can come back: such slots have row -1), ``auto`` (``faiss`` when the
+    library is installed, else ``numpy``).
+    """
+
+    def __init__(self, matrix: np.ndarray, backend: str = "auto", nlist: int = 0, nprobe: int = 32, seed: int = 0):
+        if backend not in SCAN_BACKENDS:
+            raise ConfigError(f"scan backend {backend!r} is not one of {', '.join(SCAN_BACKENDS)}; set serve.scan")
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.n, self.dim = int(matrix.shape[0]), int(matrix.shape[1]) if matrix.ndim == 2 else 0
+        self.matrix: np.ndarray | None = matrix
         self.faiss_index = None
         self.backend = "numpy"
-        if backend in ("auto", "faiss") and len(self.matrix):
-            try:
-                import faiss  # optional; exact search, same results as numpy
-
-                self.faiss_index = faiss.IndexFlatIP(self.matrix.shape[1])
-                self.faiss_index.add(self.matrix)
-                self.backend = "faiss"
-            except ImportError:
-                if backend == "faiss":
-                    raise ModelLoadError("scan backend 'faiss' requested but faiss is not installed") from None
+        self.exact = True
+        self.nlist = 0
+        if backend == "numpy" or self.n == 0:
+            return
+        try:
+            import faiss
+        except ImportError:
+            if backend == "auto":
+                return
+            raise ModelLoadError(f"scan backend {backend!r} needs FAISS, which is not installed; "
+                                 "pip install 'hci-atr[faiss]' or set serve.scan to numpy") from None
+        d = self.dim
+        if backend in ("auto", "faiss"):
+            index = faiss.IndexFlatIP(d)
+            self.backend = "faiss"
+        elif backend == "faiss-fp16":
+            index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            self.backend, self.exact = "faiss-fp16", False
+        else:
+            # default: 4 * sqrt(N) lists, but at least 39 rows per list (less and FAISS's k-means warns)
+            auto = max(1, min(int(round(4 * math.sqrt(self.n))), self.n // 39))
+            self.nlist = min(self.n, int(nlist) if nlist > 0 else auto)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = int(seed)
+            # k-means on at most 64 rows per list (FAISS's own rule of thumb; more only costs start-up time)
+            sample = matrix
+            if self.n > 64 * self.nlist:
+                sample = matrix[np.sort(np.random.default_rng(seed).choice(self.n, 64 * self.nlist, replace=False))]
+            index.train(np.ascontiguousarray(sample))
+            index.nprobe = max(1, min(int(nprobe), self.nlist))
+            self.backend, self.exact = "ivf", False
+        if not index.is_trained:
+            index.train(matrix)
+        index.add(matrix)
+        self.faiss_index = index
+        self.matrix = None  # FAISS holds its own copy (half of it for fp16)
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """query [D] or [Q, D] -> (rows [Q, k'], scores [Q, k']) best first, k' = min(k, N)."""
         if self.faiss_index is not None:
-            k = min(int(k), self.matrix.shape[0])
-            scores, rows = self.faiss_index.search(np.atleast_2d(query).astype(np.float32), k)
+            q = np.ascontiguousarray(np.atleast_2d(query), dtype=np.float32)
+            k = max(0, min(int(k), self.n))
+            if k == 0:
+                return np.zeros((q.shape[0], 0), np.int64), np.zeros((q.shape[0], 0), np.float32)
+            scores, rows = self.faiss_index.search(q, k)
             return rows.astype(np.int64), scores
         return top_k_exact(self.matrix, query, k)
 
@@ -133,7 +206,7 @@ class Retriever:
     """Text -> audio and audio -> audio/text search over an :class:`~hci_atr.index.Index` with a trained model."""
 
     def __init__(self, model: Any, index: Index, device: str = "cpu", retrieve_k: int = 50,
-                 scan_backend: str = "auto"):
+                 scan_backend: str = "auto", ivf_nlist: int = 0, ivf_nprobe: int = 32):
         self.model = model.eval() if hasattr(model, "eval") else model
         self.index = index
         self.device = device
@@ -144,12 +217,14 @@ class Retriever:
         if d_model != d_index:
             raise ModelLoadError(f"{index.path}: index embeddings have D={d_index} but the model's embed_dim is "
                                  f"{d_model}; rebuild the index with this model (`hci-atr index --model ...`)")
-        self.clip_scanner = _Scanner(index.clip, scan_backend)
-        self.caption_scanner = _Scanner(index.caption_emb, scan_backend) if len(index.caption_emb) else None
+        self.clip_scanner = _Scanner(index.clip, scan_backend, ivf_nlist, ivf_nprobe)
+        self.caption_scanner = (_Scanner(index.caption_emb, scan_backend, 0, ivf_nprobe) if len(index.caption_emb)
+                                else None)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, index_dir: str | os.PathLike, device: str = "cpu",
-                        retrieve_k: int | None = None, scan_backend: str = "auto") -> "Retriever":
+                        retrieve_k: int | None = None, scan_backend: str = "auto", ivf_nlist: int = 0,
+                        ivf_nprobe: int = 32) -> "Retriever":
         from hci_atr.models.model import HciAtrModel
 
         if not Path(model_dir).exists():
@@ -160,7 +235,8 @@ class Retriever:
             model = model.to(device)
         index = Index.load(index_dir)
         k = retrieve_k if retrieve_k is not None else model_config(model).serve.retrieve_k
-        return cls(model, index, device=device, retrieve_k=k, scan_backend=scan_backend)
+        return cls(model, index, device=device, retrieve_k=k, scan_backend=scan_backend, ivf_nlist=ivf_nlist,
+                   ivf_nprobe=ivf_nprobe)
 
     # -- encoders ------------------------------------------------------------------------------------------------
     def encode_queries(self, texts: Sequence[str]) -> Any:
@@ -230,40 +306,84 @@ class Retriever:
         t1 = time.perf_counter()
         return self.search_text_embedded(text, top_k, rerank, retrieve_k, encode_ms=(t1 - t0) * 1e3)
 
+    def search_text_batch(self, queries: Sequence[str], top_k: int | Sequence[int] = 10,
+                          rerank: bool | Sequence[bool] = True, retrieve_k: int | None = None) -> list[SearchResult]:
+        """Many text queries at once: one encoder pass for all of them, one stage-1 scan ([Q, D] against the clip
+        matrix), then each query's own rerank. ``top_k`` / ``rerank``: one value for all, or one per query.
+
+        Returns one :class:`SearchResult` per query, in order: the same hits as :meth:`search_text` on each query
+        alone (scores equal up to float rounding of the batched products). Timings: ``encode_ms`` and
+        ``retrieve_ms`` are the shared batch stages, ``rerank_ms`` the query's own, ``total_ms`` the batch's wall
+        time until this query's hits were ready.
+        """
+        t0 = time.perf_counter()
+        qs = [self._check_query(q) for q in queries]
+        if not qs:
+            return []
+        self._per_query(top_k, len(qs), "top_k"), self._per_query(rerank, len(qs), "rerank")  # fail before encoding
+        text = self.encode_queries(qs)
+        t1 = time.perf_counter()
+        return self.search_text_embedded_batch(text, top_k, rerank, retrieve_k, encode_ms=(t1 - t0) * 1e3)
+
     def search_text_embedded(self, text: Any, top_k: int = 10, rerank: bool = True, retrieve_k: int | None = None,
                              encode_ms: float = 0.0) -> SearchResult:
         """Like :meth:`search_text` for a query already encoded (TextEmbeddings with batch 1), so that a server can
         batch the encoder across requests."""
+        return self.search_text_embedded_batch(text, top_k, rerank, retrieve_k, encode_ms)[0]
+
+    @staticmethod
+    def _per_query(value: Any, n: int, name: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise RequestError(f"{name}: {len(value)} values for {n} queries")
+            return list(value)
+        return [value] * n
+
+    def search_text_embedded_batch(self, text: Any, top_k: int | Sequence[int] = 10,
+                                   rerank: bool | Sequence[bool] = True, retrieve_k: int | None = None,
+                                   encode_ms: float = 0.0) -> list[SearchResult]:
+        """:meth:`search_text_batch` for queries already encoded (TextEmbeddings with batch Q)."""
         import torch
 
-        top_k = self._check_k(top_k)
+        n = len(text)
+        ks = [self._check_k(k) for k in self._per_query(top_k, n, "top_k")]
+        reranks = [bool(r) for r in self._per_query(rerank, n, "rerank")]
         t1 = time.perf_counter()
-        qv = l2_normalize(text.sentence.float().cpu().numpy())[0]
-        k1 = max(top_k, int(retrieve_k or self.retrieve_k)) if rerank else top_k
-        rows, clip_scores = self.clip_scanner.search(qv, k1)
-        rows, clip_scores = rows[0], clip_scores[0]
+        qv = l2_normalize(text.sentence.float().cpu().numpy())  # [Q, D]
+        rk = int(retrieve_k or self.retrieve_k)
+        k1s = [max(k, rk) if r else k for k, r in zip(ks, reranks)]
+        all_rows, all_scores = self.clip_scanner.search(qv, max(k1s))
         t2 = time.perf_counter()
-        levels: dict[str, np.ndarray] = {}
-        if rerank and len(rows):
-            audio = self.index.audio_embeddings(rows, self.device)
-            with torch.no_grad():
-                s = self.model.score(audio, text)
-            full = s.fused[:, 0].float().cpu().numpy()  # [K]
-            levels = {name: v[:, 0].float().cpu().numpy() for name, v in (s.levels or {}).items() if v is not None}
-        else:
+        retrieve_ms = (t2 - t1) * 1e3
+        out = []
+        for i in range(n):
+            t3 = time.perf_counter()
+            keep = all_rows[i] >= 0  # an approximate (IVF) scan may return fewer rows than asked
+            rows, clip_scores = all_rows[i][keep][:k1s[i]], all_scores[i][keep][:k1s[i]]
+            levels: dict[str, np.ndarray] = {}
             full = None
-        order, final = _final_order(full, clip_scores, top_k)
-        t3 = time.perf_counter()
-        hits = []
-        for rank, (j, sc) in enumerate(zip(order, final), start=1):
-            m = self.index.meta(rows[j])
-            hits.append(Hit(rank=rank, id=m["id"], score=float(sc), clip_score=float(clip_scores[j]),
-                            captions=m["captions"], generated_caption=m["generated_caption"], duration=m["duration"],
-                            levels={k: float(v[j]) for k, v in levels.items()}))
-        timings = {"encode_ms": encode_ms, "retrieve_ms": (t2 - t1) * 1e3, "rerank_ms": (t3 - t2) * 1e3 if rerank
-                   else 0.0}
-        timings["total_ms"] = encode_ms + (t3 - t1) * 1e3
-        return SearchResult(hits, timings, reranked=rerank)
+            if reranks[i] and len(rows):
+                audio = self.index.audio_embeddings(rows, self.device)
+                t = text if n == 1 else _slice(text, slice(i, i + 1))
+                with torch.no_grad():
+                    s = self.model.score(audio, t)
+                full = s.fused[:, 0].float().cpu().numpy()  # [K]
+                levels = {name: v[:, 0].float().cpu().numpy() for name, v in (s.levels or {}).items()
+                          if v is not None}
+            order, final = _final_order(full, clip_scores, ks[i])
+            t4 = time.perf_counter()
+            hits = []
+            for rank, (j, sc) in enumerate(zip(order, final), start=1):
+                m = self.index.meta(rows[j])
+                hits.append(Hit(rank=rank, id=m["id"], score=float(sc), clip_score=float(clip_scores[j]),
+                                captions=m["captions"], generated_caption=m["generated_caption"],
+                                duration=m["duration"], levels={k: float(v[j]) for k, v in levels.items()}))
+            t5 = time.perf_counter()
+            timings = {"encode_ms": encode_ms, "retrieve_ms": retrieve_ms,
+                       "rerank_ms": (t4 - t3) * 1e3 if reranks[i] else 0.0, "hits_ms": (t5 - t4) * 1e3,
+                       "total_ms": encode_ms + (t5 - t1) * 1e3}
+            out.append(SearchResult(hits, timings, reranked=reranks[i]))
+        return out
 
     def search_audio(self, audio: Any, top_k: int = 10, target: str = "clips", rerank: bool = True,
                      retrieve_k: int | None = None) -> SearchResult:
@@ -280,9 +400,10 @@ class Retriever:
         t1 = time.perf_counter()
         if target == "clips":
             rows, scores = self.clip_scanner.search(qv, top_k)
+            keep = rows[0] >= 0  # an approximate (IVF) scan may return fewer rows than asked
             t2 = time.perf_counter()
             hits = []
-            for rank, (r, sc) in enumerate(zip(rows[0], scores[0]), start=1):
+            for rank, (r, sc) in enumerate(zip(rows[0][keep], scores[0][keep]), start=1):
                 m = self.index.meta(r)
                 hits.append(Hit(rank=rank, id=m["id"], score=float(sc), clip_score=float(sc), captions=m["captions"],
                                 generated_caption=m["generated_caption"], duration=m["duration"]))
@@ -293,7 +414,7 @@ class Retriever:
                                      "total_ms": (t1 - t0) * 1e3})
         k1 = max(top_k, int(retrieve_k or self.retrieve_k)) if rerank else top_k
         rows, cap_scores = self.caption_scanner.search(qv, k1)
-        rows, cap_scores = rows[0], cap_scores[0]
+        rows, cap_scores = rows[0][rows[0] >= 0], cap_scores[0][rows[0] >= 0]
         t2 = time.perf_counter()
         caps = self.index.captions
         if rerank and len(rows):

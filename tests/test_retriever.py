@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from hci_atr.config import Config
-from hci_atr.errors import DataError, ModelLoadError, RequestError
-from hci_atr.index import Index, embed_items, items_from_audio_dir, items_from_records, mel_from_wave, write_index
-from hci_atr.retriever import Retriever, top_k_exact
+from hci_atr.errors import ConfigError, DataError, ModelLoadError, RequestError
+from hci_atr.index import (Index, IndexWriter, embed_items, items_from_audio_dir, items_from_records, mel_from_wave,
+                           write_index)
+from hci_atr.retriever import Retriever, _Scanner, set_threads, top_k_exact
 
 
 def tiny_config(text_dir, ac: bool = True) -> Config:
@@ -86,15 +87,22 @@ def test_index_layout_and_round_trip(built):
     assert idx.caption_emb.shape == (manifest["n_captions"], 32)
     assert set(idx.metadata.columns) >= {"id", "path", "duration", "captions", "generated_caption"}
     assert abs(float(idx.metadata["duration"].iloc[0]) - 2.0) < 1e-3
-    # stored embeddings of 3 rows == the model's encode_audio on those files, computed now
+    # version 2: unit-level tensors (segments, frames) stored float16 by default, per-clip vectors float32
+    assert manifest["version"] == 2 and manifest["unit_dtype"] == "float16"
+    stored = {k: np.load(index_dir / f, mmap_mode="r").dtype for k, f in manifest["files"].items()}
+    assert stored["frames"] == np.float16 and stored["segments"] == np.float16
+    assert stored["clip"] == np.float32 and stored["aux_sentence"] == np.float32 and stored["frame_mask"] == bool
+    # stored embeddings of 3 rows == the model's encode_audio on those files, computed now (float16 rounding:
+    # at most half a float16 step, 2**-12, for values in [-1, 1])
     rows = [5, 0, 17]
     a = idx.audio_embeddings(rows)
+    assert a.frames.dtype == torch.float32 and a.segments.dtype == torch.float32
     r = Retriever(model, idx)
     for i, row in enumerate(rows):
         rec = records[row]
         direct = r.encode_audio(rec.audio_path, generated[rec.audio_id])
-        torch.testing.assert_close(a.frames[i], direct.frames[0], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(a.segments[i], direct.segments[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.frames[i], direct.frames[0], atol=2.5e-4, rtol=0)
+        torch.testing.assert_close(a.segments[i], direct.segments[0], atol=2.5e-4, rtol=0)
         torch.testing.assert_close(a.aux_sentence[i], direct.aux_sentence[0], atol=1e-5, rtol=1e-4)
         assert bool(a.aux_mask[i])
     # no temp dirs left beside the index
@@ -174,3 +182,182 @@ def test_errors(built, tmp_path):
         Retriever.from_pretrained(tmp_path / "nope", index_dir)
     with pytest.raises(DataError, match="no audio files"):
         items_from_audio_dir(tmp_path)
+
+
+def test_batched_writer_and_float32_units(built, tmp_path):
+    """IndexWriter fed in uneven batches == write_index in one go; float32 units are stored exactly; a batch with
+    fewer frames is zero-padded with the padding masked out; a bad batch leaves nothing behind."""
+    model_dir, index_dir, model, records, generated = built
+    items = items_from_records(records, generated)
+    spec, arrays, kept, _ = embed_items(model, items, batch_size=8)
+    write_index(tmp_path / "one", model, spec, arrays, kept, unit_dtype="float32")
+    cut = arrays["frames"].shape[1] - 3
+    with IndexWriter(tmp_path / "many", model, unit_dtype="float32") as w:
+        for lo, hi in ((0, 5), (5, 19), (19, len(kept))):
+            part = {k: v[lo:hi] for k, v in arrays.items()}
+            if lo == 5:  # this batch's clips have 3 frames fewer
+                part["frames"], part["frame_mask"] = part["frames"][:, :cut], part["frame_mask"][:, :cut]
+            w.add(spec, part, kept[lo:hi])
+    one, many = Index.load(tmp_path / "one"), Index.load(tmp_path / "many")
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(one.audio[k], v)  # float32: stored exactly
+    for k in arrays:
+        if k not in ("frames", "frame_mask"):
+            np.testing.assert_array_equal(many.audio[k], one.audio[k])
+    outside = np.r_[0:5, 19:len(kept)]
+    np.testing.assert_array_equal(many.audio["frames"][outside], one.audio["frames"][outside])
+    np.testing.assert_array_equal(many.audio["frames"][5:19, :cut], one.audio["frames"][5:19, :cut])
+    assert not many.audio["frames"][5:19, cut:].any() and not many.audio["frame_mask"][5:19, cut:].any()
+    np.testing.assert_array_equal(many.clip, one.clip)
+    np.testing.assert_allclose(many.caption_emb, one.caption_emb, atol=1e-6)
+    assert many.ids == one.ids and many.captions["text"].tolist() == one.captions["text"].tolist()
+    # the padded frames do not count: the full score of a cut clip equals the model's score on the cut embeddings
+    text = model.encode_text(model.tokenize([records[7].captions[0]]))
+    a = many.audio_embeddings([7])
+    cut_a = one.audio_embeddings([7])
+    cut_a.frames, cut_a.frame_mask = cut_a.frames[:, :cut], cut_a.frame_mask[:, :cut]
+    with torch.no_grad():
+        assert float(model.score(a, text).fused) == pytest.approx(float(model.score(cut_a, text).fused), abs=1e-6)
+    with pytest.raises(DataError, match="different structure"):
+        with IndexWriter(tmp_path / "bad", model) as w:
+            w.add(spec, arrays, kept)
+            w.add({**spec, "fields": {}}, arrays, kept)
+    with pytest.raises(ConfigError, match="float16 or float32"):
+        IndexWriter(tmp_path / "bad", model, unit_dtype="int8")
+    assert not (tmp_path / "bad").exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # float16 and float32 unit storage rank the same candidates with scores within float16 rounding
+    r16, r32 = Retriever(model, Index.load(index_dir)), Retriever(model, one)
+    for rec in records[:6]:
+        h16, h32 = r16.search_text(rec.captions[0], top_k=10), r32.search_text(rec.captions[0], top_k=10)
+        assert {h.id for h in h16} == {h.id for h in h32}
+        s32 = {h.id: h.score for h in h32}
+        assert max(abs(h.score - s32[h.id]) for h in h16) < 2e-3
+
+
+def test_index_versions(built, tmp_path):
+    """A version-1 index (all float32, no unit_dtype) still loads; an unknown version is refused in one line."""
+    import shutil
+
+    model_dir, index_dir, model, records, generated = built
+    v1 = tmp_path / "v1"
+    shutil.copytree(index_dir, v1)
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    for f in manifest["files"].values():
+        arr = np.load(v1 / f)
+        np.save(v1 / f, arr.astype(np.float32) if arr.dtype == np.float16 else arr)
+    manifest["version"] = 1
+    del manifest["unit_dtype"]
+    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    old, new = Index.load(v1), Index.load(index_dir)
+    assert old.audio["frames"].dtype == np.float32
+    torch.testing.assert_close(old.audio_embeddings([3, 1]).frames, new.audio_embeddings([3, 1]).frames)
+    manifest["version"] = 3
+    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"v3 is not hci-atr-index v1, v2; rebuild the index"):
+        Index.load(v1)
+
+
+def test_search_text_batch_equals_per_query(built):
+    model_dir, index_dir, model, records, generated = built
+    r = Retriever.from_pretrained(model_dir, index_dir, retrieve_k=12)
+    test = [x for x in records if x.split == "test"]
+    queries = [test[0].captions[0], "a beep", test[1].captions[2], test[2].captions[1] + " and then silence",
+               test[3].captions[0], "rain"]
+    ks, reranks = [3, 10, 5, 12, 1, 7], [True, True, False, True, False, True]
+    batch = r.search_text_batch(queries, top_k=ks, rerank=reranks)
+    assert len(batch) == len(queries)
+    for q, k, rr, res in zip(queries, ks, reranks, batch):
+        one = r.search_text(q, top_k=k, rerank=rr)
+        assert res.reranked is rr and len(res) == k
+        assert [(h.rank, h.id) for h in res] == [(h.rank, h.id) for h in one]
+        np.testing.assert_allclose([h.score for h in res], [h.score for h in one], atol=1e-5)
+        np.testing.assert_allclose([h.clip_score for h in res], [h.clip_score for h in one], atol=1e-5)
+        for a, b in zip(res, one):
+            assert a.levels.keys() == b.levels.keys() and a.captions == b.captions
+            np.testing.assert_allclose(list(a.levels.values()), list(b.levels.values()), atol=1e-5)
+        assert set(res.timings) >= {"encode_ms", "retrieve_ms", "rerank_ms", "hits_ms", "total_ms"}
+    # one top_k for all; the shared stages are timed once for the batch
+    same = r.search_text_batch(queries[:3], top_k=4)
+    assert [len(x) for x in same] == [4, 4, 4] and len({x.timings["retrieve_ms"] for x in same}) == 1
+    assert r.search_text_batch([]) == []
+    with pytest.raises(RequestError, match="2 values for 3 queries"):
+        r.search_text_batch(queries[:3], top_k=[1, 2])
+    with pytest.raises(RequestError, match="empty"):
+        r.search_text_batch(["a beep", "  "])
+
+
+def test_scan_backends():
+    """numpy and FAISS exact agree; faiss-fp16 finds rows whose true scores are the exact top within 1e-3; IVF
+    visiting every list is exact, fewer lists is approximate and may return fewer rows (-1)."""
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((3000, 32)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    q = rng.standard_normal((5, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact_rows, exact_scores = top_k_exact(m, q, 20)
+    assert _Scanner(m, "numpy").backend == "numpy"
+    with pytest.raises(ConfigError, match="serve.scan"):
+        _Scanner(m, "hnsw")
+    pytest.importorskip("faiss")
+    flat = _Scanner(m, "faiss")
+    assert flat.backend == "faiss" and flat.exact and _Scanner(m, "auto").backend == "faiss"
+    rows, scores = flat.search(q, 20)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    fp16 = _Scanner(m, "faiss-fp16")
+    rows, scores = fp16.search(q, 20)
+    assert not fp16.exact
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-3)
+    true = np.take_along_axis(q @ m.T, rows, axis=1)
+    np.testing.assert_allclose(np.sort(true, axis=1), np.sort(exact_scores, axis=1), atol=2e-3)
+    every = _Scanner(m, "ivf", nlist=16, nprobe=16)
+    rows, scores = every.search(q, 20)
+    np.testing.assert_array_equal(rows, exact_rows)
+    some = _Scanner(m, "ivf", nlist=16, nprobe=2)
+    rows, scores = some.search(q, 20)
+    assert some.backend == "ivf" and not some.exact and some.nlist == 16
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ m.T, rows, axis=1), atol=1e-5)  # true scores
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(rows, exact_rows)])
+    assert 0.2 < recall < 1.0
+    few = _Scanner(m[:40], "ivf", nlist=8, nprobe=1)
+    rows, _ = few.search(q, 30)
+    assert (rows == -1).any() and ((rows >= 0) & (rows < 40) | (rows == -1)).all()
+
+
+def test_ivf_retriever_returns_only_real_clips(built, monkeypatch):
+    model_dir, index_dir, model, records, generated = built
+    pytest.importorskip("faiss")
+    r = Retriever(model, Index.load(index_dir), retrieve_k=20, scan_backend="ivf", ivf_nlist=8, ivf_nprobe=1)
+    res = r.search_text(records[0].captions[0], top_k=20)
+    assert 0 < len(res) < 20 and all(h.id in r.index.row_of for h in res)
+    caps = r.search_audio(records[0].audio_path, top_k=20, target="captions")
+    assert all(h.kind == "caption" for h in caps)
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as if FAISS were not installed
+    with pytest.raises(ModelLoadError, match=r"pip install 'hci-atr\[faiss\]'"):
+        Retriever(model, Index.load(index_dir), scan_backend="faiss")
+    assert Retriever(model, Index.load(index_dir), scan_backend="auto").clip_scanner.backend == "numpy"
+
+
+def test_set_threads():
+    import contextlib
+
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    try:  # restores the BLAS thread counts on exit
+        from threadpoolctl import threadpool_limits
+        blas = threadpool_limits(limits=None)
+    except ImportError:
+        blas = contextlib.nullcontext()
+    before = torch.get_num_threads(), faiss.omp_get_max_threads() if faiss else None
+    with blas:
+        try:
+            set_threads(1)
+            assert torch.get_num_threads() == 1 and (faiss is None or faiss.omp_get_max_threads() == 1)
+            set_threads(0)  # 0 leaves the settings alone
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before[0])
+            if faiss:
+                faiss.omp_set_num_threads(before[1])
