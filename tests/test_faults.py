@@ -245,13 +245,9 @@ def test_killed_training_driver_resumes_in_the_same_mlflow_run(interrupted_featu
     assert run.info.status == "FINISHED"
     logged = c.get_metric_history(first_id, "loss_total")
     steps = [m.step for m in logged]
-    assert sorted(set(steps)) == list(range(epochs))  # every epoch logged in the one run; the epochs continued
-    # an epoch that was logged but not yet checkpointed when the driver died is trained and logged again; same seed,
-    # same numbers, so the two entries of that step agree
-    for step in set(steps):
-        vals = [m.value for m in logged if m.step == step]
-        assert max(vals) - min(vals) <= 1e-5 * max(1.0, abs(vals[0])), (step, vals)
-    relogged = sorted(s for s in set(steps) if steps.count(s) > 1)
+    # every epoch logged once in the one run: an epoch that was logged but not yet checkpointed when the driver died
+    # is trained again after the resume, but not logged again
+    assert sorted(steps) == list(range(epochs)), steps
     import torch
 
     meta = {p.parent: json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/meta.json")}
@@ -263,7 +259,8 @@ def test_killed_training_driver_resumes_in_the_same_mlflow_run(interrupted_featu
     assert starts[0] == 0 and starts[-1] >= 1  # the last epochs ran in the resumed driver, from a checkpoint
     assert len(c.search_runs([run.info.experiment_id])) == 1  # no second run was opened
     print(f"\ntrain: driver killed after epoch(s) {done_before} were logged; re-run resumed run {first_id} and "
-          f"finished epochs {sorted(set(steps))} (start_epoch per epoch {starts}; re-logged steps {relogged})")
+          f"finished epochs {sorted(set(steps))} (start_epoch per epoch {starts}; trained twice, logged once: "
+          f"{[e for e in done_before if e >= starts[-1]]})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

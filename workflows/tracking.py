@@ -179,6 +179,11 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
         client(tracking_uri).log_batch(run_id, metrics=ms)
 
 
+def logged_steps(tracking_uri: str, run_id: str, key: str) -> set[int]:
+    """Steps at which ``key`` is already in the run's metric history (empty for a new run or an unknown key)."""
+    return {int(m.step) for m in client(tracking_uri).get_metric_history(run_id, key)}
+
+
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(tracking_uri)
     for k, v in tags.items():

@@ -308,6 +308,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     captions = config.get("captions") or {}
     val_rows = read_split_rows(config["features_dir"], tc.val_split, captions) if rank == 0 else []
+    # a resumed run may re-train an epoch whose metrics reached MLflow before its checkpoint was registered (the
+    # driver died in between): same seed, same numbers, so the first record stands and the step is not logged again
+    logged = tracking.logged_steps(config["tracking_uri"], config["run_id"], "val_rsum") \
+        if rank == 0 and ckpt is not None else set()
     shard = ray.train.get_dataset_shard("train")
     stop = False
 
@@ -359,7 +363,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if rank == 0:
             log = {k: v for k, v in metrics.items() if k not in ("epoch", "world_size", "start_epoch")}
-            tracking.log_metrics(config["tracking_uri"], config["run_id"], log, step=epoch)
+            if epoch not in logged:
+                tracking.log_metrics(config["tracking_uri"], config["run_id"], log, step=epoch)
             with tempfile.TemporaryDirectory(prefix="hci_atr_ckpt_") as tmp:
                 core.save_pretrained(os.path.join(tmp, CHECKPOINT_MODEL))
                 torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
