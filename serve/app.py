@@ -7,6 +7,13 @@ Run from the repository root (defaults work after ``hci-atr demo``)::
 
 Nothing touches the disk at import time: the model and index load in the replica's ``__init__``.
 
+Text search runs in a ``@serve.batch`` (``serve.batch_max_size``, ``serve.batch_wait_timeout_s``): with
+``serve.batch_search`` (default) the concurrent queries share one encoder pass and one stage-1 scan
+(``Retriever.search_text_batch``), else only the encoder pass is shared. ``serve.scan`` picks the stage-1 scan (exact
+numpy / FAISS, or the opt-in ``faiss-fp16`` and APPROXIMATE ``ivf``), ``serve.threads`` the intra-op threads of the
+replica (1 by default: on a small machine more threads contend), ``serve.retrieve_k`` how many candidates are
+reranked. BENCHMARKS.md ("Serving") has what each costs at 100k clips.
+
 Endpoints (FastAPI; OpenAPI schema at /openapi.json, docs at /docs):
 ``POST /search/text`` {query, top_k, rerank} -> ranked clips + stage timings; ``POST /search/audio`` (multipart
 ``file`` [+ top_k, target=clips|captions]) -> ranked clips or captions; ``POST /embed/text`` {texts}; ``POST
@@ -71,7 +78,9 @@ class HitOut(BaseModel):
 class SearchResponse(BaseModel):
     hits: list[HitOut]
     reranked: bool
-    timings: dict[str, float] = Field(description="encode_ms, retrieve_ms, rerank_ms, total_ms")
+    timings: dict[str, float] = Field(description="encode_ms, retrieve_ms (stage-1 scan), rerank_ms, hits_ms "
+                                                  "(result metadata), total_ms (in the replica), batch_size (text "
+                                                  "queries served together; encode and scan are shared)")
 
 
 class EmbedTextRequest(BaseModel):
@@ -229,7 +238,7 @@ class SearchDeployment:
 
     def __init__(self, model_dir: str | None = None, index_dir: str | None = None, config_path: str | None = None,
                  api_token: str | None = None, device: str | None = None):
-        from hci_atr.retriever import Retriever
+        from hci_atr.retriever import Retriever, set_threads
 
         cfg = _resolve_config(config_path)
         self.serve_cfg: ServeConfig = cfg.serve
@@ -238,11 +247,15 @@ class SearchDeployment:
         token = api_token if api_token is not None else os.environ.get("HCI_ATR_API_TOKEN", "")
         self.api_token = token or None
         device = device or ("cuda" if self.serve_cfg.replica_gpus > 0 else "cpu")
+        set_threads(self.serve_cfg.threads)  # before the model and FAISS start their thread pools
+        sc = self.serve_cfg
         self.retriever = Retriever.from_pretrained(self.model_dir, self.index_dir, device=device,
-                                                   retrieve_k=self.serve_cfg.retrieve_k)
+                                                   retrieve_k=sc.retrieve_k, scan_backend=sc.scan,
+                                                   ivf_nlist=sc.ivf_nlist, ivf_nprobe=sc.ivf_nprobe)
         app.state.limits["max_body"] = self.serve_cfg.max_upload_bytes + 64 * 1024  # multipart framing headroom
-        self._encode_batch.set_max_batch_size(self.serve_cfg.batch_max_size)
-        self._encode_batch.set_batch_wait_timeout_s(self.serve_cfg.batch_wait_timeout_s)
+        for batched in (self._encode_batch, self._search_batch):
+            batched.set_max_batch_size(self.serve_cfg.batch_max_size)
+            batched.set_batch_wait_timeout_s(self.serve_cfg.batch_wait_timeout_s)
         if self.serve_cfg.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
 
@@ -328,6 +341,16 @@ class SearchDeployment:
         ms = (time.perf_counter() - t0) * 1e3
         return [(_slice(text, slice(i, i + 1)), ms, len(queries)) for i in range(len(queries))]
 
+    @serve.batch(max_batch_size=_DEFAULTS.batch_max_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
+    async def _search_batch(self, reqs: list[tuple[str, int, bool]]) -> list[Any]:
+        """Whole text searches batched across concurrent requests (``serve.batch_search``): one encoder pass and
+        one stage-1 scan for the batch (``Retriever.search_text_batch``), then each query's own rerank."""
+        results = self.retriever.search_text_batch([q for q, _, _ in reqs], top_k=[k for _, k, _ in reqs],
+                                                   rerank=[r for _, _, r in reqs])
+        for res in results:
+            res.timings["batch_size"] = float(len(reqs))
+        return results
+
     # -- routes ------------------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
     async def page(self) -> FileResponse:
@@ -354,9 +377,12 @@ class SearchDeployment:
         self._auth(request)
         q = self._check_query(req.query)
         k = self._check_top_k(req.top_k)
-        text, enc_ms, batch = await self._encode_batch(q)
-        result = self.retriever.search_text_embedded(text, k, req.rerank, encode_ms=enc_ms)
-        result.timings["encode_batch_size"] = float(batch)
+        if self.serve_cfg.batch_search:
+            result = await self._search_batch((q, k, req.rerank))
+        else:
+            text, enc_ms, batch = await self._encode_batch(q)
+            result = self.retriever.search_text_embedded(text, k, req.rerank, encode_ms=enc_ms)
+            result.timings["batch_size"] = float(batch)
         return self._hits(result, request)
 
     @app.post("/search/audio", response_model=SearchResponse, responses=_ERR,

@@ -2,7 +2,8 @@
 
 items (driver: a dataset via read_dataset, or every audio file of a folder; generated captions joined by audio_id)
   -> ray.data.from_items -> map_batches(IndexEmbedder actors, ActorPoolStrategy(size=num_workers))
-  -> driver: collect rows, restore item order, stack -> hci_atr.index.write_index (atomic directory rename)
+  -> driver: rows back in item order (a small reorder buffer), streamed batch by batch into
+     hci_atr.index.IndexWriter (chunk files, joined and renamed into place atomically at the end)
 
 Each actor loads the model once (``HciAtrModel.from_pretrained``) and returns, per clip, the stored AudioEmbeddings
 as one ``.npz`` payload (variable shapes travel as bytes, so no column schema has to know the model's fields). A clip
@@ -22,8 +23,8 @@ import numpy as np
 
 from hci_atr.config import Config
 from hci_atr.errors import DataError, HciAtrError
-from hci_atr.index import (IndexItem, _stack_padded, embed_audio_batch, flatten_outputs, items_from_audio_dir,
-                           items_from_records, mel_from_wave, read_generated_captions, write_index)
+from hci_atr.index import (IndexItem, IndexWriter, _stack_padded, embed_audio_batch, flatten_outputs,
+                           items_from_audio_dir, items_from_records, mel_from_wave, read_generated_captions)
 
 
 class IndexEmbedder:
@@ -124,38 +125,63 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
         num_cpus=1,
         **({"num_gpus": p.gpus_per_worker} if p.gpus_per_worker else {}),
     )
-    payloads: dict[int, bytes] = {}
     errors: dict[int, str] = {}
+    pending: dict[int, bytes | None] = {}  # rows that arrived before an earlier row (blocks can finish out of order)
     spec = None
+    next_row, kept_rows = 0, []
+    batch_rows: list[int] = []
+    batch_payloads: list[bytes] = []
+    writer = IndexWriter(out, model, model_dir=str(Path(model_dir).resolve()), unit_dtype=cfg.serve.index_unit_dtype)
+
+    def add_batch() -> None:
+        per_field: dict[str, list[np.ndarray]] = {}
+        for pl in batch_payloads:
+            with np.load(io.BytesIO(pl)) as z:
+                for k in z.files:
+                    per_field.setdefault(k, []).append(z[k][None])
+        writer.add(spec, {k: _stack_padded(v) for k, v in per_field.items()}, [items[r] for r in batch_rows])
+        kept_rows.extend(batch_rows)
+        batch_rows.clear(), batch_payloads.clear()
+
     try:
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for r, err, sp, pl in zip(batch["row"], batch["error"], batch["spec"], batch["payload"]):
-                if err:
-                    errors[int(r)] = str(err)
-                else:
-                    payloads[int(r)] = bytes(pl)
-                    spec = spec or json.loads(sp)
-    except Exception as e:  # a project error from an actor's constructor (bad model dir): its message, no trace
-        user = project_error_in(e)
-        if user is None or isinstance(e, HciAtrError):
-            raise
-        raise user from None
-    if errors and len(errors) > p.max_failure_rate * len(items):
-        first = sorted(errors.items())[:3]
-        raise DataError(f"index: {len(errors)} of {len(items)} clips failed (limit {p.max_failure_rate:.0%}); first: "
-                        + "; ".join(f"{items[r].audio_id}: {e}" for r, e in first))
-    if spec is None:
-        raise DataError("index: no clip could be embedded; check the audio files")
-    kept_rows = sorted(payloads)
-    per_field: dict[str, list[np.ndarray]] = {}
-    for r in kept_rows:
-        with np.load(io.BytesIO(payloads[r])) as z:
-            for k in z.files:
-                per_field.setdefault(k, []).append(z[k][None])
-    arrays = {k: _stack_padded(v) for k, v in per_field.items()}
+        try:
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for r, err, sp, pl in zip(batch["row"], batch["error"], batch["spec"], batch["payload"]):
+                    if err:
+                        errors[int(r)] = str(err)
+                        pending[int(r)] = None
+                    else:
+                        pending[int(r)] = bytes(pl)
+                        spec = spec or json.loads(sp)
+                # stream rows to the writer in item order, so the driver holds one batch, not the collection
+                while next_row in pending:
+                    pl = pending.pop(next_row)
+                    if pl is not None:
+                        batch_rows.append(next_row), batch_payloads.append(pl)
+                    next_row += 1
+                    if len(batch_rows) >= bs:
+                        add_batch()
+        except Exception as e:  # a project error from an actor's constructor (bad model dir): its message, no trace
+            user = project_error_in(e)
+            if user is None or isinstance(e, HciAtrError):
+                raise
+            raise user from None
+        if pending or next_row != len(items):
+            raise DataError(f"index: {len(items) - next_row} of {len(items)} clips came back from no actor; run again")
+        if errors and len(errors) > p.max_failure_rate * len(items):
+            first = sorted(errors.items())[:3]
+            raise DataError(f"index: {len(errors)} of {len(items)} clips failed (limit {p.max_failure_rate:.0%}); "
+                            "first: " + "; ".join(f"{items[r].audio_id}: {e}" for r, e in first))
+        if spec is None:
+            raise DataError("index: no clip could be embedded; check the audio files")
+        if batch_rows:
+            add_batch()
+        writer.extra.update({"errors": [{"audio_id": items[r].audio_id, "reason": e}
+                                        for r, e in sorted(errors.items())], "source": str(data or audio_dir)})
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     kept = [items[r] for r in kept_rows]
-    write_index(out, model, spec, arrays, kept, model_dir=str(Path(model_dir).resolve()),
-                extra={"errors": [{"audio_id": items[r].audio_id, "reason": e} for r, e in sorted(errors.items())],
-                       "source": str(data or audio_dir)})
     return {"clips": len(kept), "failed": len(errors), "out": str(out),
             "seconds": round(time.perf_counter() - t0, 3)}
