@@ -1,9 +1,10 @@
 """The Ray Data pipelines (extract-features, caption-all) end to end on small wav sets written here.
 
 Checks: one row per clip with the right mel shapes and values; resume after an interrupted run (missing shards + a
-stale temp file) recomputes only what is missing; a corrupt wav lands in errors.parquet and the run continues; too
-many failures stop the run with a one-line error; caption-all runs each backend (audio, blip, nearest) through the
-real pipeline and matches the backend called directly.
+stale temp file) recomputes only what is missing; the actor side (ShardWorker, called without Ray) writes the shard
+itself and returns only a summary, and the driver refuses a shard file whose rows do not match the shard; a corrupt
+wav lands in errors.parquet and the run continues; too many failures stop the run with a one-line error; caption-all
+runs each backend (audio, blip, nearest) through the real pipeline and matches the backend called directly.
 """
 
 from __future__ import annotations
@@ -127,6 +128,84 @@ def test_resume_refuses_a_different_shard_plan(features_run, clean_set, tmp_path
     shutil.copytree(src, out)
     with pytest.raises(DataError, match="rows_per_shard"):
         extract_features(clean_set, out, cfg=_cfg(rows_per_shard=4), progress=False)
+
+
+class _Recorder:
+    """A pipeline backend that records the batch sizes it is called with (then runs the feature extractor)."""
+
+    sizes: list[int] = []
+
+    def __init__(self, **kwargs):
+        from workflows.features import FeatureExtractor
+
+        self.inner = FeatureExtractor(**kwargs)
+
+    def __call__(self, batch):
+        _Recorder.sizes.append(batch.num_rows)
+        return self.inner(batch)
+
+
+def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
+    """The actor side without Ray: one shard in, its rows computed batch_size at a time, its parquet file written to
+    a temp name in the output directory, a summary without the mel data back; the driver side checks and renames."""
+    import dataclasses
+
+    from hci_atr.data.formats import read_dataset
+    from workflows.features import FEATURE_SCHEMA
+    from workflows.sharded import SUMMARY_SCHEMA, ShardedOutput, ShardWorker, plan_shards, shard_items
+
+    data = _write_set(tmp_path / "data", n_good=4, n_bad=1)
+    records = read_dataset(data)
+    shards = plan_shards([r.audio_id for r in records], 5)
+    out = tmp_path / "features"
+    with ShardedOutput(out, FEATURE_SCHEMA, "features", shards, max_failure_rate=0.5) as output:
+        _Recorder.sizes = []
+        worker = ShardWorker(_Recorder, {"audio": dataclasses.asdict(AUDIO)}, str(out), FEATURE_SCHEMA, batch_size=2,
+                             batch_format="pyarrow")
+        summary = worker(pa.Table.from_pylist(shard_items(records, output.pending)))
+        assert _Recorder.sizes == [2, 2, 1]  # --batch-size rows per backend call
+        assert summary.schema == SUMMARY_SCHEMA and summary.num_rows == 1  # no mel column comes back
+        row = summary.to_pylist()[0]
+        assert row["shard"] == 0 and row["rows"] == 4 and row["error_ids"] == ["bad0"]
+        assert "cannot decode" in row["error_reasons"][0]
+        assert row["temp"].startswith(f".part-00000.parquet{TMP_MARK}") and (out / row["temp"]).is_file()
+        assert not (out / "part-00000.parquet").exists()  # not visible to readers before the driver commits
+        assert pq.read_table(out / row["temp"])["audio_id"].to_pylist() == ["clip00", "clip01", "clip02", "clip03"]
+        output.commit_file(shards[0], row["temp"], dict(zip(row["error_ids"], row["error_reasons"])))
+        assert not (out / row["temp"]).exists() and (out / "part-00000.parquet").is_file()
+        assert pq.read_table(out / ERRORS_FILE)["audio_id"].to_pylist() == ["bad0"]
+        assert output.finish()["rows"] == 4
+
+
+def test_commit_refuses_a_file_that_does_not_match_its_shard(tmp_path):
+    from workflows.sharded import Shard, ShardedOutput, write_shard_temp
+
+    schema = pa.schema([("audio_id", pa.string()), ("x", pa.int32())])
+    shard = Shard(0, ("a", "b", "c"))
+    out = tmp_path / "out"
+    with ShardedOutput(out, schema, "s", [shard], max_failure_rate=0.5) as output:
+        # row "b" neither written nor reported failed: a gap
+        temp = write_shard_temp(out, shard, pa.table({"audio_id": ["c", "a"], "x": [3, 1]}), schema)
+        with pytest.raises(RuntimeError, match="do not match"):
+            output.commit_file(shard, temp, {})
+        assert not (out / shard.file_name).exists() and not (out / ERRORS_FILE).exists()
+        # a duplicate row
+        dup = write_shard_temp(out, shard, pa.table({"audio_id": ["a", "a", "c"], "x": [1, 1, 3]}), schema)
+        with pytest.raises(RuntimeError, match="do not match"):
+            output.commit_file(shard, dup, {"b": "bad"})
+        # the right rows, written in any order, land sorted; the stray temp files are cleaned up
+        good = write_shard_temp(out, shard, pa.table({"audio_id": ["c", "a"], "x": [3, 1]}), schema)
+        output.commit_file(shard, good, {"b": "bad"})
+        assert pq.read_table(out / shard.file_name)["audio_id"].to_pylist() == ["a", "c"]
+        assert output.remove_temp_files() == 2 and not [p for p in out.iterdir() if TMP_MARK in p.name]
+
+
+def test_shard_worker_says_when_the_output_directory_is_not_reachable(tmp_path):
+    from workflows.features import FEATURE_SCHEMA, FeatureExtractor
+    from workflows.sharded import ShardWorker
+
+    with pytest.raises(DataError, match="shared storage"):
+        ShardWorker(FeatureExtractor, {"audio": {}}, str(tmp_path / "not_here"), FEATURE_SCHEMA, 2, "pyarrow")
 
 
 def test_bad_rows_go_to_errors_table_and_run_continues(ray_session, tmp_path):

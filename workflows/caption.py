@@ -1,9 +1,11 @@
 """caption-all: Ray Data pipeline that writes one auxiliary caption per clip with a captioner backend.
 
-records (driver) -> ray.data.from_items
-  -> map_batches(<Captioner class>, fn_constructor_kwargs=(model, device, params),
-                 compute=ActorPoolStrategy(size=num_workers), batch_size=..., num_gpus=gpus_per_worker)
-  -> streamed back to the driver -> :func:`workflows.sharded.drain` -> part-*.parquet (+ errors.parquet, _SUCCESS)
+records (driver) -> one item per pending shard -> ray.data.from_items
+  -> map_batches(ShardWorker(<Captioner class>(model, device, params)), compute=ActorPoolStrategy(size=num_workers),
+                 num_gpus=gpus_per_worker, one shard per call): the actor captions the shard ``batch_size`` rows at
+     a time (numpy batches) and writes the shard's parquet file itself (temp name in the output directory)
+  -> small summaries back to the driver -> :func:`workflows.sharded.drain`: check, errors.parquet, rename to
+     part-*.parquet, _SUCCESS last
 
 Each actor loads its model once. A clip the backend cannot caption comes back with a non-empty ``error`` and lands in
 ``errors.parquet`` (stage ``caption``); the run stops once failures exceed ``pipeline.max_failure_rate``.

@@ -1,11 +1,16 @@
 """extract-features: Ray Data pipeline from dataset records to log-mel feature shards.
 
-records (driver) -> ray.data.from_items -> map_batches(FeatureExtractor, ActorPoolStrategy(size=num_workers))
-  -> streamed back to the driver -> :func:`workflows.sharded.drain` -> part-*.parquet (+ errors.parquet, _SUCCESS)
+records (driver) -> one item per pending shard -> ray.data.from_items
+  -> map_batches(ShardWorker(FeatureExtractor), ActorPoolStrategy(size=num_workers), one shard per call):
+     the actor decodes the shard's clips ``batch_size`` at a time and writes the shard's parquet file itself
+     (temp name in the output directory)
+  -> small summaries back to the driver -> :func:`workflows.sharded.drain`: check, errors.parquet, rename to
+     part-*.parquet, _SUCCESS last
 
 Each output row (schema in docs/architecture.md): audio_id, split, audio_path, captions, duration (seconds of real
 audio, <= audio.duration), n_frames, n_mels, mel (row-major ``[n_frames, n_mels]`` flattened to ``list<float32>``).
-The pipeline streams: only the shards in flight are held in memory.
+The pipeline streams: each actor holds only the shard it is computing, and the mel arrays never travel to the
+driver (see :mod:`workflows.sharded`), so ``--out`` must be reachable from every actor.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ _RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field(ERROR_COLUMN, pa.string()))
 
 
 class FeatureExtractor:
-    """Ray Data actor: decode + log-mel for a batch of records. A bad clip becomes an error row, not an exception.
+    """Per-actor backend (run by :class:`workflows.sharded.ShardWorker`): decode + log-mel for a batch of records.
+    A bad clip becomes an error row, not an exception.
 
     ``__call__(batch: pa.Table[audio_id, audio_path, split, captions, ...]) -> pa.Table`` with
     :data:`FEATURE_SCHEMA` columns plus ``error`` ("" when the row is fine).

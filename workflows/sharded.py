@@ -17,7 +17,16 @@ Layout of an output directory::
 Why errors are merged before the part file is renamed: if the run is killed in between, the shard is recomputed on
 the next run and its error rows are replaced (not duplicated), so the errors table never misses a failure.
 
-No Ray here: the pipelines feed result batches (pyarrow tables with an ``error`` column) into :func:`drain`.
+Who writes what: the unit of work handed to a pipeline actor is one pending shard. The actor (:class:`ShardWorker`)
+computes the shard's rows and writes them itself, sorted by ``audio_id``, to a temporary name in the output directory
+(``.part-00003.parquet.tmp-<pid>``), and returns only a small summary (shard, temp name, rows, error rows). The driver
+(:func:`drain`) checks the file's schema and ``audio_id`` column against the shard, merges the error rows, renames the
+file to ``part-00003.parquet`` and writes ``_SUCCESS`` last, so the bulk data (mel arrays) never crosses the object
+store to the driver. The output directory must therefore be reachable from every actor: a local disk on one machine,
+shared storage on a cluster. A killed run's temp files are removed by the next :meth:`ShardedOutput.open`.
+
+Ray is imported only inside :func:`map_pending`; the rest (planning, committing, the actor's shard writer) is plain
+Python + pyarrow.
 """
 
 from __future__ import annotations
@@ -26,11 +35,14 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -46,6 +58,9 @@ TMP_MARK = ".tmp-"  # every temporary file in an output directory starts with ".
 ERROR_COLUMN = "error"  # result batches carry it: "" = row ok, else the reason the row failed
 
 ERROR_SCHEMA = pa.schema([("audio_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+# what an actor returns per finished shard: the temp file it wrote (a name in the output directory) and its failures
+SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("temp", pa.string()), ("rows", pa.int64()),
+                            ("error_ids", pa.list_(pa.string())), ("error_reasons", pa.list_(pa.string()))])
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,30 @@ def plan_fingerprint(shards: Sequence[Shard]) -> str:
     return h.hexdigest()[:16]
 
 
+def write_shard_temp(out_dir: str | os.PathLike, shard: Shard, rows: pa.Table, schema: pa.Schema) -> str:
+    """Write ``rows`` (the successful rows of ``shard``, any order) as ``schema``, sorted in shard order (by
+    ``audio_id``), to a temporary name in ``out_dir``; return that name (``.part-00003.parquet.tmp-<pid>-<random>``).
+
+    Readers never see it: :meth:`ShardedOutput.commit_file` checks it and renames it to the part file. The random tail
+    keeps two writers of the same shard apart (a task retried on another node while a lost one still runs).
+    """
+    rows = rows.select(schema.names).cast(schema)
+    order = {a: i for i, a in enumerate(shard.audio_ids)}
+    ids = rows["audio_id"].to_pylist()
+    stray = [a for a in ids if a not in order]
+    if stray:
+        raise RuntimeError(f"shard {shard.index}: result row '{stray[0]}' is not one of its audio ids")
+    rows = rows.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), type=pa.int64()))
+    name = f".{shard.file_name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = Path(out_dir) / name
+    try:
+        pq.write_table(rows, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return name
+
+
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
@@ -103,8 +142,9 @@ class ShardedOutput:
     Use as a context manager (takes the directory lock)::
 
         with ShardedOutput(out, schema, "features", shards, max_failure_rate=0.1) as output:
-            for shard in output.pending: ...
-            output.commit(shard, table, errors)
+            for shard in output.pending:
+                temp = write_shard_temp(output.dir, shard, rows, schema)   # (normally on a pipeline actor)
+                output.commit_file(shard, temp, errors)
             manifest = output.finish()
     """
 
@@ -141,11 +181,7 @@ class ShardedOutput:
             self._lock_fh.close()
             self._lock_fh = None
             raise DataError(f"{self.dir}: another run is writing this directory; wait for it or use another --out")
-        for p in self.dir.iterdir():
-            # ours (".part-00003.parquet.tmp-<pid>") and atomic_write_text's (".{name}.<random>.tmp", _plan/_SUCCESS)
-            if p.name.startswith(".") and (TMP_MARK in p.name or p.name.endswith(".tmp")) and p.is_file():
-                p.unlink()
-                self.stale_removed += 1
+        self.stale_removed = self.remove_temp_files()
         self._check_plan()
         (self.dir / SUCCESS_FILE).unlink(missing_ok=True)  # not complete until this run says so
         self._failed = {a: r for a, r in self._read_errors() if a in self.shard_of}
@@ -156,6 +192,18 @@ class ShardedOutput:
         retry = {a for s in self.pending for a in s.audio_ids}
         self._failed = {a: r for a, r in self._failed.items() if a not in retry}
         return self.pending
+
+    def remove_temp_files(self) -> int:
+        """Delete temporary files left in the directory (a killed run's, or a retried actor's); returns how many.
+        Only safe while this run holds the lock and no actor of it is still writing."""
+        n = 0
+        for p in self.dir.iterdir():
+            # ours (".part-00003.parquet.tmp-<pid>-<random>", ".errors.parquet.tmp-<pid>") and atomic_write_text's
+            # (".{name}.<random>.tmp", _plan/_SUCCESS)
+            if p.name.startswith(".") and (TMP_MARK in p.name or p.name.endswith(".tmp")) and p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
 
     def close(self) -> None:
         if self._lock_fh is not None:
@@ -205,21 +253,31 @@ class ShardedOutput:
     def failed(self) -> int:
         return len(self._failed)
 
-    def commit(self, shard: Shard, rows: pa.Table, errors: dict[str, str]) -> None:
-        """Write one finished shard: ``rows`` (successful rows, any order) and ``errors`` (audio_id -> reason).
+    def commit_file(self, shard: Shard, temp_name: str, errors: dict[str, str]) -> None:
+        """Publish one finished shard: ``temp_name`` (written by :func:`write_shard_temp` into this directory, its
+        successful rows) and ``errors`` (audio_id -> reason, its failed rows).
 
+        Checks the file against the shard (schema; ``audio_id`` column == the shard's ids minus the failed ones, in
+        order: no duplicates, no gaps), merges the errors, then renames the file to ``part-XXXXX.parquet``.
         Raises :class:`DataError` once the failures can no longer stay within ``max_failure_rate`` of all rows.
         """
-        got = set(rows["audio_id"].to_pylist()) if rows.num_rows else set()
-        expected = set(shard.audio_ids)
-        if rows.num_rows != len(got) or got | set(errors) != expected or got & set(errors):
-            raise RuntimeError(f"shard {shard.index}: result rows do not match its {len(expected)} audio ids")
-        rows = rows.select(self.schema.names).cast(self.schema)
-        order = {a: i for i, a in enumerate(shard.audio_ids)}
-        ids = rows["audio_id"].to_pylist()
-        rows = rows.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), type=pa.int64()))
+        if Path(temp_name).name != temp_name or not temp_name.startswith(f".{shard.file_name}{TMP_MARK}"):
+            raise RuntimeError(f"shard {shard.index}: unexpected temp file name {temp_name!r}")
+        tmp = self.dir / temp_name
+        try:
+            schema = pq.read_schema(tmp)
+            ids = pq.read_table(tmp, columns=["audio_id"])["audio_id"].to_pylist()
+        except FileNotFoundError:
+            raise DataError(f"{tmp}: a pipeline actor wrote this shard but it is not visible to the driver; --out "
+                            f"must be a directory every Ray node reads and writes (shared storage on a cluster)") \
+                from None
+        if not schema.equals(self.schema):
+            raise RuntimeError(f"shard {shard.index}: {tmp} has schema {schema}, expected {self.schema}")
+        expected = [a for a in shard.audio_ids if a not in errors]
+        if ids != expected or not set(errors) <= set(shard.audio_ids):
+            raise RuntimeError(f"shard {shard.index}: result rows do not match its {len(shard.audio_ids)} audio ids")
         self._merge_errors(shard, errors)
-        _write_parquet_atomic(rows, self.dir / shard.file_name)
+        os.replace(tmp, self.dir / shard.file_name)
         self._failed.update(errors)
         self.check_failure_rate()
 
@@ -268,76 +326,144 @@ def project_error_in(exc: BaseException) -> HciAtrError | None:
 
 
 def record_row(rec) -> dict:
-    """A :class:`hci_atr.data.formats.Record` as a plain row for ``ray.data.from_items``."""
+    """A :class:`hci_atr.data.formats.Record` as a plain (JSON-safe) row: what a backend's batch holds."""
     return {"audio_id": rec.audio_id, "audio_path": rec.audio_path, "split": rec.split,
             "captions": list(rec.captions), "video_path": rec.video_path or "",
             "start_time": float(rec.start_time) if rec.start_time is not None else float("nan")}
 
 
+def shard_items(records, shards: Sequence[Shard]) -> list[dict]:
+    """One work item per shard for ``ray.data.from_items``: ``{"shard": index, "rows": JSON list of record_row}``
+    (rows in shard order)."""
+    by_id = {r.audio_id: r for r in records}
+    return [{"shard": s.index, "rows": json.dumps([record_row(by_id[a]) for a in s.audio_ids])} for s in shards]
+
+
+def _numpy_batch(rows: list[dict]) -> dict:
+    """Rows as Ray Data's ``numpy`` batch format: one array per column (object arrays for strings and lists)."""
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = np.asarray(vals, dtype=np.float64 if any(isinstance(v, float) for v in vals) else np.int64)
+        else:
+            col = np.empty(len(vals), dtype=object)
+            for i, v in enumerate(vals):
+                col[i] = v
+            out[k] = col
+    return out
+
+
+def _result_table(result, schema: pa.Schema) -> pa.Table:
+    """A backend's result (pyarrow table or dict of arrays) as a table with ``schema`` (output columns + error)."""
+    if not isinstance(result, pa.Table):
+        result = pa.table({k: pa.array(v if isinstance(v, np.ndarray) else list(v)) for k, v in result.items()})
+    return result.select(schema.names).cast(schema)
+
+
+class ShardWorker:
+    """Ray Data actor: computes whole shards with ``fn_cls`` and writes each to its temp file in ``out_dir``.
+
+    ``fn_cls(**fn_kwargs)`` is built once per actor and called on ``batch_size`` rows at a time (``batch_format``
+    "pyarrow" or "numpy"); it returns the output columns plus :data:`ERROR_COLUMN`. ``__call__`` takes a batch of
+    :func:`shard_items` and returns one :data:`SUMMARY_SCHEMA` row per shard: the bulk data stays in the file.
+    """
+
+    def __init__(self, fn_cls, fn_kwargs: dict, out_dir: str, schema: pa.Schema, batch_size: int,
+                 batch_format: str):
+        self.dir = Path(out_dir)
+        if not self.dir.is_dir():
+            raise DataError(f"output directory {out_dir} does not exist on Ray node {socket.gethostname()}; --out "
+                            f"must be a directory every Ray node reads and writes (shared storage on a cluster)")
+        self.schema = schema
+        self.result_schema = schema.append(pa.field(ERROR_COLUMN, pa.string()))
+        self.batch_size = max(1, int(batch_size))
+        self.batch_format = batch_format
+        self.fn = fn_cls(**fn_kwargs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = [self.run_shard(int(k), json.loads(rows))
+               for k, rows in zip(batch["shard"].to_pylist(), batch["rows"].to_pylist())]
+        return pa.Table.from_pylist(out, schema=SUMMARY_SCHEMA)
+
+    def run_shard(self, index: int, rows: list[dict]) -> dict:
+        shard = Shard(index, tuple(r["audio_id"] for r in rows))
+        parts = []
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s:s + self.batch_size]
+            batch = pa.Table.from_pylist(chunk) if self.batch_format == "pyarrow" else _numpy_batch(chunk)
+            parts.append(_result_table(self.fn(batch), self.result_schema))
+        table = pa.concat_tables(parts)
+        ids = table["audio_id"].to_pylist()
+        reasons = table[ERROR_COLUMN].to_pylist()
+        good = [i for i, r in enumerate(reasons) if not r]
+        errors = {ids[i]: str(r) for i, r in enumerate(reasons) if r}
+        try:
+            temp = write_shard_temp(self.dir, shard, table.take(pa.array(good, type=pa.int64())), self.schema)
+        except OSError as e:
+            raise DataError(f"cannot write shard {shard.file_name} into {self.dir} on Ray node "
+                            f"{socket.gethostname()} ({e}); --out must be a directory every Ray node reads and "
+                            f"writes (shared storage on a cluster)") from None
+        return {"shard": index, "temp": temp, "rows": len(good), "error_ids": list(errors),
+                "error_reasons": list(errors.values())}
+
+
 def map_pending(records, output: ShardedOutput, fn_cls, fn_kwargs: dict, pipeline, batch_format: str,
                 progress: bool = True) -> None:
-    """Run ``fn_cls`` (a callable class, one instance per actor) over the records of the pending shards with Ray
-    Data, committing each shard as soon as all its rows are back.
-
-    ``pipeline`` is ``cfg.pipeline``: ``num_workers`` actors (``ActorPoolStrategy``), ``batch_size`` rows per call,
-    ``gpus_per_worker`` GPUs per actor (0: CPU only).
+    """Compute and write the pending shards of ``output`` with Ray Data: one item per shard, handed to one of
+    ``pipeline.num_workers`` :class:`ShardWorker` actors (``ActorPoolStrategy``), each running ``fn_cls`` (one
+    instance per actor) on ``pipeline.batch_size`` rows at a time with ``pipeline.gpus_per_worker`` GPUs (0: CPU
+    only) and writing the shard's temp file; the driver commits each shard as its summary comes back.
     """
     import ray
 
     from workflows.cluster import ensure_ray
 
     ensure_ray()
-    todo = {a for s in output.pending for a in s.audio_ids}
-    items = [record_row(r) for r in sorted(records, key=lambda r: r.audio_id) if r.audio_id in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // pipeline.batch_size)))
+    items = shard_items(records, output.pending)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        fn_cls,
-        fn_constructor_kwargs=fn_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=pipeline.num_workers),
-        batch_size=pipeline.batch_size,
-        batch_format=batch_format,
+        ShardWorker,
+        fn_constructor_kwargs={"fn_cls": fn_cls, "fn_kwargs": fn_kwargs, "out_dir": str(output.dir.resolve()),
+                               "schema": output.schema, "batch_size": pipeline.batch_size,
+                               "batch_format": batch_format},
+        # no more actors than shards: each actor pays its start-up (imports, model load) before its first shard
+        compute=ray.data.ActorPoolStrategy(size=min(pipeline.num_workers, len(items))),
+        batch_size=1,  # one shard per call
+        batch_format="pyarrow",
         num_cpus=1,
         **({"num_gpus": pipeline.gpus_per_worker} if pipeline.gpus_per_worker else {}),
     )
-    drain(ds.iter_batches(batch_format="pyarrow", batch_size=None), output, progress=progress)
+    summaries = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    try:
+        drain(summaries, output, progress=progress)
+    finally:
+        try:
+            summaries.close()  # stops the streaming executor (and its actors) when the run ends early
+        except Exception:  # noqa: BLE001 - already ending; never hide the error that ended the run
+            pass
+        # temp files no summary claimed (a retried task's, or a stopped run's); the next open() catches stragglers
+        output.remove_temp_files()
 
 
-def drain(batches: Iterable[pa.Table], output: ShardedOutput, progress: bool = True) -> None:
-    """Consume result batches (any order, any size) and commit each shard as soon as all its rows have arrived.
-
-    Each batch is a pyarrow table with ``audio_id``, the output columns and :data:`ERROR_COLUMN`. Memory is bounded
-    by the shards in flight, not by the dataset.
-    """
+def drain(summaries: Iterable[pa.Table], output: ShardedOutput, progress: bool = True) -> None:
+    """Consume shard summaries (:data:`SUMMARY_SCHEMA` tables, any order) and commit each shard as it arrives."""
     from tqdm import tqdm
 
     want = {s.index: s for s in output.pending}
-    ok: dict[int, list[pa.Table]] = {}
-    errs: dict[int, dict[str, str]] = {}
-    seen: dict[int, int] = {}
     bar = tqdm(total=len(want), desc=f"{output.stage} shards", unit="shard", disable=not progress)
     try:
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            ids = batch["audio_id"].to_pylist()
-            reasons = batch[ERROR_COLUMN].to_pylist()
-            shard_idx = [output.shard_of[a] for a in ids]
-            for k in sorted(set(shard_idx)):
+        for batch in summaries:
+            for row in batch.to_pylist():
+                k = int(row["shard"])
                 if k not in want:
                     raise RuntimeError(f"result for shard {k}, which is not pending")
-                take = [i for i, s in enumerate(shard_idx) if s == k]
-                good = [i for i in take if not reasons[i]]
-                for i in take:
-                    if reasons[i]:
-                        errs.setdefault(k, {})[ids[i]] = str(reasons[i])
-                if good:
-                    ok.setdefault(k, []).append(batch.take(good))
-                seen[k] = seen.get(k, 0) + len(take)
-                if seen[k] == len(want[k].audio_ids):
-                    tables = ok.pop(k, [])
-                    rows = pa.concat_tables(tables) if tables else output.schema.empty_table()
-                    output.commit(want.pop(k), rows, errs.pop(k, {}))
-                    bar.update(1)
+                errors = dict(zip(row["error_ids"], row["error_reasons"]))
+                if len(errors) + int(row["rows"]) != len(want[k].audio_ids):
+                    raise RuntimeError(f"shard {k}: {row['rows']} rows + {len(errors)} errors != "
+                                       f"{len(want[k].audio_ids)} audio ids")
+                output.commit_file(want.pop(k), row["temp"], errors)
+                bar.update(1)
         if want:
             raise RuntimeError(f"pipeline ended with {len(want)} shards incomplete (first: {min(want)})")
     except HciAtrError:
