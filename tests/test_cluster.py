@@ -69,6 +69,16 @@ def test_head_address_from_yaml(tmp_path):
         "-v", "train", "--seed", "1"]
 
 
+def test_job_env_carries_tracking_uri_and_offline_switches():
+    from workflows.cluster import job_env_vars
+
+    env = job_env_vars({"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_HUB_OFFLINE": "1", "HOME": "/root",
+                        "MLFLOW_REGISTRY_URI": ""}, token_mode=True)
+    assert env == {"PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_HUB_OFFLINE": "1",
+                   "RAY_AUTH_MODE": "token"}
+    assert job_env_vars({}) == {"PYTHONUNBUFFERED": "1"}
+
+
 def test_unreachable_head_is_a_one_line_cluster_error(tmp_path, capsys):
     from hci_atr.cli import main
 
@@ -122,8 +132,13 @@ def ray_head():
 
 
 @pytest.mark.ray
-def test_extract_features_runs_as_a_job_on_the_cluster(ray_head, tmp_path, capsys):
+def test_extract_features_runs_as_a_job_on_the_cluster(ray_head, tmp_path, capsys, monkeypatch):
+    from ray.job_submission import JobSubmissionClient
+
     from hci_atr.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'shared-mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the job must track where the submitting shell tracks
 
     data = tmp_path / "data"
     data.mkdir()
@@ -151,3 +166,10 @@ def test_extract_features_runs_as_a_job_on_the_cluster(ray_head, tmp_path, capsy
     assert sorted(t["audio_id"].to_pylist()) == ["t0", "t1", "t2", "t3"]
     assert set(t["n_mels"].to_pylist()) == {16}
     assert json.loads((out / "_SUCCESS").read_text())["rows"] == 4
+    from workflows.cluster import _read_token
+
+    token = _read_token()  # the head started above uses token auth when a token exists (as the CLI handles)
+    jobs = JobSubmissionClient(f"http://{ray_head}",
+                               headers={"Authorization": f"Bearer {token}"} if token else None).list_jobs()
+    env = [j.runtime_env.get("env_vars", {}) for j in jobs if (j.metadata or {}).get("hci_atr") == "extract-features"]
+    assert env and env[-1]["MLFLOW_TRACKING_URI"] == uri

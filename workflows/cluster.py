@@ -142,6 +142,20 @@ def strip_cluster_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+# Settings of the submitting shell that the job's driver on the head needs too: where MLflow tracks (a run started
+# with MLFLOW_TRACKING_URI set must log to the same server from the cluster) and the offline switches.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def job_env_vars(environ: dict[str, str] | None = None, token_mode: bool = False) -> dict[str, str]:
+    """Environment of a submitted job: unbuffered output, the :data:`FORWARDED_ENV` values set here, token auth."""
+    environ = os.environ if environ is None else environ
+    env = {"PYTHONUNBUFFERED": "1", **{k: environ[k] for k in FORWARDED_ENV if environ.get(k)}}
+    if token_mode:
+        env["RAY_AUTH_MODE"] = "token"  # the job's driver joins a token-auth cluster too
+    return env
+
+
 def _read_token() -> str | None:
     """The cluster token, as Ray's own clients look for it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_TOKEN"):
@@ -192,11 +206,8 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
         except Exception as e:
             raise ClusterError(f"cannot reach the Ray head at {address} ({_first_line(e)}); is the cluster up "
                                f"(`ray up {cluster_yaml}`) and the dashboard port reachable?") from None
-        env_vars = {"PYTHONUNBUFFERED": "1"}
-        if token_mode:
-            env_vars["RAY_AUTH_MODE"] = "token"  # the job's driver joins a token-auth cluster too
         runtime_env = {"working_dir": os.fspath(working_dir or project_root()), "excludes": WORKING_DIR_EXCLUDES,
-                       "env_vars": env_vars}
+                       "env_vars": job_env_vars(token_mode=token_mode)}
         job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
                                     metadata={"hci_atr": " ".join(args[:1])})
         echo(f"submitted job {job_id} to {address}: hci-atr {' '.join(args)}\n")
