@@ -101,6 +101,18 @@ def plan_fingerprint(shards: Sequence[Shard]) -> str:
     return h.hexdigest()[:16]
 
 
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth parquet dictionary encoding: all but floating-point ones. A mel's values almost never repeat, so
+    the writer would build a dictionary, find it too large and fall back: a third of a feature shard's write time (about
+    1 ms per 5 s clip) and a larger file, for nothing."""
+    def floating(t: pa.DataType) -> bool:
+        while pa.types.is_list(t) or pa.types.is_large_list(t):
+            t = t.value_type
+        return pa.types.is_floating(t)
+
+    return [f.name for f in schema if not floating(f.type)]
+
+
 def write_shard_temp(out_dir: str | os.PathLike, shard: Shard, rows: pa.Table, schema: pa.Schema) -> str:
     """Write ``rows`` (the successful rows of ``shard``, any order) as ``schema``, sorted in shard order (by
     ``audio_id``), to a temporary name in ``out_dir``; return that name (``.part-00003.parquet.tmp-<pid>-<random>``).
@@ -118,7 +130,7 @@ def write_shard_temp(out_dir: str | os.PathLike, shard: Shard, rows: pa.Table, s
     name = f".{shard.file_name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     tmp = Path(out_dir) / name
     try:
-        pq.write_table(rows, tmp)
+        pq.write_table(rows, tmp, use_dictionary=_dictionary_columns(schema))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
