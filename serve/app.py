@@ -252,6 +252,8 @@ class SearchDeployment:
         self.retriever = Retriever.from_pretrained(self.model_dir, self.index_dir, device=device,
                                                    retrieve_k=sc.retrieve_k, scan_backend=sc.scan,
                                                    ivf_nlist=sc.ivf_nlist, ivf_nprobe=sc.ivf_nprobe)
+        if sc.warm_index:
+            self.retriever.index.warm()
         app.state.limits["max_body"] = self.serve_cfg.max_upload_bytes + 64 * 1024  # multipart framing headroom
         for batched in (self._encode_batch, self._search_batch):
             batched.set_max_batch_size(self.serve_cfg.batch_max_size)

@@ -234,6 +234,16 @@ def test_batched_writer_and_float32_units(built, tmp_path):
         assert max(abs(h.score - s32[h.id]) for h in h16) < 2e-3
 
 
+def test_index_warm_advises_every_array_file(built):
+    import os
+
+    idx = Index.load(built[1])
+    files = idx.files()
+    assert {f.name for f in files} >= {"clip.npy", "caption_emb.npy"} and len(files) == 2 + len(idx.audio)
+    expected = sum(f.stat().st_size for f in files) if hasattr(os, "posix_fadvise") else 0
+    assert idx.warm() == expected > 0 or not hasattr(os, "posix_fadvise")
+
+
 def test_index_versions(built, tmp_path):
     """A version-1 index (all float32, no unit_dtype) still loads; an unknown version is refused in one line."""
     import shutil
@@ -301,9 +311,13 @@ def test_scan_backends():
     pytest.importorskip("faiss")
     flat = _Scanner(m, "faiss")
     assert flat.backend == "faiss" and flat.exact and _Scanner(m, "auto").backend == "faiss"
-    rows, scores = flat.search(q, 20)
+    rows, scores = flat.search(q, 20)  # 5 queries: one BLAS product
     np.testing.assert_array_equal(rows, exact_rows)
     np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    for i in range(len(q)):  # one query: FAISS's own scan
+        rows, scores = flat.search(q[i], 20)
+        np.testing.assert_array_equal(rows[0], exact_rows[i])
+        np.testing.assert_allclose(scores[0], exact_scores[i], atol=1e-5)
     fp16 = _Scanner(m, "faiss-fp16")
     rows, scores = fp16.search(q, 20)
     assert not fp16.exact
