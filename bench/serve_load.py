@@ -1,7 +1,8 @@
 """Serving benchmarks (bounded: every loop stops by itself after a request count or a time limit, whichever first).
 
-1. ``scan``: stage-1 index scan of the Retriever (``hci_atr.retriever._Scanner``) against a plain numpy
-   ``q @ M.T`` + ``argpartition`` over the same synthetic L2-normalised float32 embeddings (10k and 100k clips).
+1. ``scan``: stage-1 index scan of the Retriever (``hci_atr.retriever._Scanner``, each backend: numpy, FAISS exact,
+   FAISS fp16) against a plain numpy ``M @ q`` + ``argpartition`` over the same synthetic L2-normalised float32
+   embeddings (10k and 100k clips), ``--threads`` intra-op threads (1, as a Serve replica runs).
 2. ``load``: ``POST /search/text`` on a Serve app bound to 127.0.0.1 with 1 and 2 replicas; closed-loop clients
    (``--concurrency``) send up to ``--requests`` queries or stop after ``--seconds``; reports p50/p95/p99 latency and QPS.
    Without ``--model/--index`` it builds a tiny random-weight model and a demo index first (no downloads).
@@ -47,9 +48,16 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def bench_scan(sizes=(10_000, 100_000), dim: int = 256, k: int = 50, repeats: int = 30, seed: int = 0) -> list[dict]:
-    from hci_atr.retriever import _Scanner
+def bench_scan(sizes=(10_000, 100_000), dim: int = 256, k: int = 50, repeats: int = 30, seed: int = 0,
+               threads: int = 1) -> list[dict]:
+    """Stage-1 scan per backend (one query at a time, ``threads`` intra-op threads as a Serve replica sets them)
+    against plain numpy ``M @ q`` + ``argpartition``; exact backends must return the same rows."""
+    from hci_atr.retriever import _Scanner, set_threads
 
+    set_threads(threads)
+    import importlib.util
+
+    backends = ["numpy", "faiss", "faiss-fp16"] if importlib.util.find_spec("faiss") else ["numpy"]
     rng = np.random.default_rng(seed)
     rows = []
     for n in sizes:
@@ -57,21 +65,24 @@ def bench_scan(sizes=(10_000, 100_000), dim: int = 256, k: int = 50, repeats: in
         m /= np.linalg.norm(m, axis=1, keepdims=True)
         qs = rng.standard_normal((repeats, dim)).astype(np.float32)
         qs /= np.linalg.norm(qs, axis=1, keepdims=True)
-        scanner = _Scanner(m)
-        t_lib, t_np = [], []
-        for q in qs:
-            t0 = time.perf_counter()
-            r1, _ = scanner.search(q, k)
-            t1 = time.perf_counter()
-            sims = m @ q
-            r2 = np.argpartition(-sims, k - 1)[:k]
-            r2 = r2[np.argsort(-sims[r2])]
-            t2 = time.perf_counter()
-            assert np.array_equal(r1[0], r2), "scanner and numpy disagree"
-            t_lib.append((t1 - t0) * 1e3), t_np.append((t2 - t1) * 1e3)
-        rows.append({"clips": n, "dim": dim, "k": k, "backend": scanner.backend,
-                     "retriever_scan_ms_p50": round(statistics.median(t_lib), 3),
-                     "numpy_ms_p50": round(statistics.median(t_np), 3)})
+        for backend in backends:
+            scanner = _Scanner(m, backend)
+            t_lib, t_np = [], []
+            for q in qs:
+                t0 = time.perf_counter()
+                r1, _ = scanner.search(q, k)
+                t1 = time.perf_counter()
+                sims = m @ q
+                r2 = np.argpartition(-sims, k - 1)[:k]
+                r2 = r2[np.argsort(-sims[r2])]
+                t2 = time.perf_counter()
+                if scanner.exact:
+                    assert np.array_equal(r1[0], r2), "scanner and numpy disagree"
+                t_lib.append((t1 - t0) * 1e3), t_np.append((t2 - t1) * 1e3)
+            rows.append({"clips": n, "dim": dim, "k": k, "backend": scanner.backend, "threads": threads,
+                         "retriever_scan_ms_p50": round(statistics.median(t_lib), 3),
+                         "numpy_ms_p50": round(statistics.median(t_np), 3)})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -474,6 +485,7 @@ def main() -> None:
     ap.add_argument("--index")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--threads", type=int, default=1, help="scan: intra-op threads (0: the libraries' defaults)")
     ap.add_argument("--concurrency", default="8", help="clients (load); comma list (large: one run each)")
     ap.add_argument("--clips", type=int, default=100_000, help="large: clips in the synthetic index")
     ap.add_argument("--arch", choices=["default", "tiny"], default="default", help="large: model architecture")
@@ -490,8 +502,7 @@ def main() -> None:
     print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                       "processor": platform.processor() or "unknown"}))
     if a.what in ("scan", "all"):
-        for row in bench_scan():
-            print(json.dumps(row), flush=True)
+        bench_scan(threads=a.threads)
     if a.what in ("load", "all"):
         bench_load(a.model, a.index, a.requests, a.seconds, int(a.concurrency.split(",")[0]))
     if a.what == "large":
