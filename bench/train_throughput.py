@@ -69,7 +69,7 @@ def main() -> None:
             "train.run_name": f"w{workers}", "train.registered_model": "bench",
             "train.all_gather": not args.no_all_gather})
 
-    results = {}
+    results, data_share = {}, {}
     # plain loop: same rows, same global batch; with all cores, and with one thread (what each of 2 workers gets)
     c = cfg(1)
     rows = read_split_rows(work / "feats", "train")
@@ -97,6 +97,7 @@ def main() -> None:
         hist = res.history[1:] or res.history
         samples = sum(h["batches"] * args.batch_size for h in hist)  # batches per worker x global batch
         results[name] = samples / sum(h["epoch_seconds"] for h in hist)
+        data_share[name] = sum(h["data_seconds"] for h in hist) / sum(h["epoch_seconds"] for h in hist)
 
     out = {"samples_per_s": {k: round(v, 2) for k, v in results.items()},
            "ray_1w_over_plain": round(results["ray_1w"] / results["plain"], 3),
@@ -104,6 +105,7 @@ def main() -> None:
            "ray_2w_over_1w_1thread": round(results["ray_2w"] / results["ray_1w_1thread"], 3),
            "ray_1w_1thread_over_plain_1thread": round(results["ray_1w_1thread"] / results["plain_1thread"], 3),
            "plain_over_plain_1thread": round(results["plain"] / results["plain_1thread"], 3),
+           "ray_data_wait_share": {k: round(v, 3) for k, v in data_share.items()},
            "train_rows": len(rows), "global_batch": args.batch_size, "cores": cores,
            "trainable_params": sum(p.numel() for p in HciAtrModel(cfg(1)).parameters() if p.requires_grad)}
     print(json.dumps(out, indent=1))

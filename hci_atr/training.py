@@ -8,6 +8,7 @@ crop and caption choice.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -146,18 +147,27 @@ def iter_batches(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
 
 def train_epoch(model, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: Config,
                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-    """One pass over ``batches``; returns the mean loss per level, ``total`` and ``batches``.
+    """One pass over ``batches``; returns the mean loss per level, ``total``, ``batches`` and ``data_seconds`` (time
+    spent waiting for the next batch, included in the epoch time: the input-bound share).
 
-    ``model`` may be DDP-wrapped (called through ``__call__``). With ``gather`` (all-gather with gradient) the loss is
-    computed over the global batch; since all_gather's backward sums gradients over workers and DDP averages them, the
-    parameter gradients are those of the global loss.
+    ``model`` may be DDP-wrapped (called through ``__call__``). With ``gather`` (all-gather with gradient) the texts of
+    the global batch are the candidates and each worker's loss is its share of the global loss times the number of
+    workers; all_gather's backward sums over workers and DDP averages, so the parameter gradients are those of the
+    global loss (``hci_atr.losses.sharded_info_nce``).
     """
     core: HciAtrModel = getattr(model, "module", model)
     model.train()
     sums: dict[str, float] = {}
     n = 0
     params = [p for p in model.parameters() if p.requires_grad]
-    for batch in batches:
+    wait = 0.0  # seconds spent waiting for the next batch (reading + make_batch): input-bound when a large share
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        wait += time.perf_counter() - t0
+        if batch is None:
+            break
         out = model(**batch.forward_kwargs(), gather=gather)
         loss = out.losses["total"]
         if not torch.isfinite(loss):
@@ -172,6 +182,7 @@ def train_epoch(model, optimizer: torch.optim.Optimizer, batches: Iterable[Batch
         n += 1
     res = {f"loss_{k}": v / max(n, 1) for k, v in sums.items()}
     res["batches"] = float(n)
+    res["data_seconds"] = wait
     for lv, tau in core.temps.as_dict().items():
         res[f"tau_{lv}"] = tau
     return res

@@ -129,6 +129,23 @@ def test_all_gather_spans_workers(ray_session, tmp_path):
         torch.testing.assert_close(torch.tensor(got[rank]["grad_t"]), 2 * t_ref.grad[rows])
 
 
+def test_workers_get_fixed_equal_disjoint_splits(feats):
+    """Each worker iterates its own split of the materialized train set: equal sizes (same number of steps, so the
+    collectives line up), disjoint, in block order, the same splits again for a restarted worker group."""
+    from workflows.train import split_data_config, train_dataset
+
+    ds = train_dataset(feats, "train", {})
+    conf = split_data_config(ds, 2)
+
+    def ids(it):
+        return [a for b in it.iter_batches(batch_format="pyarrow") for a in b.column("audio_id").to_pylist()]
+
+    first = [ids(r["train"]) for r in conf.configure({"train": ds}, 2, None, None)]
+    again = [ids(r["train"]) for r in conf.configure({"train": ds}, 2, None, None)]
+    assert len(first[0]) == len(first[1]) == 17 and not set(first[0]) & set(first[1])  # 34 train rows
+    assert first == again and ids(ds.iterator()) == first[0] + first[1]
+
+
 # -- the main run ----------------------------------------------------------------------------------------------------
 
 
