@@ -165,13 +165,13 @@ def test_concurrent_text_searches_share_a_batch_and_equal_one_by_one(served):
 
 
 def test_serve_scan_options_give_the_same_hits(served, tmp_path):
-    """The unbatched path with the numpy scan, one thread and no batch wait answers like the defaults."""
+    """The unbatched path with the numpy scan, one thread and a 5 ms batch wait answers like the defaults."""
     from ray import serve
 
     from serve.app import build
 
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text("serve:\n  scan: numpy\n  batch_search: false\n  threads: 1\n  batch_wait_timeout_s: 0.0\n")
+    cfg.write_text("serve:\n  scan: numpy\n  batch_search: false\n  threads: 1\n  batch_wait_timeout_s: 0.005\n")
     queries = [r.captions[0] for r in served["records"][:6]]
     before = [_search(served["port"], q) for q in queries]
     serve.run(build({**served["args"], "config": str(cfg)}), name="hci-atr", route_prefix="/")
