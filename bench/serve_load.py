@@ -385,7 +385,7 @@ VARIANTS = {
     "threads1": {"scan": "numpy", "batch_search": False, "batch_wait_timeout_s": 0.005},
     "faiss_unbatched_wait5ms": {"scan": "faiss", "batch_search": False, "batch_wait_timeout_s": 0.005},
     "faiss_unbatched": {"scan": "faiss", "batch_search": False},
-    "defaults": {},  # scan auto (= faiss when installed), threads 1, batch_search, batch wait 5 ms, retrieve_k 50
+    "defaults": {},  # scan auto (= faiss when installed), threads 1, batch_search, batch wait 0, retrieve_k 50
     "wait0": {"batch_wait_timeout_s": 0.0},
     "fp16_wait0": {"scan": "faiss-fp16", "batch_wait_timeout_s": 0.0},
     "ivf_wait0": {"scan": "ivf", "batch_wait_timeout_s": 0.0},
