@@ -2,8 +2,8 @@
 
 Driver                                                     Workers (N, one TorchTrainer worker group)
 -------------------------------------------------------    ---------------------------------------------------------
-read train split through Ray Data (+ captions joined by    get_dataset_shard("train").iter_batches() -> disjoint rows
-audio_id), materialize                                     make_batch -> train_epoch(gather=all_gather with grads)
+read train split through Ray Data (+ captions joined by    get_dataset_shard("train").iter_batches() -> its own split
+audio_id), materialize, split equally (split_data_config)  make_batch -> train_epoch(gather=all_gather with grads)
 create / resume the MLflow run, log config + fingerprint   DDP (prepare_model) averages the gradients
 TorchTrainer.fit()  --------------------------------->     rank 0: validation, MLflow epoch metrics, checkpoint
 best checkpoint -> <run_dir>/best_model (atomic)           all ranks: ray.train.report(...) every epoch
