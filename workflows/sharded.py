@@ -19,11 +19,12 @@ the next run and its error rows are replaced (not duplicated), so the errors tab
 
 Who writes what: the unit of work handed to a pipeline actor is one pending shard. The actor (:class:`ShardWorker`)
 computes the shard's rows and writes them itself, sorted by ``audio_id``, to a temporary name in the output directory
-(``.part-00003.parquet.tmp-<pid>``), and returns only a small summary (shard, temp name, rows, error rows). The driver
-(:func:`drain`) checks the file's schema and ``audio_id`` column against the shard, merges the error rows, renames the
-file to ``part-00003.parquet`` and writes ``_SUCCESS`` last, so the bulk data (mel arrays) never crosses the object
-store to the driver. The output directory must therefore be reachable from every actor: a local disk on one machine,
-shared storage on a cluster. A killed run's temp files are removed by the next :meth:`ShardedOutput.open`.
+(``.part-00003.parquet.tmp-<pid>-<random>``), and returns only a small summary (shard, temp name, rows, error rows).
+The driver (:func:`drain`) checks the file's schema and ``audio_id`` column against the shard, merges the error rows,
+renames the file to ``part-00003.parquet`` and writes ``_SUCCESS`` last, so the bulk data (mel arrays) never crosses
+the object store to the driver. The output directory must therefore be reachable from every actor: a local disk on
+one machine, shared storage on a cluster. A killed run's temp files are removed by the next
+:meth:`ShardedOutput.open`.
 
 Ray is imported only inside :func:`map_pending`; the rest (planning, committing, the actor's shard writer) is plain
 Python + pyarrow.
