@@ -20,14 +20,15 @@ into place only when complete, so a reader never sees a half-written index)::
 Row i of clip.npy, of every audio/*.npy and of metadata.parquet describe the same clip. Every array is a plain ``.npy``
 file opened memory-mapped, so a loaded index costs RAM only for the clip matrix, the metadata and the rows a query
 touches: at 100k clips of the default 5 s setup (S = 15 segments, T' = 62 frames, D = 256) the segment + frame
-tensors are 3.9 GB in float16 (7.9 GB in float32), on disk and in the page cache, not in the process's own memory. :class:`IndexWriter` writes
-an index batch by batch in bounded memory (one batch, the clip matrix and the caption texts).
+tensors are 3.9 GB in float16 (7.9 GB in float32), on disk and in the page cache, not in the process's own memory.
+:class:`IndexWriter` writes an index batch by batch in bounded memory (one batch, the clip matrix and the caption
+texts).
 
 Versions: 2 (this one) added ``unit_dtype``; version-1 indexes (all float32) load unchanged. Code that reads only
 version 1 refuses a version-2 index with a one-line "rebuild" error instead of scoring float16 tensors.
 
-The stored AudioEmbeddings are rebuilt for any subset of rows with :meth:`Index.audio_embeddings`, so the model's own ``score`` runs on them
-unchanged. The structure is recorded generically (class name + field -> array file), so the index does not hard-code
+The stored AudioEmbeddings are rebuilt for any subset of rows with :meth:`Index.audio_embeddings`, so the model's own
+``score`` runs on them unchanged. The structure is recorded generically (class name + field -> array file), so the index does not hard-code
 the model's field names; classes are only ever re-imported from inside the ``hci_atr`` package.
 """
 

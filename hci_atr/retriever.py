@@ -4,8 +4,8 @@ Stage 1 (retrieve): the query's sentence embedding against every clip-level embe
 an ``argpartition`` for the top ``retrieve_k`` (FAISS's exact inner-product index is used instead when the library
 is installed: ``pip install 'hci-atr[faiss]'``; results are the same). Opt-in scans for large indexes
 (``scan_backend``, ``serve.scan``): ``faiss-fp16`` (every clip, vectors held in float16; scores within ~1e-3) and
-``ivf`` (inverted lists; APPROXIMATE: a true top clip can be missed). Stage 2 (rerank): the model's full fused score (clip + segment + frame
-levels, plus the AC branch when on) on those K candidates only, from the segment/frame/generated-caption embeddings
+``ivf`` (inverted lists; APPROXIMATE: a true top clip can be missed). Stage 2 (rerank): the model's full fused score
+(clip + segment + frame levels, plus the AC branch when on) on those K candidates only, from the segment/frame/generated-caption embeddings
 stored in the index. Why two stages: the full score needs token-level interaction and costs O(K) model work, while
 the clip level is one matrix product over the whole collection.
 
@@ -199,6 +199,12 @@ def _slice(obj: Any, sl: slice) -> Any:
     return obj
 
 
+def _found(rows: np.ndarray, scores: np.ndarray, i: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Query ``i``'s rows and scores from a scan, without the ``-1`` slots an approximate (IVF) scan leaves when it
+    finds fewer rows than asked."""
+    keep = rows[i] >= 0
+    return rows[i][keep], scores[i][keep]
+
 
 def _final_order(full: np.ndarray | None, stage1: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions (into the stage-1 candidates) and scores of the final ``top_k``: by the full score when the
@@ -208,6 +214,7 @@ def _final_order(full: np.ndarray | None, stage1: np.ndarray, top_k: int) -> tup
         return order, stage1[order]
     order = np.argsort(-full, kind="stable")[:top_k]
     return order, full[order]
+
 
 class Retriever:
     """Text -> audio and audio -> audio/text search over an :class:`~hci_atr.index.Index` with a trained model."""
@@ -365,8 +372,8 @@ class Retriever:
         out = []
         for i in range(n):
             t3 = time.perf_counter()
-            keep = all_rows[i] >= 0  # an approximate (IVF) scan may return fewer rows than asked
-            rows, clip_scores = all_rows[i][keep][:k1s[i]], all_scores[i][keep][:k1s[i]]
+            rows, clip_scores = _found(all_rows, all_scores, i)
+            rows, clip_scores = rows[:k1s[i]], clip_scores[:k1s[i]]
             levels: dict[str, np.ndarray] = {}
             full = None
             if reranks[i] and len(rows):
@@ -406,11 +413,10 @@ class Retriever:
         qv = l2_normalize(emb.clip.float().cpu().numpy())[0]
         t1 = time.perf_counter()
         if target == "clips":
-            rows, scores = self.clip_scanner.search(qv, top_k)
-            keep = rows[0] >= 0  # an approximate (IVF) scan may return fewer rows than asked
+            rows, scores = _found(*self.clip_scanner.search(qv, top_k))
             t2 = time.perf_counter()
             hits = []
-            for rank, (r, sc) in enumerate(zip(rows[0][keep], scores[0][keep]), start=1):
+            for rank, (r, sc) in enumerate(zip(rows, scores), start=1):
                 m = self.index.meta(r)
                 hits.append(Hit(rank=rank, id=m["id"], score=float(sc), clip_score=float(sc), captions=m["captions"],
                                 generated_caption=m["generated_caption"], duration=m["duration"]))
@@ -420,8 +426,7 @@ class Retriever:
             return SearchResult([], {"encode_ms": (t1 - t0) * 1e3, "retrieve_ms": 0.0, "rerank_ms": 0.0,
                                      "total_ms": (t1 - t0) * 1e3})
         k1 = max(top_k, int(retrieve_k or self.retrieve_k)) if rerank else top_k
-        rows, cap_scores = self.caption_scanner.search(qv, k1)
-        rows, cap_scores = rows[0][rows[0] >= 0], cap_scores[0][rows[0] >= 0]
+        rows, cap_scores = _found(*self.caption_scanner.search(qv, k1))
         t2 = time.perf_counter()
         caps = self.index.captions
         if rerank and len(rows):

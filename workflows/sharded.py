@@ -58,6 +58,8 @@ LOCK_FILE = ".lock"
 TMP_MARK = ".tmp-"  # every temporary file in an output directory starts with "." and contains this
 ERROR_COLUMN = "error"  # result batches carry it: "" = row ok, else the reason the row failed
 
+# the fix for every "an actor and the driver do not see the same --out" error
+SHARED_OUT_HINT = "--out must be a directory every Ray node reads and writes (shared storage on a cluster)"
 ERROR_SCHEMA = pa.schema([("audio_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 # what an actor returns per finished shard: the temp file it wrote (a name in the output directory) and its failures
 SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("temp", pa.string()), ("rows", pa.int64()),
@@ -281,9 +283,8 @@ class ShardedOutput:
             schema = pq.read_schema(tmp)
             ids = pq.read_table(tmp, columns=["audio_id"])["audio_id"].to_pylist()
         except FileNotFoundError:
-            raise DataError(f"{tmp}: a pipeline actor wrote this shard but it is not visible to the driver; --out "
-                            f"must be a directory every Ray node reads and writes (shared storage on a cluster)") \
-                from None
+            raise DataError(f"{tmp}: a pipeline actor wrote this shard but it is not visible to the driver; "
+                            f"{SHARED_OUT_HINT}") from None
         if not schema.equals(self.schema):
             raise RuntimeError(f"shard {shard.index}: {tmp} has schema {schema}, expected {self.schema}")
         expected = [a for a in shard.audio_ids if a not in errors]
@@ -386,8 +387,8 @@ class ShardWorker:
                  batch_format: str):
         self.dir = Path(out_dir)
         if not self.dir.is_dir():
-            raise DataError(f"output directory {out_dir} does not exist on Ray node {socket.gethostname()}; --out "
-                            f"must be a directory every Ray node reads and writes (shared storage on a cluster)")
+            raise DataError(f"output directory {out_dir} does not exist on Ray node {socket.gethostname()}; "
+                            f"{SHARED_OUT_HINT}")
         self.schema = schema
         self.result_schema = schema.append(pa.field(ERROR_COLUMN, pa.string()))
         self.batch_size = max(1, int(batch_size))
@@ -415,8 +416,7 @@ class ShardWorker:
             temp = write_shard_temp(self.dir, shard, table.take(pa.array(good, type=pa.int64())), self.schema)
         except OSError as e:
             raise DataError(f"cannot write shard {shard.file_name} into {self.dir} on Ray node "
-                            f"{socket.gethostname()} ({e}); --out must be a directory every Ray node reads and "
-                            f"writes (shared storage on a cluster)") from None
+                            f"{socket.gethostname()} ({e}); {SHARED_OUT_HINT}") from None
         return {"shard": index, "temp": temp, "rows": len(good), "error_ids": list(errors),
                 "error_reasons": list(errors.values())}
 
