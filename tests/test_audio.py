@@ -11,7 +11,7 @@ import torchaudio
 from hci_atr.config import AudioConfig
 from hci_atr.data import audio
 from hci_atr.data.audio import (LOG_EPS, clip_features, clip_features_and_duration, crop_frames, load_audio, log_mel,
-                                mel_transform, n_frames, valid_frames)
+                                mel_transform, n_frames, valid_frames, PowerMelSpectrogram)
 from hci_atr.errors import AudioError
 
 CFG = AudioConfig(duration=2.0)
@@ -57,6 +57,19 @@ def test_log_mel_equals_torchaudio_directly():
                                                pad_mode="constant")(torch.from_numpy(wave))
     assert got.shape == (32000 // 320 + 1, 64) and got.dtype == torch.float32
     torch.testing.assert_close(got, torch.log(ref + LOG_EPS).T)
+
+
+@pytest.mark.parametrize("n_fft,win,hop,n_mels,sr", [(1024, 1024, 320, 64, 32000), (512, 400, 160, 80, 16000)])
+def test_power_mel_matches_torchaudio_melspectrogram(n_fft, win, hop, n_mels, sr):
+    """re² + im² of torchaudio's complex STFT + MelScale == MelSpectrogram(power=2), loud and quiet, batched."""
+    rng = np.random.default_rng(1)
+    wave = torch.from_numpy((rng.standard_normal((2, sr)) * np.array([[30.0], [1e-3]])).astype(np.float32))
+    got = PowerMelSpectrogram(sr, n_fft, win, hop, n_mels, 0.0, sr / 2)(wave)
+    ref = torchaudio.transforms.MelSpectrogram(sample_rate=sr, n_fft=n_fft, win_length=win, hop_length=hop,
+                                               f_min=0.0, f_max=sr / 2, n_mels=n_mels, power=2.0, center=True,
+                                               pad_mode="constant")(wave)
+    assert got.shape == ref.shape == (2, n_mels, sr // hop + 1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-9 * float(ref.max()))
 
 
 def test_mel_module_is_cached_per_config():

@@ -129,7 +129,9 @@ def write_shard_temp(out_dir: str | os.PathLike, shard: Shard, rows: pa.Table, s
     stray = [a for a in ids if a not in order]
     if stray:
         raise RuntimeError(f"shard {shard.index}: result row '{stray[0]}' is not one of its audio ids")
-    rows = rows.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), type=pa.int64()))
+    perm = sorted(range(len(ids)), key=lambda i: order[ids[i]])
+    if perm != list(range(len(ids))):  # a take copies every column (the mel lists too): only when out of order
+        rows = rows.take(pa.array(perm, type=pa.int64()))
     name = f".{shard.file_name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     tmp = Path(out_dir) / name
     try:
@@ -413,7 +415,8 @@ class ShardWorker:
         good = [i for i, r in enumerate(reasons) if not r]
         errors = {ids[i]: str(r) for i, r in enumerate(reasons) if r}
         try:
-            temp = write_shard_temp(self.dir, shard, table.take(pa.array(good, type=pa.int64())), self.schema)
+            rows = table if len(good) == table.num_rows else table.take(pa.array(good, type=pa.int64()))
+            temp = write_shard_temp(self.dir, shard, rows, self.schema)
         except OSError as e:
             raise DataError(f"cannot write shard {shard.file_name} into {self.dir} on Ray node "
                             f"{socket.gethostname()} ({e}); {SHARED_OUT_HINT}") from None

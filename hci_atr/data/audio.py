@@ -4,7 +4,8 @@ Choices (the same everywhere: feature extraction, training, serving):
 
 * Decoding uses ``soundfile`` (WAV, FLAC, OGG/Vorbis, and whatever else the bundled libsndfile reads). Channels are
   averaged to mono. Resampling uses ``torchaudio.functional.resample`` (windowed sinc).
-* Log-mel: ``torchaudio.transforms.MelSpectrogram`` with power 2 (power spectrogram), ``center=True`` and
+* Log-mel: what ``torchaudio.transforms.MelSpectrogram`` computes with power 2 (power spectrogram; taken from
+  torchaudio's complex STFT as re² + im², see :class:`PowerMelSpectrogram`), ``center=True`` and
   ``pad_mode="constant"`` (zero padding at the edges, so clips shorter than half an FFT window still work and the
   edges do not mirror content), then ``log(mel + 1e-6)``. A plain log with a small floor keeps the absolute level
   (a quiet clip stays quiet; a dB conversion with ``top_db`` would clip relative to each clip's own maximum) and
@@ -81,22 +82,43 @@ def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     return out.numpy().astype(np.float32, copy=False)
 
 
-# MelSpectrogram holds its filter bank and window; building it costs more than running it on a short clip, so one
+class PowerMelSpectrogram(torch.nn.Module):
+    """``torchaudio.transforms.MelSpectrogram(power=2.0)``, computed as torchaudio's complex STFT
+    (``transforms.Spectrogram(power=None)``), then ``re² + im²``, then ``transforms.MelScale``.
+
+    The same numbers up to float rounding (relative 1e-6), in about half the time on the CPU: torchaudio's own path
+    takes ``|z|`` (a complex ``abs``, computed as an overflow-safe hypot) and then squares it, and that ``abs`` was
+    1.2 of the 2.3 ms a 5 s / 32 kHz clip's log-mel cost here, more than the FFT itself.
+    """
+
+    def __init__(self, sample_rate: int, n_fft: int, win_length: int, hop_length: int, n_mels: int, f_min: float,
+                 f_max: float):
+        super().__init__()
+        self.spectrogram = torchaudio.transforms.Spectrogram(n_fft=n_fft, win_length=win_length,
+                                                             hop_length=hop_length, power=None, center=True,
+                                                             pad_mode="constant")
+        self.mel_scale = torchaudio.transforms.MelScale(n_mels=n_mels, sample_rate=sample_rate, f_min=f_min,
+                                                        f_max=f_max, n_stft=n_fft // 2 + 1)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``[..., N] -> [..., n_mels, T]`` mel power."""
+        z = self.spectrogram(wave)
+        return self.mel_scale(z.real.square() + z.imag.square())
+
+
+# The module holds its filter bank and window; building it costs more than running it on a short clip, so one
 # module per distinct front-end setting is built once and reused (it is stateless, so sharing across threads is safe).
 _MEL_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=16)
 def _mel_module(sample_rate: int, n_fft: int, win_length: int, hop_length: int, n_mels: int, f_min: float,
-                f_max: float, device: str = "cpu") -> torchaudio.transforms.MelSpectrogram:
-    return torchaudio.transforms.MelSpectrogram(
-        sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length, f_min=f_min,
-        f_max=f_max, n_mels=n_mels, power=2.0, center=True, pad_mode="constant",
-    ).to(device)
+                f_max: float, device: str = "cpu") -> PowerMelSpectrogram:
+    return PowerMelSpectrogram(sample_rate, n_fft, win_length, hop_length, n_mels, f_min, f_max).to(device)
 
 
-def mel_transform(audio_cfg: AudioConfig, device: str = "cpu") -> torchaudio.transforms.MelSpectrogram:
-    """The cached MelSpectrogram for ``audio_cfg`` on ``device`` (``f_max`` capped at Nyquist)."""
+def mel_transform(audio_cfg: AudioConfig, device: str = "cpu") -> PowerMelSpectrogram:
+    """The cached mel spectrogram module for ``audio_cfg`` on ``device`` (``f_max`` capped at Nyquist)."""
     f_max = min(float(audio_cfg.f_max), audio_cfg.sample_rate / 2.0)
     with _MEL_LOCK:
         return _mel_module(audio_cfg.sample_rate, audio_cfg.n_fft, audio_cfg.win_length, audio_cfg.hop_length,
