@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=96)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rows-per-shard", type=int, default=32)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per worker count, interleaved (1, 2, 1, 2, ...); the best run of each is reported")
@@ -92,7 +93,7 @@ def main() -> None:
 
     def features_cfg(w: int):
         return Config().override({"pipeline.num_workers": w, "pipeline.batch_size": args.batch_size,
-                                  "pipeline.rows_per_shard": 32, "audio.duration": args.seconds})
+                                  "pipeline.rows_per_shard": args.rows_per_shard, "audio.duration": args.seconds})
 
     if "caption" in todo or "features" in todo:  # the nearest captioner's bank: the first features run
         bank = tmp / "features_bank"
@@ -112,13 +113,13 @@ def main() -> None:
         for r in range(args.repeats):
             for w in workers:
                 cfg = Config().override({"pipeline.num_workers": w, "pipeline.batch_size": args.batch_size,
-                                         "pipeline.rows_per_shard": 32})
+                                         "pipeline.rows_per_shard": args.rows_per_shard})
                 timed("caption-all nearest", w, tmp / "captions",
                       lambda out: caption_all(data, out, captioner="nearest", model=str(model_dir),
                                               params={"features": str(bank)}, cfg=cfg, progress=False))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average (1 min) before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}")
-    print(f"{args.clips} clips x {args.seconds:g} s, batch {args.batch_size}, 32 rows per shard"
+    print(f"{args.clips} clips x {args.seconds:g} s, batch {args.batch_size}, {args.rows_per_shard} rows per shard"
           + (f", best of {args.repeats} interleaved runs" if args.repeats > 1 else ""))
     for k, label in ((0, ""), (1, " after start-up")):
         for name, by_w in runs.items():

@@ -35,8 +35,10 @@ Backends (``build_captioner(name, model, device, **params)``):
 
 ``nearest`` -- the offline default: no captioning model at all, but a trained hci-atr model
     (``HciAtrModel.from_pretrained(model)``) and the training feature shards (``features=`` a parquet directory,
-    schema in docs/architecture.md). At construction it embeds every training clip's mel (clip level, [N, D]) and
-    every training caption (sentence level). For an input clip it computes the mel from ``audio_path`` with the
+    schema in docs/architecture.md). Its caption bank (:class:`NearestBank`) is every training clip's mel embedded at
+    clip level ([N, D]) and every training caption at sentence level: given to the constructor (``bank=``; the
+    caption-all pipeline embeds it once with :class:`BankEmbedder` across its workers) or embedded at construction.
+    For an input clip it computes the mel from ``audio_path`` with the
     model's saved audio config, embeds it, and returns a caption of the TRAINING clip with the highest clip-level
     audio-audio cosine similarity, leave-one-out: a training clip with the same ``audio_id`` is never chosen, and
     (``exclude_own_captions``, default True) neither is a caption equal (normalised) to one of the row's own
@@ -53,6 +55,7 @@ import math
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -501,55 +504,99 @@ class AudioCaptioner(Captioner):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class NearestCaptioner(Captioner):
-    name = "nearest"
-    defaults = {"features": None, "split": "train", "embed_batch_size": 32, "exclude_own_captions": True}
+@dataclass
+class NearestBank:
+    """What the ``nearest`` backend picks from: the training clips' ``ids`` (sorted), their ``captions``, clip-level
+    audio embeddings ``audio`` [N, D] and the captions' sentence embeddings ``text`` [C, D] (captions flattened in
+    clip order), all L2-normalised, from one hci-atr model.
 
-    def __init__(self, model: str | None, device: str = "cpu", **params: Any) -> None:
-        super().__init__(model, device, **params)
-        if not self.model_ref:
-            raise CaptionerError("captioner 'nearest' needs a model: the directory of a trained hci-atr model "
-                                 "(written by HciAtrModel.save_pretrained, e.g. by `hci-atr train`)")
-        mdir = Path(self.model_ref)
-        if not mdir.is_dir():
-            raise CaptionerError(f"captioner 'nearest': model directory {mdir} not found; pass the directory of a "
-                                 f"trained hci-atr model (model.safetensors + config.yaml)")
-        if not self.params["features"]:
-            raise CaptionerError("captioner 'nearest' needs features=<dir>: the training feature shards written "
-                                 "by `hci-atr extract-features`")
+    Built whole by :meth:`NearestCaptioner.__init__` when none is given, or in parts by :class:`BankEmbedder` (the
+    caption-all pipeline embeds the bank once, spread over its workers, and hands the result to every actor) and
+    joined with :meth:`from_tables`.
+    """
+
+    ids: list[str]
+    captions: list[list[str]]
+    audio: Any  # torch.Tensor [N, D]
+    text: Any  # torch.Tensor [C, D]
+
+    COLUMNS = ("audio_id", "captions", "audio_embedding", "text_embedding")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_table(self):
+        """As a pyarrow table, one row per clip: the :data:`COLUMNS`; ``text_embedding`` holds the clip's captions'
+        [k, D] embeddings flattened."""
+        import pyarrow as pa
+
+        counts = [len(c) for c in self.captions]
+        text = np.asarray(self.text, dtype=np.float32)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        return pa.table({
+            "audio_id": pa.array(self.ids, pa.string()),
+            "captions": pa.array(self.captions, pa.list_(pa.string())),
+            "audio_embedding": pa.array(list(np.asarray(self.audio, dtype=np.float32)), pa.list_(pa.float32())),
+            "text_embedding": pa.array([text[starts[i]:starts[i + 1]].reshape(-1) for i in range(len(counts))],
+                                       pa.list_(pa.float32())),
+        })
+
+    @classmethod
+    def from_tables(cls, tables: Sequence[Any]) -> "NearestBank":
+        """Join :meth:`to_table` parts (any order) into one bank, clips sorted by ``audio_id``."""
+        import pyarrow as pa
         import torch
 
-        from hci_atr.models.model import HciAtrModel
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            raise CaptionerError("captioner 'nearest': the caption bank is empty (no training clip with a caption)")
+        t = pa.concat_tables([t.select(list(cls.COLUMNS)) for t in tables])
+        cols = t.to_pydict()
+        order = sorted(range(t.num_rows), key=lambda i: cols["audio_id"][i])
+        ids = [cols["audio_id"][i] for i in order]
+        if len(set(ids)) != len(ids):
+            raise CaptionerError("captioner 'nearest': an audio_id appears twice in the training features")
+        captions = [list(cols["captions"][i]) for i in order]
+        audio = torch.tensor(np.asarray([cols["audio_embedding"][i] for i in order], dtype=np.float32))
+        dim = audio.shape[1]
+        text = torch.tensor(np.concatenate([np.asarray(cols["text_embedding"][i], dtype=np.float32).reshape(-1, dim)
+                                            for i in order]))
+        if text.shape[0] != sum(len(c) for c in captions):
+            raise CaptionerError("captioner 'nearest': caption bank parts disagree (captions vs embeddings)")
+        return cls(ids, captions, audio, text)
 
-        try:
-            self.model = HciAtrModel.from_pretrained(str(mdir))
-        except HciAtrError as e:
-            raise CaptionerError(f"captioner 'nearest': cannot load the hci-atr model in {mdir}: {e}") from None
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise CaptionerError(f"captioner 'nearest': cannot load the hci-atr model in {mdir} ({one_line(e)}); "
-                                 f"pass a directory written by HciAtrModel.save_pretrained") from None
-        self.torch_device = _torch_device(device)
-        self.model.to(self.torch_device).eval()
-        self.audio_cfg = self.model.cfg.audio
-        ids, captions, mels = _read_feature_bank(Path(str(self.params["features"])), str(self.params["split"]))
-        self.bank_ids = ids
-        self.bank_captions = captions
-        with torch.no_grad():
-            # [N, D] clip-level embeddings of the training clips, L2-normalised (cosine = dot product)
-            self.bank_audio = self._embed_mels(mels)
-            flat = [c for caps in captions for c in caps]
-            self.caption_owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
-            self.bank_text = self.model.embed_text(flat, int(self.params["embed_batch_size"])).float().cpu()  # [C, D]
-        self.bank_norm = [[normalize_caption(c) for c in caps] for caps in captions]
-        self.id_to_index = {a: i for i, a in enumerate(ids)}
 
-    def _embed_mels(self, mels: list[np.ndarray]):
-        """Clip embeddings [len(mels), D] (normalised); mels of different lengths are padded and masked."""
-        import torch
-        import torch.nn.functional as F
+def _load_hci_model(model: str | None, device: str):
+    """The trained hci-atr model in directory ``model`` on ``device``, in eval mode; :class:`CaptionerError` with
+    what to fix when it is missing or not one."""
+    if not model:
+        raise CaptionerError("captioner 'nearest' needs a model: the directory of a trained hci-atr model "
+                             "(written by HciAtrModel.save_pretrained, e.g. by `hci-atr train`)")
+    mdir = Path(model)
+    if not mdir.is_dir():
+        raise CaptionerError(f"captioner 'nearest': model directory {mdir} not found; pass the directory of a "
+                             f"trained hci-atr model (model.safetensors + config.yaml)")
+    from hci_atr.models.model import HciAtrModel
 
-        out = []
-        bs = max(1, int(self.params["embed_batch_size"]))
+    try:
+        net = HciAtrModel.from_pretrained(str(mdir))
+    except HciAtrError as e:
+        raise CaptionerError(f"captioner 'nearest': cannot load the hci-atr model in {mdir}: {e}") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CaptionerError(f"captioner 'nearest': cannot load the hci-atr model in {mdir} ({one_line(e)}); "
+                             f"pass a directory written by HciAtrModel.save_pretrained") from None
+    return net.to(_torch_device(device)).eval()
+
+
+def _embed_mels(model, mels: list[np.ndarray], batch_size: int):
+    """Clip embeddings [len(mels), D] (normalised) on the CPU; mels of different lengths are padded and masked."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    out = []
+    bs = max(1, int(batch_size))
+    with torch.no_grad():
         for k in range(0, len(mels), bs):
             chunk = mels[k:k + bs]
             t_max = max(m.shape[0] for m in chunk)
@@ -558,9 +605,69 @@ class NearestCaptioner(Captioner):
             for j, m in enumerate(chunk):
                 mel[j, :m.shape[0]] = torch.from_numpy(np.asarray(m, dtype=np.float32))
                 mask[j, :m.shape[0]] = True
-            emb = self.model.encode_audio(mel.to(self.torch_device), mask.to(self.torch_device))
+            emb = model.encode_audio(mel.to(device), mask.to(device))
             out.append(F.normalize(emb.clip.float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 1)
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.model.embed_dim)
+
+
+def _embed_bank(model, ids: list[str], captions: list[list[str]], mels: list[np.ndarray],
+                batch_size: int) -> NearestBank:
+    import torch
+
+    with torch.no_grad():
+        audio = _embed_mels(model, mels, batch_size)  # [N, D] clip level
+        flat = [c for caps in captions for c in caps]
+        text = model.embed_text(flat, max(1, int(batch_size))).float().cpu()  # [C, D] sentence level
+    return NearestBank(list(ids), [list(c) for c in captions], audio, text)
+
+
+class BankEmbedder:
+    """Ray Data callable class: feature-shard rows (``audio_id, split, captions, n_frames, n_mels, mel``, a pyarrow
+    batch) -> their :class:`NearestBank` part as a table (:meth:`NearestBank.to_table`). Rows of other splits and
+    rows without a caption are dropped; a malformed mel raises :class:`CaptionerError`."""
+
+    def __init__(self, model: str, device: str = "cpu", split: str = "train", embed_batch_size: int = 32,
+                 source: str = "the training features"):
+        self.model = _load_hci_model(model, device)
+        self.split = str(split)
+        self.batch_size = int(embed_batch_size)
+        self.source = source
+
+    def __call__(self, batch):
+        ids, caps, mels = _bank_rows(batch.to_pydict(), self.split, self.source)
+        return _embed_bank(self.model, ids, caps, mels, self.batch_size).to_table()
+
+
+class NearestCaptioner(Captioner):
+    name = "nearest"
+    defaults = {"features": None, "split": "train", "embed_batch_size": 32, "exclude_own_captions": True}
+
+    def __init__(self, model: str | None, device: str = "cpu", bank: NearestBank | None = None,
+                 **params: Any) -> None:
+        """``bank``: the caption bank already embedded with this model (the pipeline builds it once for all its
+        actors); None embeds it here from ``features``."""
+        super().__init__(model, device, **params)
+        if not self.model_ref:
+            _load_hci_model(None, device)  # raises: says what a model is
+        if not self.params["features"]:
+            raise CaptionerError("captioner 'nearest' needs features=<dir>: the training feature shards written "
+                                 "by `hci-atr extract-features`")
+        self.model = _load_hci_model(self.model_ref, device)
+        self.audio_cfg = self.model.cfg.audio
+        if bank is None:
+            ids, captions, mels = _read_feature_bank(Path(str(self.params["features"])), str(self.params["split"]))
+            bank = _embed_bank(self.model, ids, captions, mels, int(self.params["embed_batch_size"]))
+        self.bank_ids = bank.ids
+        self.bank_captions = bank.captions
+        self.bank_audio = bank.audio  # [N, D] clip-level embeddings of the training clips, normalised
+        self.bank_text = bank.text  # [C, D]
+        self.caption_owner = np.repeat(np.arange(len(bank.captions)), [len(c) for c in bank.captions])
+        self.bank_norm = [[normalize_caption(c) for c in caps] for caps in bank.captions]
+        self.id_to_index = {a: i for i, a in enumerate(bank.ids)}
+
+    def _embed_mels(self, mels: list[np.ndarray]):
+        """Clip embeddings [len(mels), D] (normalised); mels of different lengths are padded and masked."""
+        return _embed_mels(self.model, mels, int(self.params["embed_batch_size"]))
 
     def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
         import torch
@@ -629,23 +736,30 @@ def _read_feature_bank(path: Path, split: str) -> tuple[list[str], list[list[str
     if table.num_rows == 0:
         raise CaptionerError(f"captioner 'nearest': features in {path} have no rows with split '{split}'; "
                              f"extract features for the training split or set split=<name>")
-    cols = table.to_pydict()
+    ids, caps, mels = _bank_rows(table.to_pydict(), split, str(path))
+    if not ids:
+        raise CaptionerError(f"captioner 'nearest': no '{split}' row in {path} has a caption")
+    return ids, caps, mels
+
+
+def _bank_rows(cols: dict[str, list], split: str, source: str) -> tuple[list[str], list[list[str]], list[np.ndarray]]:
+    """The ``split`` rows of feature-shard columns that have a caption: (audio_ids, captions, mel [T, M] each)."""
     ids, caps, mels = [], [], []
-    for r in range(table.num_rows):
+    for r in range(len(cols["audio_id"])):
+        if str(cols["split"][r]) != split:
+            continue
         c = [str(x) for x in (cols["captions"][r] or []) if x and str(x).strip()]
         if not c:
             continue  # a training clip without captions cannot lend one
         t, m = int(cols["n_frames"][r]), int(cols["n_mels"][r])
         mel = np.asarray(cols["mel"][r], dtype=np.float32)
         if mel.size != t * m or t < 1:
-            raise CaptionerError(f"captioner 'nearest': features in {path}, audio_id {cols['audio_id'][r]}: "
+            raise CaptionerError(f"captioner 'nearest': features in {source}, audio_id {cols['audio_id'][r]}: "
                                  f"mel has {mel.size} values, expected n_frames*n_mels = {t}*{m}; "
                                  f"re-run `hci-atr extract-features`")
         ids.append(str(cols["audio_id"][r]))
         caps.append(c)
         mels.append(mel.reshape(t, m))
-    if not ids:
-        raise CaptionerError(f"captioner 'nearest': no '{split}' row in {path} has a caption")
     return ids, caps, mels
 
 

@@ -324,3 +324,40 @@ def test_nearest_setup_errors(nearest_setup, tmp_path):
         build_captioner("nearest", str(s["model"]), features=str(tmp_path / "nofeat"))
     with pytest.raises(CaptionerError, match="no rows with split 'development'"):
         build_captioner("nearest", str(s["model"]), features=str(s["features"]), split="development")
+
+
+def test_bank_built_in_parts_equals_the_backends_own_bank(nearest_setup, tmp_path):
+    """What caption-all does for nearest: BankEmbedder on slices of the feature rows (any order), parts joined by
+    NearestBank.from_tables, handed to the backend, which then never reads the features directory."""
+    import pyarrow as pa
+    import torch
+
+    from hci_atr.captioners import BankEmbedder, NearestBank
+
+    s = nearest_setup
+    own = build_captioner("nearest", str(s["model"]), features=str(s["features"]))
+    embed = BankEmbedder(str(s["model"]), split="train", embed_batch_size=2, source="test rows")
+    table = pa.Table.from_pylist(s["rows"])
+    parts = [embed(table.slice(4, 2)), embed(table.slice(0, 4))]  # the val row is dropped; order does not matter
+    assert [p.num_rows for p in parts] == [1, 4]
+    bank = NearestBank.from_tables(parts)
+    assert bank.ids == own.bank_ids == list(TRAIN_TONES)
+    assert bank.captions == own.bank_captions
+    torch.testing.assert_close(bank.audio, own.bank_audio, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bank.text, own.bank_text, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(bank.audio.norm(dim=1), torch.ones(len(bank)), atol=1e-5)
+    # a round trip through the table form keeps everything
+    again = NearestBank.from_tables([bank.to_table()])
+    assert again.ids == bank.ids and torch.equal(again.audio, bank.audio) and torch.equal(again.text, bank.text)
+
+    given = build_captioner("nearest", str(s["model"]), features=str(tmp_path / "never_read"), bank=bank)
+    rows = dict(audio_id=["v_dup", "t0"], audio_path=[s["dup"], s["rows"][0]["audio_path"]],
+                captions=[["unrelated"], s["rows"][0]["captions"]])
+    assert list(given(_batch(**rows))["generated_caption"]) == list(own(_batch(**rows))["generated_caption"])
+
+    with pytest.raises(CaptionerError, match="caption bank is empty"):
+        NearestBank.from_tables([embed(table.slice(5, 1))])  # only the val row: nothing to lend
+    bad = table.slice(0, 1).set_column(table.schema.get_field_index("n_frames"), "n_frames",
+                                       pa.array([3], pa.int64()))
+    with pytest.raises(CaptionerError, match="audio_id t0: mel has .* values, expected n_frames"):
+        embed(bad)

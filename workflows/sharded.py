@@ -58,6 +58,8 @@ LOCK_FILE = ".lock"
 TMP_MARK = ".tmp-"  # every temporary file in an output directory starts with "." and contains this
 ERROR_COLUMN = "error"  # result batches carry it: "" = row ok, else the reason the row failed
 
+# shards queued at each pipeline actor at once (one runs, the rest wait there, so the actor never waits for the driver)
+TASKS_IN_FLIGHT = 4
 # the fix for every "an actor and the driver do not see the same --out" error
 SHARED_OUT_HINT = "--out must be a directory every Ray node reads and writes (shared storage on a cluster)"
 ERROR_SCHEMA = pa.schema([("audio_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
@@ -377,6 +379,17 @@ def _result_table(result, schema: pa.Schema) -> pa.Table:
     return result.select(schema.names).cast(schema)
 
 
+def _resolve_refs(kwargs: dict) -> dict:
+    """``kwargs`` with each Ray ``ObjectRef`` value replaced by its object: what the driver computed once and put in
+    the object store for every actor (the nearest backend's embedded caption bank)."""
+    refs = {k: v for k, v in kwargs.items() if type(v).__name__ == "ObjectRef"}
+    if not refs:
+        return kwargs
+    import ray
+
+    return {**kwargs, **dict(zip(refs, ray.get(list(refs.values()))))}
+
+
 class ShardWorker:
     """Ray Data actor: computes whole shards with ``fn_cls`` and writes each to its temp file in ``out_dir``.
 
@@ -395,7 +408,7 @@ class ShardWorker:
         self.result_schema = schema.append(pa.field(ERROR_COLUMN, pa.string()))
         self.batch_size = max(1, int(batch_size))
         self.batch_format = batch_format
-        self.fn = fn_cls(**fn_kwargs)
+        self.fn = fn_cls(**_resolve_refs(fn_kwargs))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = [self.run_shard(int(k), json.loads(rows))
@@ -443,8 +456,11 @@ def map_pending(records, output: ShardedOutput, fn_cls, fn_kwargs: dict, pipelin
         fn_constructor_kwargs={"fn_cls": fn_cls, "fn_kwargs": fn_kwargs, "out_dir": str(output.dir.resolve()),
                                "schema": output.schema, "batch_size": pipeline.batch_size,
                                "batch_format": batch_format},
-        # no more actors than shards: each actor pays its start-up (imports, model load) before its first shard
-        compute=ray.data.ActorPoolStrategy(size=min(pipeline.num_workers, len(items))),
+        # no more actors than shards: each actor pays its start-up (imports, model load) before its first shard.
+        # Up to TASKS_IN_FLIGHT shards queued per actor: with Ray Data's default (2) an actor often finished its
+        # shard with nothing queued and idled until the executor's next 0.1 s poll (BENCHMARKS.md)
+        compute=ray.data.ActorPoolStrategy(size=min(pipeline.num_workers, len(items)),
+                                           max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
         batch_size=1,  # one shard per call
         batch_format="pyarrow",
         num_cpus=1,
