@@ -45,7 +45,10 @@ Backends (``build_captioner(name, model, device, **params)``):
     captions, so a clip never gets its own reference captions back. Of the chosen clip's captions, the one whose
     sentence embedding is closest to the input clip's audio embedding is returned.
     Params: ``features`` (required); ``split`` ("train") the feature rows used as the caption bank;
-    ``embed_batch_size`` (32); ``exclude_own_captions`` (True).
+    ``embed_batch_size`` (32); ``exclude_own_captions`` (True); ``reuse_bank_embeddings`` (True): an input clip
+    that is a bank clip (same ``audio_id`` and ``audio_path``) takes its bank embedding instead of being decoded and
+    embedded again, when the feature directory's manifest shows the model's audio front end (then the mel is the
+    same; the clip's audio was read when its features were extracted).
 """
 
 from __future__ import annotations
@@ -519,8 +522,12 @@ class NearestBank:
     captions: list[list[str]]
     audio: Any  # torch.Tensor [N, D]
     text: Any  # torch.Tensor [C, D]
+    paths: list[str]  # each clip's audio_path as the feature shards record it
+    # the audio front end the bank's mels were computed with (the feature directory's manifest), or None if unknown:
+    # when it equals the model's, a query clip with the same id and audio_path has exactly the bank's mel
+    mel_config: dict | None = None
 
-    COLUMNS = ("audio_id", "captions", "audio_embedding", "text_embedding")
+    COLUMNS = ("audio_id", "audio_path", "captions", "audio_embedding", "text_embedding")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -535,6 +542,7 @@ class NearestBank:
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         return pa.table({
             "audio_id": pa.array(self.ids, pa.string()),
+            "audio_path": pa.array(self.paths, pa.string()),
             "captions": pa.array(self.captions, pa.list_(pa.string())),
             "audio_embedding": pa.array(list(np.asarray(self.audio, dtype=np.float32)), pa.list_(pa.float32())),
             "text_embedding": pa.array([text[starts[i]:starts[i + 1]].reshape(-1) for i in range(len(counts))],
@@ -542,7 +550,7 @@ class NearestBank:
         })
 
     @classmethod
-    def from_tables(cls, tables: Sequence[Any]) -> "NearestBank":
+    def from_tables(cls, tables: Sequence[Any], mel_config: dict | None = None) -> "NearestBank":
         """Join :meth:`to_table` parts (any order) into one bank, clips sorted by ``audio_id``."""
         import pyarrow as pa
         import torch
@@ -563,7 +571,7 @@ class NearestBank:
                                             for i in order]))
         if text.shape[0] != sum(len(c) for c in captions):
             raise CaptionerError("captioner 'nearest': caption bank parts disagree (captions vs embeddings)")
-        return cls(ids, captions, audio, text)
+        return cls(ids, captions, audio, text, [cols["audio_path"][i] for i in order], mel_config)
 
 
 def _load_hci_model(model: str | None, device: str):
@@ -610,37 +618,55 @@ def _embed_mels(model, mels: list[np.ndarray], batch_size: int):
     return torch.cat(out) if out else torch.zeros(0, model.cfg.model.embed_dim)
 
 
-def _embed_bank(model, ids: list[str], captions: list[list[str]], mels: list[np.ndarray],
-                batch_size: int) -> NearestBank:
+def _embed_bank(model, ids: list[str], paths: list[str], captions: list[list[str]], mels: list[np.ndarray],
+                batch_size: int, mel_config: dict | None = None) -> NearestBank:
     import torch
 
     with torch.no_grad():
         audio = _embed_mels(model, mels, batch_size)  # [N, D] clip level
         flat = [c for caps in captions for c in caps]
         text = model.embed_text(flat, max(1, int(batch_size))).float().cpu()  # [C, D] sentence level
-    return NearestBank(list(ids), [list(c) for c in captions], audio, text)
+    return NearestBank(list(ids), [list(c) for c in captions], audio, text, list(paths), mel_config)
+
+
+BANK_COLUMNS = ["audio_id", "split", "audio_path", "captions", "n_frames", "n_mels", "mel"]  # what the bank reads of a shard
 
 
 class BankEmbedder:
-    """Ray Data callable class: feature-shard rows (``audio_id, split, captions, n_frames, n_mels, mel``, a pyarrow
-    batch) -> their :class:`NearestBank` part as a table (:meth:`NearestBank.to_table`). Rows of other splits and
-    rows without a caption are dropped; a malformed mel raises :class:`CaptionerError`."""
+    """Ray Data callable class: a batch of feature-shard file paths (column ``path``) -> the :class:`NearestBank` part
+    of their ``split`` rows, as a table (:meth:`NearestBank.to_table`). The actor reads the files itself, so the mels
+    never cross the object store. Rows without a caption are dropped; a malformed mel raises
+    :class:`CaptionerError`."""
 
-    def __init__(self, model: str, device: str = "cpu", split: str = "train", embed_batch_size: int = 32,
-                 source: str = "the training features"):
+    def __init__(self, model: str, device: str = "cpu", split: str = "train", embed_batch_size: int = 32):
         self.model = _load_hci_model(model, device)
         self.split = str(split)
         self.batch_size = int(embed_batch_size)
-        self.source = source
 
     def __call__(self, batch):
-        ids, caps, mels = _bank_rows(batch.to_pydict(), self.split, self.source)
-        return _embed_bank(self.model, ids, caps, mels, self.batch_size).to_table()
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = []
+        for path in batch["path"].to_pylist():
+            try:
+                rows = pq.read_table(path, columns=BANK_COLUMNS)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+                raise CaptionerError(f"captioner 'nearest': cannot read feature shard {path} ({one_line(e)})") \
+                    from None
+            parts.append(self.embed_rows(rows, path))
+        return pa.concat_tables(parts)
+
+    def embed_rows(self, rows, source: str):
+        """Feature-shard rows (a pyarrow table with :data:`BANK_COLUMNS`) -> their bank part as a table."""
+        ids, paths, caps, mels = _bank_rows(rows.to_pydict(), self.split, source)
+        return _embed_bank(self.model, ids, paths, caps, mels, self.batch_size).to_table()
 
 
 class NearestCaptioner(Captioner):
     name = "nearest"
-    defaults = {"features": None, "split": "train", "embed_batch_size": 32, "exclude_own_captions": True}
+    defaults = {"features": None, "split": "train", "embed_batch_size": 32, "exclude_own_captions": True,
+                "reuse_bank_embeddings": True}
 
     def __init__(self, model: str | None, device: str = "cpu", bank: NearestBank | None = None,
                  **params: Any) -> None:
@@ -655,8 +681,15 @@ class NearestCaptioner(Captioner):
         self.model = _load_hci_model(self.model_ref, device)
         self.audio_cfg = self.model.cfg.audio
         if bank is None:
-            ids, captions, mels = _read_feature_bank(Path(str(self.params["features"])), str(self.params["split"]))
-            bank = _embed_bank(self.model, ids, captions, mels, int(self.params["embed_batch_size"]))
+            features = Path(str(self.params["features"]))
+            ids, paths, captions, mels = _read_feature_bank(features, str(self.params["split"]))
+            bank = _embed_bank(self.model, ids, paths, captions, mels, int(self.params["embed_batch_size"]),
+                               features_mel_config(features))
+        # a query clip that is a bank clip (same id, same file) has the bank's mel when the front ends agree: its
+        # embedding is the bank's row, no need to decode and embed it again
+        self.reuse = (bool(self.params["reuse_bank_embeddings"]) and bank.mel_config is not None
+                      and bank.mel_config == _mel_config(self.audio_cfg))
+        self.bank_paths = bank.paths
         self.bank_ids = bank.ids
         self.bank_captions = bank.captions
         self.bank_audio = bank.audio  # [N, D] clip-level embeddings of the training clips, normalised
@@ -674,16 +707,31 @@ class NearestCaptioner(Captioner):
 
         ids = [str(a) for a in _column(batch, "audio_id", n)]
         own = _column(batch, "captions", n)
-        mels, errors, seconds = _decode_rows(  # [T, n_mels] each
-            _column(batch, "audio_path", n),
-            lambda path: np.asarray(clip_features(path, self.audio_cfg), dtype=np.float32))
+        paths = [_text(p) for p in _column(batch, "audio_path", n)]
+        in_bank = {}  # row -> bank index, for rows whose embedding is the bank's
+        if self.reuse:
+            for i in range(n):
+                j = self.id_to_index.get(ids[i])
+                if j is not None and paths[i] and self.bank_paths[j] == paths[i]:
+                    in_bank[i] = j
+        todo = [i for i in range(n) if i not in in_bank]
+        decoded, errs, secs = _decode_rows(  # [T, n_mels] each
+            [paths[i] for i in todo], lambda path: np.asarray(clip_features(path, self.audio_cfg), dtype=np.float32))
+        mels, errors, seconds = [None] * n, [""] * n, [0.0] * n
+        for k, i in enumerate(todo):
+            mels[i], errors[i], seconds[i] = decoded[k], errs[k], secs[k]
         ok = [i for i in range(n) if not errors[i]]
         captions = [""] * n
         if ok:
             t0 = time.perf_counter()
             try:
                 with torch.no_grad():
-                    query = self._embed_mels([mels[i] for i in ok])  # [B, D]
+                    fresh = [i for i in ok if i not in in_bank]
+                    query = torch.zeros(len(ok), self.bank_audio.shape[1])  # [B, D]
+                    if fresh:
+                        query[[ok.index(i) for i in fresh]] = self._embed_mels([mels[i] for i in fresh])
+                    for i, j in in_bank.items():
+                        query[ok.index(i)] = self.bank_audio[j]
                 sim_audio = (query @ self.bank_audio.T).numpy()  # [B, N] clip-level audio-audio cosine
                 sim_text = (query @ self.bank_text.T).numpy()  # [B, C] audio-caption cosine
                 for row, i in enumerate(ok):
@@ -714,14 +762,15 @@ class NearestCaptioner(Captioner):
         return "", "no training clip other than this one has a usable caption"
 
 
-def _read_feature_bank(path: Path, split: str) -> tuple[list[str], list[list[str]], list[np.ndarray]]:
-    """Read the training rows of a feature-shard directory: (audio_ids, captions per clip, mel [T, M] per clip)."""
+def _read_feature_bank(path: Path, split: str) -> tuple[list[str], list[str], list[list[str]], list[np.ndarray]]:
+    """Read the training rows of a feature-shard directory: (audio_ids, audio_paths, captions per clip,
+    mel [T, M] per clip)."""
     import pyarrow.dataset as pds
 
     if not path.exists():
         raise CaptionerError(f"captioner 'nearest': features directory {path} not found; run "
                              f"`hci-atr extract-features` first or pass features=<dir>")
-    need = ["audio_id", "split", "captions", "n_frames", "n_mels", "mel"]
+    need = BANK_COLUMNS
     try:
         ds = pds.dataset(str(path), format="parquet")
         missing = [c for c in need if c not in ds.schema.names]
@@ -736,15 +785,34 @@ def _read_feature_bank(path: Path, split: str) -> tuple[list[str], list[list[str
     if table.num_rows == 0:
         raise CaptionerError(f"captioner 'nearest': features in {path} have no rows with split '{split}'; "
                              f"extract features for the training split or set split=<name>")
-    ids, caps, mels = _bank_rows(table.to_pydict(), split, str(path))
+    ids, paths, caps, mels = _bank_rows(table.to_pydict(), split, str(path))
     if not ids:
         raise CaptionerError(f"captioner 'nearest': no '{split}' row in {path} has a caption")
-    return ids, caps, mels
+    return ids, paths, caps, mels
 
 
-def _bank_rows(cols: dict[str, list], split: str, source: str) -> tuple[list[str], list[list[str]], list[np.ndarray]]:
-    """The ``split`` rows of feature-shard columns that have a caption: (audio_ids, captions, mel [T, M] each)."""
-    ids, caps, mels = [], [], []
+def _mel_config(audio_cfg) -> dict:
+    """An audio config as the plain dict a feature manifest stores (``dataclasses.asdict`` through JSON)."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(audio_cfg)))
+
+
+def features_mel_config(path: str | os.PathLike) -> dict | None:
+    """The audio front end a feature directory was written with (its ``_SUCCESS`` manifest's ``audio``), or None
+    when the directory has no readable manifest (an unfinished or foreign one)."""
+    try:
+        audio = json.loads((Path(path) / "_SUCCESS").read_text(encoding="utf-8")).get("audio")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return audio if isinstance(audio, dict) else None
+
+
+def _bank_rows(cols: dict[str, list], split: str,
+               source: str) -> tuple[list[str], list[str], list[list[str]], list[np.ndarray]]:
+    """The ``split`` rows of feature-shard columns that have a caption: (audio_ids, audio_paths, captions,
+    mel [T, M] each)."""
+    ids, paths, caps, mels = [], [], [], []
     for r in range(len(cols["audio_id"])):
         if str(cols["split"][r]) != split:
             continue
@@ -758,9 +826,10 @@ def _bank_rows(cols: dict[str, list], split: str, source: str) -> tuple[list[str
                                  f"mel has {mel.size} values, expected n_frames*n_mels = {t}*{m}; "
                                  f"re-run `hci-atr extract-features`")
         ids.append(str(cols["audio_id"][r]))
+        paths.append(str(cols["audio_path"][r] or ""))
         caps.append(c)
         mels.append(mel.reshape(t, m))
-    return ids, caps, mels
+    return ids, paths, caps, mels
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -336,10 +336,10 @@ def test_bank_built_in_parts_equals_the_backends_own_bank(nearest_setup, tmp_pat
 
     s = nearest_setup
     own = build_captioner("nearest", str(s["model"]), features=str(s["features"]))
-    embed = BankEmbedder(str(s["model"]), split="train", embed_batch_size=2, source="test rows")
+    embed = BankEmbedder(str(s["model"]), split="train", embed_batch_size=2)
     table = pa.Table.from_pylist(s["rows"])
-    parts = [embed(table.slice(4, 2)), embed(table.slice(0, 4))]  # the val row is dropped; order does not matter
-    assert [p.num_rows for p in parts] == [1, 4]
+    parts = [embed.embed_rows(table.slice(4, 2), "rows 4-5"), embed.embed_rows(table.slice(0, 4), "rows 0-3")]
+    assert [p.num_rows for p in parts] == [1, 4]  # the val row is dropped; order does not matter
     bank = NearestBank.from_tables(parts)
     assert bank.ids == own.bank_ids == list(TRAIN_TONES)
     assert bank.captions == own.bank_captions
@@ -355,9 +355,52 @@ def test_bank_built_in_parts_equals_the_backends_own_bank(nearest_setup, tmp_pat
                 captions=[["unrelated"], s["rows"][0]["captions"]])
     assert list(given(_batch(**rows))["generated_caption"]) == list(own(_batch(**rows))["generated_caption"])
 
+    # what the pipeline calls: a batch of shard file paths, read by the actor
+    files = embed(pa.table({"path": sorted(str(f) for f in s["features"].glob("part-*.parquet"))}))
+    from_files = NearestBank.from_tables([files])
+    assert from_files.ids == bank.ids and torch.allclose(from_files.audio, bank.audio, atol=1e-6)
+
     with pytest.raises(CaptionerError, match="caption bank is empty"):
-        NearestBank.from_tables([embed(table.slice(5, 1))])  # only the val row: nothing to lend
+        NearestBank.from_tables([embed.embed_rows(table.slice(5, 1), "val row")])  # only the val row: nothing to lend
     bad = table.slice(0, 1).set_column(table.schema.get_field_index("n_frames"), "n_frames",
                                        pa.array([3], pa.int64()))
-    with pytest.raises(CaptionerError, match="audio_id t0: mel has .* values, expected n_frames"):
-        embed(bad)
+    with pytest.raises(CaptionerError, match="bad rows, audio_id t0: mel has .* values, expected n_frames"):
+        embed.embed_rows(bad, "bad rows")
+    with pytest.raises(CaptionerError, match="cannot read feature shard .*absent.parquet"):
+        embed(pa.table({"path": [str(tmp_path / "absent.parquet")]}))
+
+
+def test_nearest_reuses_bank_embeddings_only_when_the_front_end_matches(nearest_setup, tmp_path, monkeypatch):
+    """A training clip captioned against its own bank is not decoded again when the features' manifest shows the
+    model's audio config; same captions as decoding it. Another config, another path or reuse off: decoded."""
+    import dataclasses
+
+    import hci_atr.captioners as caps_mod
+
+    s = nearest_setup
+    feats = tmp_path / "features"
+    shutil.copytree(s["features"], feats)
+    audio = dataclasses.asdict(s["cfg"].audio)
+    train = [r for r in s["rows"] if r["split"] == "train"]
+    rows = dict(audio_id=[r["audio_id"] for r in train] + ["v_dup", "t1"],
+                audio_path=[r["audio_path"] for r in train] + [s["dup"], s["dup"]],  # t1 under another path
+                captions=[r["captions"] for r in train] + [["unrelated"], ["x"]])
+    decoded = []
+    real = caps_mod.clip_features
+    monkeypatch.setattr(caps_mod, "clip_features", lambda path, cfg: decoded.append(path) or real(path, cfg))
+
+    def run(manifest_audio, **params):
+        (feats / "_SUCCESS").write_text(json.dumps({"audio": manifest_audio}))
+        cap = build_captioner("nearest", str(s["model"]), features=str(feats), **params)
+        decoded.clear()
+        out = cap(_batch(**rows))
+        assert list(out["error"]) == [""] * len(rows["audio_id"])
+        return cap.reuse, list(out["generated_caption"]), list(decoded)
+
+    reuse, got, paths = run(audio)
+    assert reuse and paths == [s["dup"], s["dup"]]  # only the clips that are not (id, path) of the bank
+    for other in ({**audio, "duration": 2.0}, None):
+        reuse_o, got_o, paths_o = run(other)
+        assert not reuse_o and len(paths_o) == len(rows["audio_id"]) and got_o == got
+    reuse_off, got_off, paths_off = run(audio, reuse_bank_embeddings=False)
+    assert not reuse_off and len(paths_off) == len(rows["audio_id"]) and got_off == got

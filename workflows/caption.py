@@ -63,9 +63,10 @@ def check_setup(captioner: str, model: str | None, params: dict[str, Any]) -> No
 def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = True):
     """Embed the ``nearest`` backend's caption bank once, as a Ray Data pipeline, and put it in the object store.
 
-    ``read_parquet`` over the training feature shards (``params["features"]``)
+    one item per training feature shard file (``params["features"]``)
       -> ``map_batches(BankEmbedder, ActorPoolStrategy(size=num_workers), num_gpus=gpus_per_worker)``: each actor
-         loads the model and embeds its rows' mels (clip level) and captions (sentence level)
+         loads the model, reads its files' ``split`` rows and embeds their mels (clip level) and captions (sentence
+         level)
       -> the driver joins the parts (:meth:`NearestBank.from_tables`) -> ``ray.put``.
 
     Returns the ``ObjectRef`` of the :class:`~hci_atr.captioners.NearestBank`; the caption actors fetch it when they
@@ -77,10 +78,10 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     import ray
     from tqdm import tqdm
 
-    from hci_atr.captioners import BankEmbedder, NearestBank
+    from hci_atr.captioners import BankEmbedder, NearestBank, features_mel_config
     from hci_atr.errors import CaptionerError
     from workflows.cluster import ensure_ray
-    from workflows.sharded import project_error_in
+    from workflows.sharded import TASKS_IN_FLIGHT, project_error_in
 
     features = Path(str(params["features"])).resolve()
     parts = sorted(str(f) for f in features.glob("part-*.parquet"))
@@ -97,14 +98,15 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
         raise CaptionerError(f"captioner 'nearest': features in {features} have no rows with split '{split}'; "
                              f"extract features for the training split or set split=<name>")
     ensure_ray()
-    ds = ray.data.read_parquet(parts, columns=["audio_id", "split", "captions", "n_frames", "n_mels", "mel"],
-                               override_num_blocks=len(parts))
+    # one item per shard file; the actor reads it (no read tasks: they would wait for CPUs the actors hold)
+    ds = ray.data.from_items([{"path": f} for f in parts], override_num_blocks=len(parts))
     ds = ds.map_batches(
         BankEmbedder,
         fn_constructor_kwargs={"model": model, "device": "cuda" if pipeline.gpus_per_worker > 0 else "cpu",
-                               "split": split, "embed_batch_size": batch, "source": str(features)},
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(pipeline.num_workers, -(-rows // batch)))),
-        batch_size=batch, batch_format="pyarrow", num_cpus=1,
+                               "split": split, "embed_batch_size": batch},
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(pipeline.num_workers, len(parts))),
+                                           max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
+        batch_size=1, batch_format="pyarrow", num_cpus=1,
         **({"num_gpus": pipeline.gpus_per_worker} if pipeline.gpus_per_worker else {}),
     )
     tables = []
@@ -120,7 +122,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
         raise user from None
     finally:
         bar.close()
-    return ray.put(NearestBank.from_tables(tables))
+    return ray.put(NearestBank.from_tables(tables, mel_config=features_mel_config(features)))
 
 
 def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: str, model: str | None = None,
