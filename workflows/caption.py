@@ -147,15 +147,19 @@ def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: s
     extra = {"data": os.path.abspath(os.fspath(data)), "captioner": captioner, "model": model or "",
              "params": params, "seed": seed}
     t0 = time.perf_counter()
+    extra_seconds: dict[str, float] = {}  # nearest: time spent embedding the caption bank (part of "seconds")
     with ShardedOutput(out, CAPTION_SCHEMA, STAGE, shards, p.max_failure_rate, extra) as output:
         if output.pending:
             ctor = {"device": device, **params}
             if model is not None or captioner != "blip":  # blip has a default model id; the others need one
                 ctor["model"] = model
             if captioner == "nearest":  # embed the caption bank once, spread over the workers; every actor gets it
+                t_bank = time.perf_counter()
                 ctor["bank"] = nearest_bank(model, params, p, progress=progress)
+                extra_seconds["bank_seconds"] = round(time.perf_counter() - t_bank, 3)
             map_pending(records, output, cls, ctor, p, batch_format="numpy", progress=progress)
         manifest = output.finish()
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    manifest.update(extra_seconds)
     manifest["computed_shards"] = len(output.pending)
     return manifest
