@@ -370,7 +370,7 @@ def ablate_cmd(out_dir, data, fmt, size, duration, config_path, variants, seeds,
 
     import yaml
 
-    from hci_atr.config import load_config
+    from hci_atr.config import NULL, load_config
     from workflows.ablation import publish_results, run_ablation
 
     overrides = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
@@ -379,7 +379,8 @@ def ablate_cmd(out_dir, data, fmt, size, duration, config_path, variants, seeds,
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        overrides[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        overrides[key.strip()] = NULL if parsed is None else parsed  # "null" / "~" / "": clear the field
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

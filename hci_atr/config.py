@@ -137,6 +137,18 @@ class ServeConfig:
     replica_gpus: float = 0.0  # Ray GPUs per Serve replica; > 0 runs the model on CUDA
 
 
+class _Null:
+    """Type of :data:`NULL`."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+# An override value meaning "set this field to None". Plain None in :meth:`Config.override` means "not given" (a CLI
+# flag left at its default), so ``--set model.audio_checkpoint=null`` passes NULL to clear a field a YAML file set.
+NULL = _Null()
+
+
 @dataclass(frozen=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -172,11 +184,16 @@ class Config:
         return cls(**kwargs)
 
     def override(self, updates: dict[str, Any], source: str = "override") -> "Config":
-        """Return a copy with dotted-key updates applied: ``cfg.override({"model.use_frame": False})``."""
+        """Return a copy with dotted-key updates applied: ``cfg.override({"model.use_frame": False})``.
+
+        A None value is skipped (not given); :data:`NULL` sets the field to None, which only optional fields accept.
+        """
         data = self.to_dict()
         for key, value in updates.items():
             if value is None:
                 continue
+            if value is NULL:
+                value = None
             section, _, name = key.partition(".")
             if section not in data or not name:
                 raise ConfigError(f"{source}: unknown key '{key}' (use section.field, e.g. model.use_frame)")

@@ -169,3 +169,16 @@ def test_recipe_end_to_end_on_a_tiny_copy(ray_session, tmp_path, tiny_text_dir, 
     assert metrics["t2a_R5"] == 100.0  # 4 test clips: the true clip is always within the top 5
     for level in ("clip", "segment", "frame", "ac_branch"):
         assert f"{level}_rsum" in metrics
+
+
+def test_override_null_clears_an_optional_field_and_none_means_not_given(tmp_path):
+    from hci_atr.config import NULL
+    from hci_atr.errors import ConfigError
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  audio_checkpoint: /weights/cnn14.pth\ntrain:\n  epochs: 3\n")
+    assert load_config(path).model.audio_checkpoint == "/weights/cnn14.pth"
+    cfg = load_config(path, {"model.audio_checkpoint": NULL, "train.epochs": None})
+    assert cfg.model.audio_checkpoint is None and cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match="train.epochs"):
+        Config().override({"train.epochs": NULL})  # not optional: a one-line error, not a silent skip
