@@ -109,13 +109,27 @@ def test_text_search_beats_chance_and_reranks_by_full_score(served):
 
 
 def test_audio_search_embed_and_clip_audio(served):
+    from hci_atr.index import Index
+    from hci_atr.models.model import HciAtrModel
+    from hci_atr.retriever import Retriever
+
     c, records = served["client"], served["records"]
     rec = records[2]
     raw = open(rec.audio_path, "rb").read()
     resp = c.post("/search/audio", files={"file": ("q.wav", raw, "audio/wav")}, data={"top_k": "3"})
     assert resp.status_code == 200, resp.text
     hits = resp.json()["hits"]
-    assert hits[0]["id"] == rec.audio_id and hits[0]["audio_url"] == f"/clips/{quote(rec.audio_id)}/audio"
+    # the clip-level cosine ranking of the upload against the index, as the library computes it from the file (the
+    # indexed vectors carry each clip's generated caption (AC), the upload has none: the clip itself need not be first)
+    idx = Index.load(served["index"])
+    r = Retriever(HciAtrModel.from_pretrained(served["model_dir"]), idx)
+    q = r.encode_audio(rec.audio_path).clip.float().numpy()[0]
+    cos = idx.clip @ (q / np.linalg.norm(q))
+    want = np.argsort(-cos, kind="stable")[:3]
+    assert [h["id"] for h in hits] == [idx.ids[int(j)] for j in want]
+    np.testing.assert_allclose([h["score"] for h in hits], cos[want], atol=1e-4)
+    assert rec.audio_id in [idx.ids[int(j)] for j in np.argsort(-cos)[:10]]  # its own clip is among its neighbours
+    assert hits[0]["audio_url"] == f"/clips/{quote(hits[0]['id'])}/audio"
     resp = c.post("/search/audio", files={"file": ("q.wav", raw, "audio/wav")},
                   data={"top_k": "4", "target": "captions"})
     caps = resp.json()["hits"]
@@ -125,7 +139,9 @@ def test_audio_search_embed_and_clip_audio(served):
     ea = c.post("/embed/audio", files={"file": ("q.wav", raw, "audio/wav")}).json()
     assert ea["dim"] == 32 and len(ea["embeddings"]) == 1
     got = c.get(hits[0]["audio_url"])
-    assert got.status_code == 200 and got.content == raw and got.headers["content-type"].startswith("audio/")
+    first = next(x for x in records if x.audio_id == hits[0]["id"])
+    assert got.status_code == 200 and got.content == open(first.audio_path, "rb").read()
+    assert got.headers["content-type"].startswith("audio/")
 
 
 def test_index_workflow_streams_in_item_order(served):
