@@ -92,6 +92,20 @@ def warmup_factor(epochs_done: float, warmup_epochs: int) -> float:
     return min(1.0, (epochs_done + 1.0) / warmup_epochs) if warmup_epochs > 0 else 1.0
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> str | None:
+    """Load a checkpoint's optimizer ``state``; None when it fits, else why not (one line), the optimizer left fresh.
+
+    It does not fit when the checkpoint was written while another set of parameters was trainable (an older version,
+    or a run whose switches changed): the model weights still resume, and AdamW restarts its moment estimates.
+    """
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"the checkpoint's optimizer state does not fit this model's trainable parameters ({first})"
+    return None
+
+
 def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
                generator: torch.Generator | None = None) -> Batch:
     """Rows -> Batch. Training: a random caption per clip and a random crop of ``cfg.audio.duration``; eval: the first

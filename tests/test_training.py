@@ -145,3 +145,26 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_text_dir, over):
     assert any(n.startswith("text.transformer.") for n in trainable)
     assert not any(".pooler." in n for n in trainable)
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_restore_optimizer_state_or_say_why_not():
+    from hci_atr.training import restore_optimizer
+
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+    old = torch.optim.AdamW([a, b, c], lr=0.1)
+    (a.sum() + b.sum() + c.sum()).backward()
+    old.step()
+    state = old.state_dict()
+
+    same = torch.optim.AdamW([a, b, c], lr=0.1)
+    assert restore_optimizer(same, state) is None
+    assert torch.equal(same.state_dict()["state"][1]["exp_avg"], state["state"][1]["exp_avg"])
+
+    fewer = torch.optim.AdamW([a, b], lr=0.1)  # e.g. a checkpoint from before a tensor was frozen
+    why = restore_optimizer(fewer, state)
+    assert why is not None and "does not fit this model's trainable parameters" in why and "\n" not in why
+    assert fewer.state_dict()["state"] == {}  # left fresh, and still usable
+    (a.sum() + b.sum()).backward()
+    fewer.step()
+    assert set(fewer.state_dict()["state"]) == {0, 1}

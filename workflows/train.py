@@ -330,7 +330,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     params = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+        why = training.restore_optimizer(optimizer, opt_state)
+        if why and rank == 0:
+            print(f"resume from epoch {start_epoch}: {why}; the weights resume, AdamW restarts its moments",
+                  flush=True)
     gather = GatherWithGrad() if (world > 1 and tc.all_gather) else None
 
     captions = config.get("captions") or {}
