@@ -40,7 +40,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hci_atr.config import Config, ServeConfig, load_config
-from hci_atr.errors import AudioError, HciAtrError, RequestError
+from hci_atr.errors import AudioError, ConfigError, HciAtrError, RequestError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the only files the page route serves
@@ -223,10 +223,14 @@ def _resolve_config(config_path: str | None) -> Config:
 
 
 def _deployment_options(cfg: ServeConfig) -> dict:
+    if cfg.max_queued_requests != -1 and cfg.max_queued_requests < 1:
+        raise ConfigError(f"serve.max_queued_requests must be -1 (no limit) or >= 1, got {cfg.max_queued_requests}")
     # max_ongoing_requests must admit a full @serve.batch, or batching never fills (and Serve warns about it)
     return {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                    "target_ongoing_requests": cfg.target_ongoing_requests},
             "max_ongoing_requests": max(cfg.batch_max_size, int(2 * cfg.target_ongoing_requests)),
+            # overload: a bounded queue per caller, then 503 from Serve's proxy (back-pressure, not a slow pile-up)
+            "max_queued_requests": cfg.max_queued_requests,
             "ray_actor_options": {"num_cpus": cfg.replica_cpus,
                                   **({"num_gpus": cfg.replica_gpus} if cfg.replica_gpus > 0 else {})}}
 

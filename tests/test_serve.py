@@ -297,6 +297,37 @@ def test_auth_on(served):
         serve.run(build(served["args"]), name="hci-atr", route_prefix="/")
 
 
+def test_requests_beyond_the_queue_bound_get_503_at_once(served, tmp_path):
+    """Overload: with one replica admitting 2 requests and each caller queueing 1 more, a burst of 16 concurrent
+    uploads gets some HTTP 503s from Serve (back-pressure) instead of all queueing; the rest are answered normally,
+    and the app serves again once the burst is over."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from ray import serve
+
+    from serve.app import build
+
+    cfg = tmp_path / "tight.yaml"
+    cfg.write_text("serve:\n  batch_max_size: 2\n  target_ongoing_requests: 1\n  max_queued_requests: 1\n")
+    rec = served["records"][0]
+    raw = open(rec.audio_path, "rb").read()  # one 5 s clip: tens of ms to decode and embed
+    serve.run(build({**served["args"], "config": str(cfg), "replicas": "1"}), name="hci-atr", route_prefix="/")
+    try:
+        url = f"http://127.0.0.1:{served['port']}/search/audio"
+
+        def post(_):
+            with httpx.Client(timeout=120) as c:
+                return c.post(url, files={"file": ("q.wav", raw, "audio/wav")}, data={"top_k": "2"}).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(post, range(16)))
+        assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 2, codes
+        assert post(0) == 200
+    finally:
+        serve.run(build(served["args"]), name="hci-atr", route_prefix="/")
+
+
 def test_deployment_options_follow_the_serve_config():
     # GPU replicas reserve a GPU; every replica admits a full query batch (no Ray needed to check the options)
     from hci_atr.config import ServeConfig
@@ -305,6 +336,12 @@ def test_deployment_options_follow_the_serve_config():
     cpu = _deployment_options(ServeConfig())
     assert "num_gpus" not in cpu["ray_actor_options"]
     assert cpu["max_ongoing_requests"] >= ServeConfig().batch_max_size
+    assert cpu["max_queued_requests"] == ServeConfig().max_queued_requests == 64
+    assert _deployment_options(ServeConfig(max_queued_requests=-1))["max_queued_requests"] == -1
+    from hci_atr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serve.max_queued_requests must be -1 .* got 0"):
+        _deployment_options(ServeConfig(max_queued_requests=0))
     gpu = _deployment_options(ServeConfig(replica_gpus=1.0, min_replicas=2, max_replicas=4))
     assert gpu["ray_actor_options"]["num_gpus"] == 1.0
     assert gpu["autoscaling_config"]["min_replicas"] == 2 and gpu["autoscaling_config"]["max_replicas"] == 4
