@@ -325,3 +325,20 @@ def test_caption_all_nearest_backend_via_cli(features_run, clean_set, tiny_text_
     assert got == want
     own = {f"clip{i:02d}": f"a tone number {i}" for i in range(N_CLIPS)}
     assert all(got[a] != own[a] and got[a].startswith("a tone number") for a in got)  # leave-one-out captions
+
+    # a malformed feature row stops the bank stage with the project's one-line error, not Ray's actor traceback
+    import shutil
+
+    from hci_atr.errors import CaptionerError
+    from workflows.caption import caption_all
+
+    broken = tmp_path / "broken_features"
+    shutil.copytree(feats, broken)
+    for part in broken.glob("part-*.parquet"):  # every row's n_frames wrong: the train rows' too
+        t = pq.read_table(part)
+        pq.write_table(t.set_column(t.schema.get_field_index("n_frames"), "n_frames",
+                                    pa.array([3] * t.num_rows, pa.int32())), part)
+    with pytest.raises(CaptionerError, match=r"^captioner 'nearest': features in .*part-.*mel has \d+ values") as err:
+        caption_all(clean_set, tmp_path / "captions_broken", captioner="nearest", model=str(model_dir),
+                    params={"features": str(broken)}, cfg=_cfg(num_workers=2), progress=False)
+    assert "\n" not in str(err.value) and type(err.value) is CaptionerError  # the actor's line, not Ray's wrapper

@@ -81,7 +81,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     from hci_atr.captioners import BankEmbedder, NearestBank, features_mel_config
     from hci_atr.errors import CaptionerError
     from workflows.cluster import ensure_ray
-    from workflows.sharded import TASKS_IN_FLIGHT, project_error_in
+    from workflows.sharded import TASKS_IN_FLIGHT, project_errors
 
     features = Path(str(params["features"])).resolve()
     parts = sorted(str(f) for f in features.glob("part-*.parquet"))
@@ -98,6 +98,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
         raise CaptionerError(f"captioner 'nearest': features in {features} have no rows with split '{split}'; "
                              f"extract features for the training split or set split=<name>")
     ensure_ray()
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # a backend's error, not a wrapper
     # one item per shard file; the actor reads it (no read tasks: they would wait for CPUs the actors hold)
     ds = ray.data.from_items([{"path": f} for f in parts], override_num_blocks=len(parts))
     ds = ds.map_batches(
@@ -112,14 +113,10 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     tables = []
     bar = tqdm(total=rows, desc="nearest: caption bank", unit="clip", disable=not progress)
     try:
-        for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            tables.append(t)
-            bar.update(t.num_rows)
-    except Exception as e:  # an actor raised a project error (bad model / mel): say that, not Ray's trace
-        user = project_error_in(e)
-        if user is None:
-            raise
-        raise user from None
+        with project_errors():  # an actor raised a project error (bad model / mel): say that, not Ray's trace
+            for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                tables.append(t)
+                bar.update(t.num_rows)
     finally:
         bar.close()
     return ray.put(NearestBank.from_tables(tables, mel_config=features_mel_config(features)))

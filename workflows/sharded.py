@@ -32,6 +32,7 @@ Python + pyarrow.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -336,11 +337,28 @@ def project_error_in(exc: BaseException) -> HciAtrError | None:
         if e is None or id(e) in seen or not isinstance(e, BaseException):
             continue
         seen.add(id(e))
-        if isinstance(e, HciAtrError):
+        # Ray's RayTaskError(CaptionerError) is an instance of both, but its message is Ray's traceback: look inside
+        if isinstance(e, HciAtrError) and not type(e).__name__.startswith("RayTaskError"):
+            lines = str(e).splitlines()
+            if e is not exc and len(lines) > 1 and type(e).__init__ is HciAtrError.__init__:
+                return type(e)(lines[0])  # raised in an actor: Ray Data appended its retry note
             return e
         todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__,
                      *(a for a in getattr(e, "args", ()) if isinstance(a, BaseException))])
     return None
+
+
+@contextlib.contextmanager
+def project_errors():
+    """Inside: an exception that hides a project error (an actor's ``CaptionerError`` wrapped by Ray) is raised as
+    that error alone, so the user reads its one line rather than Ray's traceback; anything else passes unchanged."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it hides a project error
+        user = project_error_in(e)
+        if user is None or user is e:
+            raise
+        raise user from None
 
 
 def record_row(rec) -> dict:
@@ -449,6 +467,7 @@ def map_pending(records, output: ShardedOutput, fn_cls, fn_kwargs: dict, pipelin
     from workflows.cluster import ensure_ray
 
     ensure_ray()
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # a backend's error, not a wrapper
     items = shard_items(records, output.pending)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -485,25 +504,19 @@ def drain(summaries: Iterable[pa.Table], output: ShardedOutput, progress: bool =
     want = {s.index: s for s in output.pending}
     bar = tqdm(total=len(want), desc=f"{output.stage} shards", unit="shard", disable=not progress)
     try:
-        for batch in summaries:
-            for row in batch.to_pylist():
-                k = int(row["shard"])
-                if k not in want:
-                    raise RuntimeError(f"result for shard {k}, which is not pending")
-                errors = dict(zip(row["error_ids"], row["error_reasons"]))
-                if len(errors) + int(row["rows"]) != len(want[k].audio_ids):
-                    raise RuntimeError(f"shard {k}: {row['rows']} rows + {len(errors)} errors != "
-                                       f"{len(want[k].audio_ids)} audio ids")
-                output.commit_file(want.pop(k), row["temp"], errors)
-                bar.update(1)
-        if want:
-            raise RuntimeError(f"pipeline ended with {len(want)} shards incomplete (first: {min(want)})")
-    except HciAtrError:
-        raise
-    except Exception as e:  # an actor raised a project error (bad model / parameter): say that, not Ray's trace
-        user = project_error_in(e)
-        if user is None:
-            raise
-        raise user from None
+        with project_errors():  # an actor raised a project error (bad model / parameter): say that, not Ray's trace
+            for batch in summaries:
+                for row in batch.to_pylist():
+                    k = int(row["shard"])
+                    if k not in want:
+                        raise RuntimeError(f"result for shard {k}, which is not pending")
+                    errors = dict(zip(row["error_ids"], row["error_reasons"]))
+                    if len(errors) + int(row["rows"]) != len(want[k].audio_ids):
+                        raise RuntimeError(f"shard {k}: {row['rows']} rows + {len(errors)} errors != "
+                                           f"{len(want[k].audio_ids)} audio ids")
+                    output.commit_file(want.pop(k), row["temp"], errors)
+                    bar.update(1)
+            if want:
+                raise RuntimeError(f"pipeline ended with {len(want)} shards incomplete (first: {min(want)})")
     finally:
         bar.close()
