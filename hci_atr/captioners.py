@@ -574,9 +574,9 @@ class NearestBank:
         return cls(ids, captions, audio, text, [cols["audio_path"][i] for i in order], mel_config)
 
 
-def _load_hci_model(model: str | None, device: str):
-    """The trained hci-atr model in directory ``model`` on ``device``, in eval mode; :class:`CaptionerError` with
-    what to fix when it is missing or not one."""
+def _nearest_model_dir(model: str | None) -> Path:
+    """``model`` as the directory of a trained hci-atr model; :class:`CaptionerError` saying what one is when it is
+    not given or not there."""
     if not model:
         raise CaptionerError("captioner 'nearest' needs a model: the directory of a trained hci-atr model "
                              "(written by HciAtrModel.save_pretrained, e.g. by `hci-atr train`)")
@@ -584,6 +584,13 @@ def _load_hci_model(model: str | None, device: str):
     if not mdir.is_dir():
         raise CaptionerError(f"captioner 'nearest': model directory {mdir} not found; pass the directory of a "
                              f"trained hci-atr model (model.safetensors + config.yaml)")
+    return mdir
+
+
+def _load_hci_model(model: str | None, device: str):
+    """The trained hci-atr model in directory ``model`` on ``device``, in eval mode; :class:`CaptionerError` with
+    what to fix when it is missing or not one."""
+    mdir = _nearest_model_dir(model)
     from hci_atr.models.model import HciAtrModel
 
     try:
@@ -629,7 +636,8 @@ def _embed_bank(model, ids: list[str], paths: list[str], captions: list[list[str
     return NearestBank(list(ids), [list(c) for c in captions], audio, text, list(paths), mel_config)
 
 
-BANK_COLUMNS = ["audio_id", "split", "audio_path", "captions", "n_frames", "n_mels", "mel"]  # what the bank reads of a shard
+# what the bank reads of a feature shard
+BANK_COLUMNS = ["audio_id", "split", "audio_path", "captions", "n_frames", "n_mels", "mel"]
 
 
 class BankEmbedder:
@@ -673,8 +681,7 @@ class NearestCaptioner(Captioner):
         """``bank``: the caption bank already embedded with this model (the pipeline builds it once for all its
         actors); None embeds it here from ``features``."""
         super().__init__(model, device, **params)
-        if not self.model_ref:
-            _load_hci_model(None, device)  # raises: says what a model is
+        _nearest_model_dir(self.model_ref)  # a missing model is reported before missing features
         if not self.params["features"]:
             raise CaptionerError("captioner 'nearest' needs features=<dir>: the training feature shards written "
                                  "by `hci-atr extract-features`")
@@ -697,10 +704,6 @@ class NearestCaptioner(Captioner):
         self.caption_owner = np.repeat(np.arange(len(bank.captions)), [len(c) for c in bank.captions])
         self.bank_norm = [[normalize_caption(c) for c in caps] for caps in bank.captions]
         self.id_to_index = {a: i for i, a in enumerate(bank.ids)}
-
-    def _embed_mels(self, mels: list[np.ndarray]):
-        """Clip embeddings [len(mels), D] (normalised); mels of different lengths are padded and masked."""
-        return _embed_mels(self.model, mels, int(self.params["embed_batch_size"]))
 
     def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
         import torch
@@ -726,12 +729,14 @@ class NearestCaptioner(Captioner):
             t0 = time.perf_counter()
             try:
                 with torch.no_grad():
+                    at = {i: row for row, i in enumerate(ok)}  # batch row -> row of query
                     fresh = [i for i in ok if i not in in_bank]
                     query = torch.zeros(len(ok), self.bank_audio.shape[1])  # [B, D]
                     if fresh:
-                        query[[ok.index(i) for i in fresh]] = self._embed_mels([mels[i] for i in fresh])
+                        query[[at[i] for i in fresh]] = _embed_mels(self.model, [mels[i] for i in fresh],
+                                                                     int(self.params["embed_batch_size"]))
                     for i, j in in_bank.items():
-                        query[ok.index(i)] = self.bank_audio[j]
+                        query[at[i]] = self.bank_audio[j]
                 sim_audio = (query @ self.bank_audio.T).numpy()  # [B, N] clip-level audio-audio cosine
                 sim_text = (query @ self.bank_text.T).numpy()  # [B, C] audio-caption cosine
                 for row, i in enumerate(ok):
