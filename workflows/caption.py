@@ -75,13 +75,11 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     AudioCaps' 50k training clips at D = 256 with 5 captions each).
     """
     import pyarrow.parquet as pq
-    import ray
     from tqdm import tqdm
 
     from hci_atr.captioners import BankEmbedder, NearestBank, features_mel_config
     from hci_atr.errors import CaptionerError
-    from workflows.cluster import ensure_ray
-    from workflows.sharded import TASKS_IN_FLIGHT, project_errors
+    from workflows.sharded import actor_pool_options, project_errors, ray_data
 
     features = Path(str(params["features"])).resolve()
     parts = sorted(str(f) for f in features.glob("part-*.parquet"))
@@ -97,18 +95,14 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     if rows == 0:
         raise CaptionerError(f"captioner 'nearest': features in {features} have no rows with split '{split}'; "
                              f"extract features for the training split or set split=<name>")
-    ensure_ray()
-    ray.data.DataContext.get_current().raise_original_map_exception = True  # a backend's error, not a wrapper
+    ray = ray_data()
     # one item per shard file; the actor reads it (no read tasks: they would wait for CPUs the actors hold)
     ds = ray.data.from_items([{"path": f} for f in parts], override_num_blocks=len(parts))
     ds = ds.map_batches(
         BankEmbedder,
         fn_constructor_kwargs={"model": model, "device": "cuda" if pipeline.gpus_per_worker > 0 else "cpu",
                                "split": split, "embed_batch_size": batch},
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(pipeline.num_workers, len(parts))),
-                                           max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
-        batch_size=1, batch_format="pyarrow", num_cpus=1,
-        **({"num_gpus": pipeline.gpus_per_worker} if pipeline.gpus_per_worker else {}),
+        **actor_pool_options(ray, pipeline, len(parts)),
     )
     tables = []
     bar = tqdm(total=rows, desc="nearest: caption bank", unit="clip", disable=not progress)

@@ -26,7 +26,7 @@ the object store to the driver. The output directory must therefore be reachable
 one machine, shared storage on a cluster. A killed run's temp files are removed by the next
 :meth:`ShardedOutput.open`.
 
-Ray is imported only inside :func:`map_pending`; the rest (planning, committing, the actor's shard writer) is plain
+Ray is imported only inside :func:`ray_data` and the functions that call it; the rest (planning, committing, the actor's shard writer) is plain
 Python + pyarrow.
 """
 
@@ -455,6 +455,30 @@ class ShardWorker:
                 "error_reasons": list(errors.values())}
 
 
+def ray_data():
+    """The ``ray`` module with Ray started (or joined) for a pipeline, and Ray Data set to raise a backend's own
+    exception from a map call (so :func:`project_errors` finds a project error there, not a wrapper)."""
+    import ray
+
+    from workflows.cluster import ensure_ray
+
+    ensure_ray()
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    return ray
+
+
+def actor_pool_options(ray, pipeline, n_items: int) -> dict:
+    """``map_batches`` options of a pipeline's actor pool over ``n_items`` work items (one per call):
+    ``pipeline.num_workers`` actors but no more than items (each actor pays its start-up: imports, model load,
+    before its first item), 1 CPU and ``pipeline.gpus_per_worker`` GPUs each (0: CPU only), and up to
+    :data:`TASKS_IN_FLIGHT` items queued per actor: with Ray Data's default (2) an actor often finished an item with
+    nothing queued and idled until the executor's next 0.1 s poll (BENCHMARKS.md)."""
+    return {"compute": ray.data.ActorPoolStrategy(size=max(1, min(pipeline.num_workers, n_items)),
+                                                  max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
+            "batch_size": 1, "batch_format": "pyarrow", "num_cpus": 1,
+            **({"num_gpus": pipeline.gpus_per_worker} if pipeline.gpus_per_worker else {})}
+
+
 def map_pending(records, output: ShardedOutput, fn_cls, fn_kwargs: dict, pipeline, batch_format: str,
                 progress: bool = True) -> None:
     """Compute and write the pending shards of ``output`` with Ray Data: one item per shard, handed to one of
@@ -462,28 +486,15 @@ def map_pending(records, output: ShardedOutput, fn_cls, fn_kwargs: dict, pipelin
     instance per actor) on ``pipeline.batch_size`` rows at a time with ``pipeline.gpus_per_worker`` GPUs (0: CPU
     only) and writing the shard's temp file; the driver commits each shard as its summary comes back.
     """
-    import ray
-
-    from workflows.cluster import ensure_ray
-
-    ensure_ray()
-    ray.data.DataContext.get_current().raise_original_map_exception = True  # a backend's error, not a wrapper
+    ray = ray_data()
     items = shard_items(records, output.pending)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
+    ds = ds.map_batches(  # one shard per call
         ShardWorker,
         fn_constructor_kwargs={"fn_cls": fn_cls, "fn_kwargs": fn_kwargs, "out_dir": str(output.dir.resolve()),
                                "schema": output.schema, "batch_size": pipeline.batch_size,
                                "batch_format": batch_format},
-        # no more actors than shards: each actor pays its start-up (imports, model load) before its first shard.
-        # Up to TASKS_IN_FLIGHT shards queued per actor: with Ray Data's default (2) an actor often finished its
-        # shard with nothing queued and idled until the executor's next 0.1 s poll (BENCHMARKS.md)
-        compute=ray.data.ActorPoolStrategy(size=min(pipeline.num_workers, len(items)),
-                                           max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
-        batch_size=1,  # one shard per call
-        batch_format="pyarrow",
-        num_cpus=1,
-        **({"num_gpus": pipeline.gpus_per_worker} if pipeline.gpus_per_worker else {}),
+        **actor_pool_options(ray, pipeline, len(items)),
     )
     summaries = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
