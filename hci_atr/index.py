@@ -28,8 +28,8 @@ Versions: 2 (this one) added ``unit_dtype``; version-1 indexes (all float32) loa
 version 1 refuses a version-2 index with a one-line "rebuild" error instead of scoring float16 tensors.
 
 The stored AudioEmbeddings are rebuilt for any subset of rows with :meth:`Index.audio_embeddings`, so the model's own
-``score`` runs on them unchanged. The structure is recorded generically (class name + field -> array file), so the index does not hard-code
-the model's field names; classes are only ever re-imported from inside the ``hci_atr`` package.
+``score`` runs on them unchanged. The structure is recorded generically (class name + field -> array file), so the
+index does not hard-code the model's field names; classes are only ever re-imported from inside the ``hci_atr`` package.
 """
 
 from __future__ import annotations

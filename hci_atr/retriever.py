@@ -5,8 +5,8 @@ an ``argpartition`` for the top ``retrieve_k`` (FAISS's exact inner-product inde
 is installed: ``pip install 'hci-atr[faiss]'``; results are the same). Opt-in scans for large indexes
 (``scan_backend``, ``serve.scan``): ``faiss-fp16`` (every clip, vectors held in float16; scores within ~1e-3) and
 ``ivf`` (inverted lists; APPROXIMATE: a true top clip can be missed). Stage 2 (rerank): the model's full fused score
-(clip + segment + frame levels, plus the AC branch when on) on those K candidates only, from the segment/frame/generated-caption embeddings
-stored in the index. Why two stages: the full score needs token-level interaction and costs O(K) model work, while
+(clip + segment + frame levels, plus the AC branch when on) on those K candidates only, from the
+segment/frame/generated-caption embeddings stored in the index. Why two stages: the full score needs token-level interaction and costs O(K) model work, while
 the clip level is one matrix product over the whole collection.
 
 Usage::
