@@ -96,11 +96,8 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
                 fmt: str = "auto", splits: Iterable[str] | None = None, cfg: Config | None = None,
                 num_workers: int | None = None, batch_size: int | None = None) -> dict:
     """Embed the collection with Ray Data actors and write the index at ``out``. Returns a summary dict."""
-    import ray
-
     from hci_atr.models.model import HciAtrModel
-    from workflows.cluster import ensure_ray
-    from workflows.sharded import project_error_in
+    from workflows.sharded import project_errors, ray_data
 
     cfg = cfg or Config()
     p = cfg.pipeline
@@ -111,7 +108,7 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
     # any actor tries (and retries) to load it
     model = HciAtrModel.from_pretrained(str(model_dir)).eval()
     t0 = time.perf_counter()
-    ensure_ray()
+    ray = ray_data()
     rows = [{"row": i, "audio_path": it.audio_path, "generated": it.generated_caption or ""}
             for i, it in enumerate(items)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // bs)))
@@ -144,7 +141,7 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
         batch_rows.clear(), batch_payloads.clear()
 
     try:
-        try:
+        with project_errors():  # a project error from an actor (bad model dir): its message, no trace
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 for r, err, sp, pl in zip(batch["row"], batch["error"], batch["spec"], batch["payload"]):
                     if err:
@@ -161,11 +158,6 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
                     next_row += 1
                     if len(batch_rows) >= bs:
                         add_batch()
-        except Exception as e:  # a project error from an actor's constructor (bad model dir): its message, no trace
-            user = project_error_in(e)
-            if user is None or isinstance(e, HciAtrError):
-                raise
-            raise user from None
         if pending or next_row != len(items):
             raise DataError(f"index: {len(items) - next_row} of {len(items)} clips came back from no actor; run again")
         if errors and len(errors) > p.max_failure_rate * len(items):
