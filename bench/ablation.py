@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from hci_atr.cli import main  # noqa: E402
+from workflows.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main(["ablate", *sys.argv[1:]])

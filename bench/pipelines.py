@@ -72,7 +72,7 @@ def main() -> None:
     import ray
     import torch
 
-    from hci_atr.config import Config
+    from workflows.settings import Settings
     from hci_atr.models.model import HciAtrModel
     from workflows.caption import caption_all
     from workflows.features import extract_features
@@ -95,7 +95,7 @@ def main() -> None:
                                                             after_start_up(out, w), m.get("bank_seconds")))
 
     def features_cfg(w: int):
-        return Config().override({"pipeline.num_workers": w, "pipeline.batch_size": args.batch_size,
+        return Settings().override({"pipeline.num_workers": w, "pipeline.batch_size": args.batch_size,
                                   "pipeline.rows_per_shard": args.rows_per_shard, "audio.duration": args.seconds})
 
     if "caption" in todo or "features" in todo:  # the nearest captioner's bank: the first features run
@@ -112,10 +112,10 @@ def main() -> None:
     if "caption" in todo:
         torch.manual_seed(0)
         model_dir = tmp / "model"
-        HciAtrModel(Config().override({"audio.duration": args.seconds})).save_pretrained(model_dir)
+        HciAtrModel(Settings().override({"audio.duration": args.seconds})).save_pretrained(model_dir)
         for r in range(args.repeats):
             for w in workers:
-                cfg = Config().override({"pipeline.num_workers": w, "pipeline.batch_size": args.batch_size,
+                cfg = Settings().override({"pipeline.num_workers": w, "pipeline.batch_size": args.batch_size,
                                          "pipeline.rows_per_shard": args.rows_per_shard})
                 timed("caption-all nearest", w, tmp / "captions",
                       lambda out: caption_all(data, out, captioner="nearest", model=str(model_dir),

@@ -97,7 +97,7 @@ def _tiny_model_and_index(work: Path) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from hci_atr.config import Config
+    from workflows.settings import Settings
     from hci_atr.data.demo import make_demo
     from hci_atr.data.formats import read_dataset
     from hci_atr.index import embed_items, items_from_records, write_index
@@ -110,7 +110,7 @@ def _tiny_model_and_index(work: Path) -> tuple[Path, Path]:
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(work / "text")
     tok.save_pretrained(work / "text")
-    cfg = Config().override({"audio.sample_rate": 16000, "audio.duration": 2.0, "model.audio_width": 8,
+    cfg = Settings().override({"audio.sample_rate": 16000, "audio.duration": 2.0, "model.audio_width": 8,
                              "model.embed_dim": 32, "model.text_encoder": str(work / "text")})
     HciAtrModel(cfg).save_pretrained(work / "model")
     model = HciAtrModel.from_pretrained(work / "model")
@@ -225,7 +225,7 @@ def large_model(work: Path, arch: str) -> Path:
     the packaged (pretrained) MiniLM text encoder; ``tiny``: the random-weight tiny model of the ``load`` mode."""
     import torch
 
-    from hci_atr.config import Config
+    from workflows.settings import Settings
     from hci_atr.models.model import HciAtrModel
 
     out = work / f"model_{arch}"
@@ -236,7 +236,7 @@ def large_model(work: Path, arch: str) -> Path:
     if arch == "tiny":  # its text encoder folder stays under work/tiny
         cfg = HciAtrModel.from_pretrained(_tiny_model_and_index(work / "tiny")[0]).cfg.override(ac)
     else:
-        cfg = Config().override(ac)
+        cfg = Settings().override(ac)
     HciAtrModel(cfg).eval().save_pretrained(out)
     return out
 
@@ -379,7 +379,7 @@ def bench_inprocess(model_dir: Path, index: Path, scans: list[str], threads: int
     return rows
 
 
-# serving variants: name -> serve section overrides on top of the defaults (ServeConfig); each is measured in turn
+# serving variants: name -> serve section overrides on top of the defaults (ServeSettings); each is measured in turn
 VARIANTS = {
     "before": {"scan": "numpy", "threads": 0, "batch_search": False, "batch_wait_timeout_s": 0.005},  # old defaults
     "threads1": {"scan": "numpy", "batch_search": False, "batch_wait_timeout_s": 0.005},
@@ -439,7 +439,7 @@ def bench_large(work: Path, clips: int, arch: str, unit_dtype: str, variants: li
     import ray
     from ray import serve
 
-    from hci_atr.config import Config
+    from workflows.settings import Settings
     from serve.app import build
 
     queries = _queries(256)
@@ -451,7 +451,7 @@ def bench_large(work: Path, clips: int, arch: str, unit_dtype: str, variants: li
     try:
         for name in variants:
             overrides = VARIANTS[name]
-            cfg = Config().override({f"serve.{k}": v for k, v in overrides.items()})
+            cfg = Settings().override({f"serve.{k}": v for k, v in overrides.items()})
             cfg_path = work / f"serve_{name}.yaml"
             cfg_path.write_text(yaml.safe_dump({"serve": cfg.to_dict()["serve"]}), encoding="utf-8")
             t0 = time.perf_counter()
@@ -517,7 +517,7 @@ def main() -> None:
         rows = bench_large(Path(a.work), a.clips, a.arch, a.unit_dtype, a.variants.split(","),
                            [int(c) for c in a.concurrency.split(",")], a.requests, a.seconds, not a.no_inprocess)
         if a.out:
-            from hci_atr.config import atomic_write_text
+            from hci_atr.files import atomic_write_text
 
             atomic_write_text(a.out, json.dumps({"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                  "loadavg_end": os.getloadavg(), "serve_env": a.serve_env,

@@ -38,20 +38,21 @@ def main() -> None:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from hci_atr import training
-    from hci_atr.config import Config
+    from workflows.settings import Settings
     from hci_atr.data.demo import make_demo
     from hci_atr.models.model import HciAtrModel
     from hci_atr.models.text_encoder import packaged_minilm_path
     from workflows.cluster import ensure_ray
     from workflows.features import extract_features
-    from workflows.train import read_split_rows, train
+    from hci_atr.data.shards import read_split_rows
+    from workflows.train import train
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     make_demo(work / "data", seed=0, size=args.size, duration=2.0, sample_rate=16000, progress=False)
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    fcfg = Config().override({"audio.sample_rate": 16000, "audio.duration": 2.0, "audio.n_mels": 32,
+    fcfg = Settings().override({"audio.sample_rate": 16000, "audio.duration": 2.0, "audio.n_mels": 32,
                               "pipeline.rows_per_shard": 16})
     extract_features(work / "data", work / "feats", cfg=fcfg, progress=False)
     tok = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
@@ -60,13 +61,13 @@ def main() -> None:
                          intermediate_size=128, max_position_embeddings=128)).save_pretrained(work / "text")
     tok.save_pretrained(work / "text")
 
-    def cfg(workers: int) -> Config:
-        return Config().override({
+    def cfg(workers: int) -> Settings:
+        return Settings().override({
             "audio.sample_rate": 16000, "audio.duration": 2.0, "audio.n_mels": 32,
             "model.text_encoder": str(work / "text"), "model.freeze_text": args.freeze_text, "model.audio_width": 16,
             "model.embed_dim": 64, "train.epochs": args.epochs, "train.batch_size": args.batch_size // workers,
-            "train.num_workers": workers, "train.storage_path": str(work / "runs"),
-            "train.run_name": f"w{workers}", "train.registered_model": "bench",
+            "run.num_workers": workers, "run.storage_path": str(work / "runs"),
+            "run.run_name": f"w{workers}", "run.registered_model": "bench",
             "train.all_gather": not args.no_all_gather})
 
     results, data_share = {}, {}
@@ -91,7 +92,7 @@ def main() -> None:
     # hci-atr train's default threads (cores // workers), and 1 worker pinned to 1 thread: Ray's own resource model
     # (one CPU per worker), the base against which adding a second 1-CPU worker is a like-for-like scaling step
     for name, workers, threads in (("ray_1w", 1, None), ("ray_1w_1thread", 1, 1), ("ray_2w", 2, None)):
-        c = cfg(workers).override({"train.run_name": name})
+        c = cfg(workers).override({"run.run_name": name})
         res = train(c, work / "feats", tracking_uri=f"sqlite:///{work / 'mlflow.db'}", register=False,
                     log_examples=False, torch_threads=threads)
         hist = res.history[1:] or res.history

@@ -65,7 +65,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from hci_atr.data.audio import clip_features, load_audio
-from hci_atr.errors import CaptionerError, HciAtrError
+from hci_atr.data.shards import BANK_COLUMNS, audio_config_dict, bank_rows, features_audio_config, read_bank
+from hci_atr.errors import CaptionerError, DataError, HciAtrError, one_line
 
 OUTPUT_COLUMNS = ("audio_id", "generated_caption", "captioner", "model", "params", "seconds", "error")
 
@@ -73,20 +74,6 @@ OUTPUT_COLUMNS = ("audio_id", "generated_caption", "captioner", "model", "params
 # ---------------------------------------------------------------------------------------------------------------
 # helpers shared by the backends
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def one_line(exc: BaseException | str) -> str:
-    """A one-line reason for the errors table: ``"ExcType: first line"``; project errors (whose messages already
-    name the file and the fix) and plain strings as they are."""
-    if isinstance(exc, HciAtrError):
-        msg = str(exc)
-    elif isinstance(exc, BaseException):
-        text = str(exc).strip()
-        head = text.splitlines()[0] if text else ""
-        msg = f"{type(exc).__name__}: {head}" if head else type(exc).__name__
-    else:
-        msg = str(exc)
-    return " ".join(msg.split())[:500]
 
 
 def normalize_caption(text: str) -> str:
@@ -637,7 +624,6 @@ def _embed_bank(model, ids: list[str], paths: list[str], captions: list[list[str
 
 
 # what the bank reads of a feature shard
-BANK_COLUMNS = ["audio_id", "split", "audio_path", "captions", "n_frames", "n_mels", "mel"]
 
 
 class BankEmbedder:
@@ -667,7 +653,10 @@ class BankEmbedder:
 
     def embed_rows(self, rows, source: str):
         """Feature-shard rows (a pyarrow table with :data:`BANK_COLUMNS`) -> their bank part as a table."""
-        ids, paths, caps, mels = _bank_rows(rows.to_pydict(), self.split, source)
+        try:
+            ids, paths, caps, mels = bank_rows(rows.to_pydict(), self.split)
+        except DataError as e:
+            raise CaptionerError(f"captioner 'nearest': features in {source}, {e}") from None
         return _embed_bank(self.model, ids, paths, caps, mels, self.batch_size).to_table()
 
 
@@ -689,13 +678,16 @@ class NearestCaptioner(Captioner):
         self.audio_cfg = self.model.cfg.audio
         if bank is None:
             features = Path(str(self.params["features"]))
-            ids, paths, captions, mels = _read_feature_bank(features, str(self.params["split"]))
+            try:
+                ids, paths, captions, mels = read_bank(features, str(self.params["split"]))
+            except DataError as e:
+                raise CaptionerError(f"captioner 'nearest': {e}") from None
             bank = _embed_bank(self.model, ids, paths, captions, mels, int(self.params["embed_batch_size"]),
-                               features_mel_config(features))
+                               features_audio_config(features))
         # a query clip that is a bank clip (same id, same file) has the bank's mel when the front ends agree: its
         # embedding is the bank's row, no need to decode and embed it again
         self.reuse = (bool(self.params["reuse_bank_embeddings"]) and bank.mel_config is not None
-                      and bank.mel_config == _mel_config(self.audio_cfg))
+                      and bank.mel_config == audio_config_dict(self.audio_cfg))
         self.bank_paths = bank.paths
         self.bank_ids = bank.ids
         self.bank_captions = bank.captions
@@ -765,76 +757,6 @@ class NearestCaptioner(Captioner):
             best = max(allowed, key=lambda k: sim_text[cap_index[k]])
             return self.bank_captions[j][best], ""
         return "", "no training clip other than this one has a usable caption"
-
-
-def _read_feature_bank(path: Path, split: str) -> tuple[list[str], list[str], list[list[str]], list[np.ndarray]]:
-    """Read the training rows of a feature-shard directory: (audio_ids, audio_paths, captions per clip,
-    mel [T, M] per clip)."""
-    import pyarrow.dataset as pds
-
-    if not path.exists():
-        raise CaptionerError(f"captioner 'nearest': features directory {path} not found; run "
-                             f"`hci-atr extract-features` first or pass features=<dir>")
-    need = BANK_COLUMNS
-    try:
-        ds = pds.dataset(str(path), format="parquet")
-        missing = [c for c in need if c not in ds.schema.names]
-        if missing:
-            raise CaptionerError(f"captioner 'nearest': features in {path} lack column(s) {', '.join(missing)}; "
-                                 f"re-run `hci-atr extract-features`")
-        table = ds.to_table(columns=need, filter=pds.field("split") == split)
-    except CaptionerError:
-        raise
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
-        raise CaptionerError(f"captioner 'nearest': cannot read features in {path} ({one_line(e)})") from None
-    if table.num_rows == 0:
-        raise CaptionerError(f"captioner 'nearest': features in {path} have no rows with split '{split}'; "
-                             f"extract features for the training split or set split=<name>")
-    ids, paths, caps, mels = _bank_rows(table.to_pydict(), split, str(path))
-    if not ids:
-        raise CaptionerError(f"captioner 'nearest': no '{split}' row in {path} has a caption")
-    return ids, paths, caps, mels
-
-
-def _mel_config(audio_cfg) -> dict:
-    """An audio config as the plain dict a feature manifest stores (``dataclasses.asdict`` through JSON)."""
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(audio_cfg)))
-
-
-def features_mel_config(path: str | os.PathLike) -> dict | None:
-    """The audio front end a feature directory was written with (its ``_SUCCESS`` manifest's ``audio``), or None
-    when the directory has no readable manifest (an unfinished or foreign one)."""
-    try:
-        audio = json.loads((Path(path) / "_SUCCESS").read_text(encoding="utf-8")).get("audio")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return audio if isinstance(audio, dict) else None
-
-
-def _bank_rows(cols: dict[str, list], split: str,
-               source: str) -> tuple[list[str], list[str], list[list[str]], list[np.ndarray]]:
-    """The ``split`` rows of feature-shard columns that have a caption: (audio_ids, audio_paths, captions,
-    mel [T, M] each)."""
-    ids, paths, caps, mels = [], [], [], []
-    for r in range(len(cols["audio_id"])):
-        if str(cols["split"][r]) != split:
-            continue
-        c = [str(x) for x in (cols["captions"][r] or []) if x and str(x).strip()]
-        if not c:
-            continue  # a training clip without captions cannot lend one
-        t, m = int(cols["n_frames"][r]), int(cols["n_mels"][r])
-        mel = np.asarray(cols["mel"][r], dtype=np.float32)
-        if mel.size != t * m or t < 1:
-            raise CaptionerError(f"captioner 'nearest': features in {source}, audio_id {cols['audio_id'][r]}: "
-                                 f"mel has {mel.size} values, expected n_frames*n_mels = {t}*{m}; "
-                                 f"re-run `hci-atr extract-features`")
-        ids.append(str(cols["audio_id"][r]))
-        paths.append(str(cols["audio_path"][r] or ""))
-        caps.append(c)
-        mels.append(mel.reshape(t, m))
-    return ids, paths, caps, mels
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,15 @@
-"""Configuration: frozen dataclasses with defaults that run the demo, YAML load/save and dotted overrides.
+"""The library's configuration: the audio front end, the model and what the training core needs.
 
-One :class:`Config` holds every section. The resolved config is saved next to every checkpoint and logged to MLflow
-(flattened with dotted keys). Unknown keys are an error, so a typo in a YAML file never passes silently.
+Frozen dataclasses with defaults that run the demo, YAML load/save and dotted overrides (``model.use_frame``).
+:class:`Sections` is the machinery any config made of sections uses (the app's settings too); :class:`Config` is
+the library's: ``audio``, ``model``, ``train``. It is saved with every model. Unknown keys are an error, so a typo in
+a YAML file never passes silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
-import time
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from hci_atr.errors import ConfigError
+from hci_atr.errors import ConfigError, one_line
+from hci_atr.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, Ray Train and MLflow settings."""
+    """What the training core (:mod:`hci_atr.training`) needs: optimisation, batching, seeding, stopping."""
 
     epochs: int = 8
     batch_size: int = 32  # per worker
@@ -79,65 +79,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     grad_clip: float = 1.0
     seed: int = 0
-    num_workers: int = 2
-    use_gpu: bool = False
     early_stopping_patience: int = 0  # 0 = off; else stop after this many epochs without a better val R-sum
-    max_failures: int = 2
-    features_dir: str = "hci_atr_runs/features"
-    train_split: str = "train"
-    val_split: str = "val"
-    storage_path: str = "hci_atr_runs/ray_results"
-    run_name: str = "hci-atr"
-    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    experiment: str = "hci-atr"
-    registered_model: str = "hci-atr"
     random_crop: bool = True
     all_gather: bool = True  # contrastive negatives from all workers
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Ray Data pipelines (caption-all, extract-features, index)."""
-
-    num_workers: int = 2
-    batch_size: int = 16
-    gpus_per_worker: float = 0.0
-    max_failure_rate: float = 0.1  # stop when more than this fraction of rows failed
-    rows_per_shard: int = 64
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Ray Serve app: limits, retrieval and autoscaling."""
-
-    model_dir: str = "hci_atr_runs/models/hci_ac"
-    index_dir: str = "hci_atr_runs/index"
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 4.0
-    retrieve_k: int = 50  # clip-level candidates reranked by the full score
-    # stage-1 scan over all clip embeddings: "auto" (FAISS exact if installed, else numpy) | "numpy" | "faiss"
-    # (exact, float32) | "faiss-fp16" (every clip, vectors held in float16: scores within ~1e-3 of exact) |
-    # "ivf" (FAISS inverted lists: APPROXIMATE, visits ivf_nprobe of ivf_nlist lists; a true top hit can be missed)
-    scan: str = "auto"
-    ivf_nlist: int = 0  # lists of the "ivf" scan; 0 = 4 * sqrt(N) (at most N / 39, at least 1)
-    ivf_nprobe: int = 32  # lists visited per query by the "ivf" scan
-    threads: int = 1  # intra-op threads (torch + FAISS) of each replica; 0 leaves the libraries' defaults
-    batch_search: bool = True  # a @serve.batch of text queries shares one encode and one scan (else: the encode)
-    index_unit_dtype: str = "float16"  # how `hci-atr index` stores segment/frame embeddings: float16 | float32
-    warm_index: bool = True  # replicas ask the OS to page the index files in at start (rerank rows then come from RAM)
-    max_top_k: int = 100
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_audio_seconds: float = 60.0
-    max_query_chars: int = 1000
-    batch_max_size: int = 16
-    # requests each Serve proxy/handle holds waiting for a replica slot (beyond max_ongoing_requests per replica);
-    # past that, new requests get HTTP 503 at once instead of queueing without bound (-1: no limit)
-    max_queued_requests: int = 64
-    batch_wait_timeout_s: float = 0.0  # no wait: ~7 ms faster p50 at one client than 5 ms; queued queries still batch
-    cors_origins: tuple[str, ...] = ()
-    replica_cpus: float = 0.5  # Ray CPUs reserved per Serve replica (fractional, so 2 replicas fit on 2 cores)
-    replica_gpus: float = 0.0  # Ray GPUs per Serve replica; > 0 runs the model on CUDA
 
 
 class _Null:
@@ -152,13 +96,11 @@ class _Null:
 NULL = _Null()
 
 
-@dataclass(frozen=True)
-class Config:
-    audio: AudioConfig = field(default_factory=AudioConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+class Sections:
+    """Mixin for a frozen dataclass whose fields are section dataclasses: dict/YAML conversion and overrides."""
+
+    # legacy key -> section it moved to (from_dict moves such keys, so older YAML files and checkpoints still load)
+    MOVED_KEYS: typing.ClassVar[dict[str, str]] = {}
 
     # -- conversion -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -173,20 +115,42 @@ class Config:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "config", strict: bool = True):
+        """Build from ``{section: {field: value}}``. ``strict=False`` drops sections and fields this class does not
+        know (how a model reads the config a run saved with the app's sections in it)."""
         data = data or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections (audio, model, train, pipeline, serve)")
-        kwargs = {}
         known = {f.name: f for f in fields(cls)}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(known)})")
+        data = _move_keys({k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}, cls.MOVED_KEYS)
+        kwargs = {}
         for section, values in data.items():
             if section not in known:
+                if not strict:
+                    continue
                 raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(known)})")
-            section_cls = _section_type(known[section])
+            section_cls = _section_type(cls, known[section])
+            if not strict and isinstance(values, dict):
+                names = {f.name for f in fields(section_cls)}
+                values = {k: v for k, v in values.items() if k in names}
             kwargs[section] = _build_section(section_cls, values, f"{source}: {section}")
         return cls(**kwargs)
 
-    def override(self, updates: dict[str, Any], source: str = "override") -> "Config":
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None):
+        """Defaults, then the YAML file (if any), then dotted overrides (CLI flags)."""
+        cfg = cls()
+        if path is not None:
+            cfg = cls.from_dict(read_yaml(path), str(path))
+        if overrides:
+            cfg = cfg.override(overrides, "command line")
+        return cfg
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML, atomically."""
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def override(self, updates: dict[str, Any], source: str = "override"):
         """Return a copy with dotted-key updates applied: ``cfg.override({"model.use_frame": False})``.
 
         A None value is skipped (not given); :data:`NULL` sets the field to None, which only optional fields accept.
@@ -203,11 +167,34 @@ class Config:
             if name not in data[section]:
                 raise ConfigError(f"{source}: unknown key '{key}' (known in {section}: {', '.join(data[section])})")
             data[section][name] = value
-        return Config.from_dict(data, source)
+        return type(self).from_dict(data, source)
 
 
-def _section_type(f: dataclasses.Field) -> type:
-    return typing.get_type_hints(Config)[f.name]
+
+@dataclass(frozen=True)
+class Config(Sections):
+    """The library's config: what a model is (audio front end + model) and how the training core trains it."""
+
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _move_keys(data: dict[str, Any], moved: dict[str, str]) -> dict[str, Any]:
+    """Move legacy ``section.key`` entries to the section that now holds them (``{"train.num_workers": "run"}``)."""
+    for old, new_section in moved.items():
+        section, _, key = old.partition(".")
+        values = data.get(section)
+        if isinstance(values, dict) and key in values:
+            target = data.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(key, values[key])
+            del values[key]
+    return data
+
+
+def _section_type(cls: type, f: dataclasses.Field) -> type:
+    return typing.get_type_hints(cls)[f.name]
 
 
 def _build_section(section_cls: type, values: Any, where: str):
@@ -275,63 +262,20 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then dotted overrides (CLI flags)."""
-    cfg = Config()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"{p}: not valid YAML ({first}); fix the file or start from configs/demo.yaml") from None
-        cfg = Config.from_dict(data, str(p))
-    if overrides:
-        cfg = cfg.override(overrides, "command line")
-    return cfg
-
-
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically."""
+def read_yaml(path: str | os.PathLike) -> Any:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    atomic_write_text(p, text)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place (readers never see a partial file)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid YAML ({one_line(e)}); fix the file or start from configs/demo.yaml") from None
 
 
-def replace_dir(tmp: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Swap the finished directory ``tmp`` into place at ``dst`` (readers never see a half-written ``dst``).
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The library config: defaults, then the YAML file (if any), then dotted overrides."""
+    return Config.load(path, overrides)
 
-    ``os.replace`` cannot overwrite a non-empty directory, so an existing ``dst`` is renamed aside first and removed
-    after the swap. ``tmp`` must be on the same filesystem as ``dst`` (make it beside ``dst``).
-    """
-    tmp, dst = Path(tmp), Path(dst)
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
+
+def save_config(cfg: Sections, path: str | os.PathLike) -> None:
+    cfg.save(path)

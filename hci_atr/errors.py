@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad files, bad columns, bad configs, bad requests) is raised as a subclass of
 :class:`HciAtrError` with a message that names the file / row / field and says what to do. The CLI prints such an error
-on one line and exits non-zero; the HTTP app maps it to a 4xx JSON body.
+on one line and exits non-zero; the HTTP app maps it to a 4xx JSON body. The library knows nothing of HTTP: which
+status a type maps to is the serving app's decision.
 """
 
 
@@ -30,8 +31,8 @@ class CaptionerError(HciAtrError):
     """A captioner backend failed for a clip or could not be set up."""
 
 
-class ClusterError(HciAtrError):
-    """The Ray cluster named by --cluster cannot be reached or refused the job."""
+class QueryError(HciAtrError):
+    """A search query or its options are unusable (empty text, top_k out of range, nothing to search)."""
 
 
 class RequestError(HciAtrError):
@@ -40,3 +41,18 @@ class RequestError(HciAtrError):
     def __init__(self, message: str, status_code: int = 400):
         super().__init__(message)
         self.status_code = status_code
+
+
+def one_line(exc: BaseException | str, limit: int = 500) -> str:
+    """One line for a person: a project error's message or a string as it is, another exception as
+    ``"ExcType: first line"``; whitespace collapsed, at most ``limit`` characters. What the CLI prints, the
+    pipelines' error tables hold and the HTTP app logs."""
+    if isinstance(exc, HciAtrError):
+        msg = str(exc) or type(exc).__name__
+    elif isinstance(exc, BaseException):
+        text = str(exc).strip()
+        head = text.splitlines()[0] if text else ""
+        msg = f"{type(exc).__name__}: {head}" if head else type(exc).__name__
+    else:
+        msg = str(exc)
+    return " ".join(msg.split())[:limit]

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from hci_atr.config import replace_dir
+from hci_atr.files import replace_dir
 from hci_atr.errors import DataError
 
 INDEX_FORMAT = "hci-atr-index"
@@ -100,27 +100,6 @@ def items_from_audio_dir(audio_dir: str | os.PathLike, generated: dict[str, str]
     if not items:
         raise DataError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found; check the folder")
     return items
-
-
-def read_generated_captions(captions_dir: str | os.PathLike | None) -> dict[str, str]:
-    """``caption-all`` output (parquet dataset with audio_id, generated_caption) -> {audio_id: caption}."""
-    if captions_dir is None:
-        return {}
-    import pyarrow.dataset as pads
-
-    p = Path(captions_dir)
-    if not p.exists():
-        raise DataError(f"{p}: captions folder not found; run `hci-atr caption-all` first or leave out --captions")
-    files = [str(f) for f in sorted(p.glob("part-*.parquet"))] if p.is_dir() else [str(p)]
-    if not files:
-        raise DataError(f"{p}: no part-*.parquet files; run `hci-atr caption-all --out {p}` first")
-    table = pads.dataset(files, format="parquet").to_table()
-    missing = {"audio_id", "generated_caption"} - set(table.column_names)
-    if missing:
-        raise DataError(f"{p}: captions parquet lacks column(s) {sorted(missing)}; expected caption-all output")
-    ids = table.column("audio_id").to_pylist()
-    caps = table.column("generated_caption").to_pylist()
-    return {i: c for i, c in zip(ids, caps) if i is not None and c}
 
 
 # ---------------------------------------------------------------------------------------------------------------

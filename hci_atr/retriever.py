@@ -88,6 +88,7 @@ def top_k_exact(matrix: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 SCAN_BACKENDS = ("auto", "numpy", "faiss", "faiss-fp16", "ivf")
+DEFAULT_RETRIEVE_K = 50  # clip-level candidates reranked by the full score
 GEMM_FROM = 4  # the exact FAISS backend hands batches of this many queries or more to one BLAS product
 
 
@@ -248,7 +249,7 @@ class Retriever:
         if hasattr(model, "to"):
             model = model.to(device)
         index = Index.load(index_dir)
-        k = retrieve_k if retrieve_k is not None else model_config(model).serve.retrieve_k
+        k = retrieve_k if retrieve_k is not None else DEFAULT_RETRIEVE_K
         return cls(model, index, device=device, retrieve_k=k, scan_backend=scan_backend, ivf_nlist=ivf_nlist,
                    ivf_nprobe=ivf_nprobe)
 

@@ -39,14 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hci_atr.config import Config, ServeConfig, load_config
+from workflows.settings import Settings, ServeSettings, load_settings
 from hci_atr.errors import AudioError, ConfigError, HciAtrError, RequestError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}  # the only files the page route serves
 AUDIO_MEDIA_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg",
                      ".opus": "audio/ogg", ".m4a": "audio/mp4"}
-_DEFAULTS = ServeConfig()
+_DEFAULTS = ServeSettings()
 
 # ---------------------------------------------------------------------------------------------------------------
 # schema
@@ -217,12 +217,12 @@ def _multipart_schema(fields: dict) -> dict:
         "schema": {"type": "object", "required": ["file"], "properties": props}}}}}
 
 
-def _resolve_config(config_path: str | None) -> Config:
+def _resolve_config(config_path: str | None) -> Settings:
     path = config_path or os.environ.get("HCI_ATR_CONFIG")
-    return load_config(path) if path else Config()
+    return load_settings(path) if path else Settings()
 
 
-def _deployment_options(cfg: ServeConfig) -> dict:
+def _deployment_options(cfg: ServeSettings) -> dict:
     if cfg.max_queued_requests != -1 and cfg.max_queued_requests < 1:
         raise ConfigError(f"serve.max_queued_requests must be -1 (no limit) or >= 1, got {cfg.max_queued_requests}")
     # max_ongoing_requests must admit a full @serve.batch, or batching never fills (and Serve warns about it)
@@ -245,7 +245,7 @@ class SearchDeployment:
         from hci_atr.retriever import Retriever, set_threads
 
         cfg = _resolve_config(config_path)
-        self.serve_cfg: ServeConfig = cfg.serve
+        self.serve_cfg: ServeSettings = cfg.serve
         self.model_dir = model_dir or os.environ.get("HCI_ATR_MODEL") or self.serve_cfg.model_dir
         self.index_dir = index_dir or os.environ.get("HCI_ATR_INDEX") or self.serve_cfg.index_dir
         token = api_token if api_token is not None else os.environ.get("HCI_ATR_API_TOKEN", "")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from hci_atr.config import Config
+from workflows.settings import Settings
 from hci_atr.errors import ConfigError
 from workflows.ablation import (METRICS, VARIANTS, aggregate, format_csv, format_markdown, parse_variants,
                                 variant_config)
@@ -39,7 +39,7 @@ def test_aggregate_mean_sample_std_and_paired_delta():
 
 
 def test_variants_differ_only_in_their_switches():
-    base = Config().override({"train.epochs": 3, "model.audio_width": 8})
+    base = Settings().override({"train.epochs": 3, "model.audio_width": 8})
     a, b = variant_config(base, VARIANTS["clip"], 1), variant_config(base, VARIANTS["hci_ac"], 1)
     fa, fb = a.flat(), b.flat()
     differ = {k for k in fa if fa[k] != fb[k]}
@@ -57,7 +57,7 @@ def test_tiny_ablation_end_to_end(ray_session, tmp_path, tiny_text_dir):
 
     from workflows.ablation import run_ablation
 
-    cfg = Config().override({"model.text_encoder": str(tiny_text_dir), "model.audio_width": 4, "model.embed_dim": 32,
+    cfg = Settings().override({"model.text_encoder": str(tiny_text_dir), "model.audio_width": 4, "model.embed_dim": 32,
                              "model.max_words": 16, "train.epochs": 1, "train.batch_size": 8,
                              "audio.duration": 2.0, "pipeline.num_workers": 1})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -84,7 +84,7 @@ def test_tiny_ablation_end_to_end(ray_session, tmp_path, tiny_text_dir):
     # captions: written by the seed-0 clip-only model, never a clip's own reference caption
     caps = json.loads((out / "captions" / "seed0.json").read_text())
     assert caps["model_variant"] == "clip" and caps["seed"] == 0 and caps["bank_split"] == "train"
-    from workflows.train import read_split_rows
+    from hci_atr.data.shards import read_split_rows
 
     rows = {r["audio_id"]: r for s in ("train", "val", "test") for r in read_split_rows(out / "features", s)}
     train_caps = {c for r in rows.values() if r["split"] == "train" for c in r["captions"]}

@@ -4,7 +4,7 @@ Every case must give a clear error: CLI: exactly one line on stderr starting wit
 traceback, no partial output (the --out directory is not created, or holds no part files / _SUCCESS / temp files);
 HTTP: a 4xx JSON ``{"error": message}``, never a 500, never a traceback. A few odd-but-valid inputs (other sample
 rates and channel counts, a truncated data chunk, an hour-long file for the CLI) must be *accepted* with the right
-numbers. The CLI runs in-process through ``hci_atr.cli.main`` (what the ``hci-atr`` script calls) and, for a few cases,
+numbers. The CLI runs in-process through ``workflows.cli.main`` (what the ``hci-atr`` script calls) and, for a few cases,
 as the real ``hci-atr`` executable in a subprocess. HTTP cases go to the real Ray Serve app on 127.0.0.1.
 
 The table is also printed as markdown (``-s``) for RELIABILITY.md.
@@ -179,7 +179,7 @@ RESULTS: list[tuple[str, str, str, str]] = []  # (surface, case, outcome, messag
 
 
 def _run_main(argv: list[str], capsys) -> tuple[int, str]:
-    from hci_atr.cli import main
+    from workflows.cli import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as ei:  # any other exception escaping main() would be a traceback to the user
@@ -245,7 +245,7 @@ def test_real_entry_point_one_line(env, argv_key):
 def audio_run(ray_session, tmp_path_factory):
     """Every corpus file plus an hour-long WAV in one manifest, extracted with the CLI at a 2 s crop and
     ``max_failure_rate: 1.0`` so that every row's outcome can be read back."""
-    from hci_atr.cli import main
+    from workflows.cli import main
 
     tmp = tmp_path_factory.mktemp("bad_audio")
     files = write_audio_corpus(tmp / "audio")

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from hci_atr.errors import ClusterError
+from workflows.cluster import ClusterError
 from tiny_models import write_tone
 from workflows.cluster import dashboard_address, strip_cluster_args
 
@@ -80,7 +80,7 @@ def test_job_env_carries_tracking_uri_and_offline_switches():
 
 
 def test_unreachable_head_is_a_one_line_cluster_error(tmp_path, capsys):
-    from hci_atr.cli import main
+    from workflows.cli import main
 
     port = _free_port()  # nothing listens there
     cluster = tmp_path / "c.yaml"
@@ -135,7 +135,7 @@ def ray_head():
 def test_extract_features_runs_as_a_job_on_the_cluster(ray_head, tmp_path, capsys, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
-    from hci_atr.cli import main
+    from workflows.cli import main
 
     uri = f"sqlite:///{tmp_path / 'shared-mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the job must track where the submitting shell tracks

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from hci_atr.cli import cli
+from workflows.cli import cli
 from hci_atr.data import demo as demo_mod
 from hci_atr.data.demo import EVENT_TYPES, make_demo, peak_frame_rms
 from hci_atr.data.formats import read_dataset
@@ -267,12 +267,12 @@ def test_cli_make_demo_writes_readable_dataset(tmp_path):
 def test_cli_bad_arguments_give_short_errors(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x.txt").write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "hci_atr.cli", "make-demo", "--out", str(tmp_path / "taken"),
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "make-demo", "--out", str(tmp_path / "taken"),
                            "--size", "6", "--duration", "1"], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not a demo dataset" in lines[0]
-    proc = subprocess.run([sys.executable, "-m", "hci_atr.cli", "make-demo", "--out", str(tmp_path / "x"),
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "make-demo", "--out", str(tmp_path / "x"),
                            "--size", "2"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Invalid value for '--size'" in proc.stderr.strip().splitlines()[-1]

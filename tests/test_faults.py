@@ -150,7 +150,7 @@ def _one_row_per_clip(out: Path, ids: list[str]) -> None:
 @pytest.fixture(scope="module")
 def interrupted_features(ray_session, fdata):
     """extract-features killed 3 times at random shard counts, then re-run (in-process, the same command)."""
-    from hci_atr.cli import main
+    from workflows.cli import main
     from hci_atr.data.formats import read_dataset
 
     out = fdata / "feats"
@@ -181,7 +181,7 @@ def test_extract_features_survives_random_kills(interrupted_features):
 
 def test_caption_all_survives_random_kills(interrupted_features, fdata, demo_root, tiny_text_dir):
     """caption-all (nearest backend, an untrained tiny model over the features above), killed twice, re-run."""
-    from hci_atr.cli import main
+    from workflows.cli import main
 
     model_dir, _, _ = tiny_model_and_index(demo_root, tiny_text_dir, fdata / "model_for_captions")
     out = fdata / "caps"
@@ -300,9 +300,9 @@ MULTINODE_SCRIPT = textwrap.dedent('''
 
     t = threading.Thread(target=remove_when_k_shards, daemon=True)
     t.start()
-    from hci_atr.config import load_config
+    from workflows.settings import load_settings
     from workflows.features import extract_features
-    m = extract_features(data, out, cfg=load_config(cfg_path), progress=False)
+    m = extract_features(data, out, cfg=load_settings(cfg_path), progress=False)
     t.join(timeout=150)
     print("RESULT " + json.dumps({"manifest": {k: m[k] for k in ("rows", "failed", "shards")}, **removed}))
     ray.shutdown()

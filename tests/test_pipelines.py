@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hci_atr.config import AudioConfig, Config
+from hci_atr.config import AudioConfig
+from workflows.settings import Settings
 from hci_atr.data.audio import clip_features_and_duration, n_frames
 from hci_atr.errors import DataError
 from tiny_models import build_tiny_audio_captioner, build_tiny_blip, write_test_video, write_tone
@@ -30,10 +31,10 @@ AUDIO = AudioConfig(sample_rate=SR, duration=1.0, n_mels=32)
 N_CLIPS = 10
 
 
-def _cfg(**pipeline) -> Config:
+def _cfg(**pipeline) -> Settings:
     base = {"num_workers": 2, "batch_size": 2, "rows_per_shard": 3, "max_failure_rate": 0.1}
     base.update(pipeline)
-    return Config().override({"audio.sample_rate": SR, "audio.duration": 1.0, "audio.n_mels": 32,
+    return Settings().override({"audio.sample_rate": SR, "audio.duration": 1.0, "audio.n_mels": 32,
                               **{f"pipeline.{k}": v for k, v in base.items()}})
 
 
@@ -151,7 +152,7 @@ def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
     import dataclasses
 
     from hci_atr.data.formats import read_dataset
-    from workflows.features import FEATURE_SCHEMA
+    from hci_atr.data.shards import FEATURE_SCHEMA
     from workflows.sharded import SUMMARY_SCHEMA, ShardedOutput, ShardWorker, plan_shards, shard_items
 
     data = _write_set(tmp_path / "data", n_good=4, n_bad=1)
@@ -201,7 +202,8 @@ def test_commit_refuses_a_file_that_does_not_match_its_shard(tmp_path):
 
 
 def test_shard_worker_says_when_the_output_directory_is_not_reachable(tmp_path):
-    from workflows.features import FEATURE_SCHEMA, FeatureExtractor
+    from hci_atr.data.shards import FEATURE_SCHEMA
+    from workflows.features import FeatureExtractor
     from workflows.sharded import ShardWorker
 
     with pytest.raises(DataError, match="shared storage"):
@@ -228,7 +230,7 @@ def test_bad_rows_go_to_errors_table_and_run_continues(ray_session, tmp_path):
 
 
 def test_failure_rate_above_threshold_stops_with_one_line_error(ray_session, tmp_path, capsys):
-    from hci_atr.cli import main
+    from workflows.cli import main
 
     data = _write_set(tmp_path / "data", n_good=7, n_bad=3)
     out = tmp_path / "features"
@@ -304,11 +306,11 @@ def test_caption_all_blip_backend(ray_session, tmp_path):
 def test_caption_all_nearest_backend_via_cli(features_run, clean_set, tiny_text_dir, tmp_path, capsys):
     import torch
 
-    from hci_atr.cli import main
+    from workflows.cli import main
     from hci_atr.models.model import HciAtrModel
 
     feats, _ = features_run
-    cfg = Config().override({"audio.sample_rate": SR, "audio.duration": 1.0, "audio.n_mels": 32,
+    cfg = Settings().override({"audio.sample_rate": SR, "audio.duration": 1.0, "audio.n_mels": 32,
                              "model.text_encoder": str(tiny_text_dir), "model.audio_width": 8,
                              "model.embed_dim": 16})
     torch.manual_seed(0)

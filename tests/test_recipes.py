@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hci_atr.cli import main
-from hci_atr.config import Config, load_config, save_config
+from workflows.cli import main
+from workflows.settings import Settings, load_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SR = 32000
@@ -75,15 +75,15 @@ def write_tiny_audiocaps(root: Path) -> dict[str, int]:
 
 
 # the only keys the test changes: sizes (and CPU instead of GPU, since tests have no GPU)
-def _tiny(recipe: Config, text_dir: Path, work: Path, workers: int) -> Config:
+def _tiny(recipe: Settings, text_dir: Path, work: Path, workers: int) -> Settings:
     data = recipe.to_dict()
     data["model"]["audio_checkpoint"] = None  # no CNN14 weights for cnn-small (override() skips None values)
-    return Config.from_dict(data).override({
+    return Settings.from_dict(data).override({
         "audio.duration": 1.0, "model.audio_encoder": "cnn-small", "model.audio_width": 4,
         "model.text_encoder": str(text_dir), "model.embed_dim": 32,
-        "model.max_words": 16, "train.epochs": 1, "train.batch_size": 8 // workers, "train.num_workers": workers,
-        "train.use_gpu": False, "train.storage_path": str(work / "ray_results"), "train.early_stopping_patience": 0,
-        "train.features_dir": str(work / "features"), "pipeline.num_workers": 1, "pipeline.batch_size": 8,
+        "model.max_words": 16, "train.epochs": 1, "train.batch_size": 8 // workers, "run.num_workers": workers,
+        "run.use_gpu": False, "run.storage_path": str(work / "ray_results"), "train.early_stopping_patience": 0,
+        "run.features_dir": str(work / "features"), "pipeline.num_workers": 1, "pipeline.batch_size": 8,
         "pipeline.rows_per_shard": 8, "serve.model_dir": str(work / "model"), "serve.index_dir": str(work / "index"),
     })
 
@@ -98,16 +98,16 @@ def _set_fields(path: Path) -> list[tuple[str, str]]:
 
 def test_recipes_load_and_say_what_they_promise():
     for name in ("demo", "audiocaps", "clotho"):
-        cfg = load_config(CONFIGS / f"{name}.yaml")
-        assert isinstance(cfg, Config)
-    assert load_config(CONFIGS / "demo.yaml") == Config()  # demo.yaml spells out the defaults
+        cfg = load_settings(CONFIGS / f"{name}.yaml")
+        assert isinstance(cfg, Settings)
+    assert load_settings(CONFIGS / "demo.yaml") == Settings()  # demo.yaml spells out the defaults
     for name, seconds, lr in (("audiocaps", 10.0, 1e-4), ("clotho", 30.0, 5e-5)):
-        cfg = load_config(CONFIGS / f"{name}.yaml")
+        cfg = load_settings(CONFIGS / f"{name}.yaml")
         assert cfg.audio.sample_rate == 32000 and cfg.audio.n_mels == 64 and cfg.audio.duration == seconds
         assert cfg.model.audio_encoder == "cnn14" and cfg.model.audio_checkpoint.endswith(".pth")
         assert cfg.model.text_encoder == "bert-base-uncased"
-        assert 64 <= cfg.train.batch_size * cfg.train.num_workers <= 128
-        assert cfg.train.lr == pytest.approx(lr) and cfg.train.warmup_epochs > 0 and cfg.train.use_gpu
+        assert 64 <= cfg.train.batch_size * cfg.run.num_workers <= 128
+        assert cfg.train.lr == pytest.approx(lr) and cfg.train.warmup_epochs > 0 and cfg.run.use_gpu
         assert cfg.model.use_clip and cfg.model.use_segment and cfg.model.use_frame
         assert cfg.model.ac_fusion and cfg.model.ac_branch and cfg.model.ac_augment
 
@@ -120,10 +120,10 @@ def test_recipe_end_to_end_on_a_tiny_copy(ray_session, tmp_path, tiny_text_dir, 
     data = tmp_path / dataset
     sizes = (write_tiny_clotho if dataset == "clotho" else write_tiny_audiocaps)(data)
     recipe_path = CONFIGS / f"{dataset}.yaml"
-    recipe = load_config(recipe_path)
+    recipe = load_settings(recipe_path)
     cfg = _tiny(recipe, tiny_text_dir, tmp_path, workers)
     tiny_yaml = tmp_path / f"{dataset}_tiny.yaml"
-    save_config(cfg, tiny_yaml)
+    cfg.save(tiny_yaml)
     feats, caps = tmp_path / "features", tmp_path / "captions"
     captioner = build_tiny_audio_captioner(tmp_path / "captioner")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -140,7 +140,7 @@ def test_recipe_end_to_end_on_a_tiny_copy(ray_session, tmp_path, tiny_text_dir, 
     metrics = json.loads(capsys.readouterr().out)
 
     # the reader found every clip in its split, with the right number of captions (AudioCaps train: 1, else 5)
-    from workflows.train import read_captions, read_split_rows
+    from hci_atr.data.shards import read_captions, read_split_rows
 
     for split, n in sizes.items():
         rows = read_split_rows(feats, split)
@@ -151,7 +151,7 @@ def test_recipe_end_to_end_on_a_tiny_copy(ray_session, tmp_path, tiny_text_dir, 
     assert len(read_captions(caps)) == sum(sizes.values())  # every clip has an auxiliary caption
 
     # the trained model carries the recipe's settings except the shrunk sizes
-    trained = load_config(model_dir / "config.yaml")
+    trained = load_settings(model_dir / "config.yaml")
     shrunk = {k for k in cfg.flat() if cfg.flat()[k] != recipe.flat()[k]}
     for section, name in _set_fields(recipe_path):
         key = f"{section}.{name}"
@@ -177,8 +177,8 @@ def test_override_null_clears_an_optional_field_and_none_means_not_given(tmp_pat
 
     path = tmp_path / "cfg.yaml"
     path.write_text("model:\n  audio_checkpoint: /weights/cnn14.pth\ntrain:\n  epochs: 3\n")
-    assert load_config(path).model.audio_checkpoint == "/weights/cnn14.pth"
-    cfg = load_config(path, {"model.audio_checkpoint": NULL, "train.epochs": None})
+    assert load_settings(path).model.audio_checkpoint == "/weights/cnn14.pth"
+    cfg = load_settings(path, {"model.audio_checkpoint": NULL, "train.epochs": None})
     assert cfg.model.audio_checkpoint is None and cfg.train.epochs == 3
     with pytest.raises(ConfigError, match="train.epochs"):
-        Config().override({"train.epochs": NULL})  # not optional: a one-line error, not a silent skip
+        Settings().override({"train.epochs": NULL})  # not optional: a one-line error, not a silent skip

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from hci_atr.config import Config
+from workflows.settings import Settings
 from hci_atr.errors import ConfigError, DataError, ModelLoadError, RequestError
 from hci_atr.index import (Index, IndexWriter, embed_items, items_from_audio_dir, items_from_records, mel_from_wave,
                            write_index)
 from hci_atr.retriever import Retriever, _Scanner, set_threads, top_k_exact
 
 
-def tiny_config(text_dir, ac: bool = True) -> Config:
-    return Config().override({
+def tiny_config(text_dir, ac: bool = True) -> Settings:
+    return Settings().override({
         "audio.sample_rate": 16000, "audio.duration": 2.0, "model.audio_width": 8, "model.embed_dim": 32,
         "model.text_encoder": str(text_dir), "model.freeze_text": False, "model.ac_branch": ac,
         "model.ac_fusion": ac, "model.segment_size": 4, "model.segment_stride": 2})

@@ -28,7 +28,7 @@ def served(ray_session, demo_root, tiny_text_dir, tmp_path_factory):
     import httpx
     from ray import serve
 
-    from hci_atr.config import Config
+    from workflows.settings import Settings
     from serve.app import build
     from workflows.index import build_index
 
@@ -41,7 +41,7 @@ def served(ray_session, demo_root, tiny_text_dir, tmp_path_factory):
 
     pq.write_table(pa.table({"audio_id": list(generated), "generated_caption": list(generated.values())}),
                    caps / "part-00000.parquet")
-    summary = build_index(model_dir, root / "index", data=demo_root, captions=caps, cfg=Config(), num_workers=1,
+    summary = build_index(model_dir, root / "index", data=demo_root, captions=caps, cfg=Settings(), num_workers=1,
                           batch_size=8)
     assert summary["clips"] == len(records) and summary["failed"] == 0
     port = _free_port()
@@ -330,19 +330,19 @@ def test_requests_beyond_the_queue_bound_get_503_at_once(served, tmp_path):
 
 def test_deployment_options_follow_the_serve_config():
     # GPU replicas reserve a GPU; every replica admits a full query batch (no Ray needed to check the options)
-    from hci_atr.config import ServeConfig
+    from workflows.settings import ServeSettings
     from serve.app import _deployment_options
 
-    cpu = _deployment_options(ServeConfig())
+    cpu = _deployment_options(ServeSettings())
     assert "num_gpus" not in cpu["ray_actor_options"]
-    assert cpu["max_ongoing_requests"] >= ServeConfig().batch_max_size
-    assert cpu["max_queued_requests"] == ServeConfig().max_queued_requests == 64
-    assert _deployment_options(ServeConfig(max_queued_requests=-1))["max_queued_requests"] == -1
+    assert cpu["max_ongoing_requests"] >= ServeSettings().batch_max_size
+    assert cpu["max_queued_requests"] == ServeSettings().max_queued_requests == 64
+    assert _deployment_options(ServeSettings(max_queued_requests=-1))["max_queued_requests"] == -1
     from hci_atr.errors import ConfigError
 
     with pytest.raises(ConfigError, match="serve.max_queued_requests must be -1 .* got 0"):
-        _deployment_options(ServeConfig(max_queued_requests=0))
-    gpu = _deployment_options(ServeConfig(replica_gpus=1.0, min_replicas=2, max_replicas=4))
+        _deployment_options(ServeSettings(max_queued_requests=0))
+    gpu = _deployment_options(ServeSettings(replica_gpus=1.0, min_replicas=2, max_replicas=4))
     assert gpu["ray_actor_options"]["num_gpus"] == 1.0
     assert gpu["autoscaling_config"]["min_replicas"] == 2 and gpu["autoscaling_config"]["max_replicas"] == 4
 
@@ -350,7 +350,7 @@ def test_deployment_options_follow_the_serve_config():
 def test_evaluate_use_gpu_without_cuda_is_a_one_line_error(tmp_path, capsys):
     import torch
 
-    from hci_atr.cli import main
+    from workflows.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the flag is valid here")

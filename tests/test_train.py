@@ -19,13 +19,13 @@ KILL = {"epoch": 2, "batch": 1, "rank": 1}  # SIGKILL worker rank 1 in epoch 2, 
 @pytest.fixture(scope="module")
 def feats(ray_session, tmp_path_factory):
     """A 48-clip demo set (34 train / 7 val / 7 test) as 3 feature shards, made by the real extract-features."""
-    from hci_atr.config import Config
+    from workflows.settings import Settings
     from hci_atr.data.demo import make_demo
     from workflows.features import extract_features
 
     root = tmp_path_factory.mktemp("train_demo")
     make_demo(root / "data", seed=0, size=48, duration=2.0, sample_rate=16000, progress=False)
-    cfg = Config().override({"audio.sample_rate": 16000, "audio.duration": 2.0, "audio.n_mels": 32,
+    cfg = Settings().override({"audio.sample_rate": 16000, "audio.duration": 2.0, "audio.n_mels": 32,
                              "pipeline.rows_per_shard": 16})
     extract_features(root / "data", root / "feats", cfg=cfg, progress=False)
     return root / "feats"
@@ -37,16 +37,16 @@ def work(tmp_path_factory):
 
 
 def _cfg(text_dir, work, run_name, epochs=EPOCHS, **over):
-    from hci_atr.config import Config
+    from workflows.settings import Settings
 
     base = {"audio.sample_rate": 16000, "audio.duration": 1.0, "audio.n_mels": 32,
             "model.text_encoder": str(text_dir), "model.freeze_text": False, "model.audio_width": 8,
             "model.embed_dim": 32, "model.max_words": 16,
-            "train.epochs": epochs, "train.batch_size": BATCH, "train.num_workers": 2, "train.lr": 2e-3,
-            "train.seed": 0, "train.storage_path": str(work / "ray_results"), "train.run_name": run_name,
-            "train.registered_model": "tiny-hci"}
+            "train.epochs": epochs, "train.batch_size": BATCH, "run.num_workers": 2, "train.lr": 2e-3,
+            "train.seed": 0, "run.storage_path": str(work / "ray_results"), "run.run_name": run_name,
+            "run.registered_model": "tiny-hci"}
     base.update(over)
-    return Config().override(base)
+    return Settings().override(base)
 
 
 def _uri(work):
@@ -199,7 +199,7 @@ def test_registry_alias_resolves_to_the_best_model(main_run, work):
 
 
 def test_evaluate_prints_table_and_rerank_all_equals_full(main_run, feats, work, capsys):
-    from hci_atr.cli import main
+    from workflows.cli import main
     from workflows.evaluate import evaluate
 
     full = evaluate(main_run.model_dir, feats, "test")

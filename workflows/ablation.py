@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from hci_atr.config import Config, atomic_write_bytes, atomic_write_text, save_config
+from hci_atr.files import atomic_write_bytes, atomic_write_text
+from workflows.settings import Settings
 from hci_atr.errors import ConfigError
 
 
@@ -90,12 +91,12 @@ def parse_variants(names: str | Sequence[str] | None) -> list[Variant]:
     return [VARIANTS[n] for n in dict.fromkeys(items)]
 
 
-def variant_config(base: Config, variant: Variant, seed: int) -> Config:
+def variant_config(base: Settings, variant: Variant, seed: int) -> Settings:
     """The base config with the variant's switches and the seed applied (everything else stays equal)."""
     return base.override({**variant.switches, "train.seed": seed}, f"ablation variant {variant.name}")
 
 
-def config_key(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+def config_key(cfg: Settings, extra: dict[str, Any] | None = None) -> str:
     """A short hash of everything that decides a run's numbers (resolved config + data + caption source)."""
     blob = json.dumps({"config": cfg.to_dict(), **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -111,7 +112,7 @@ def with_captions(rows: list[dict], captions: dict[str, str] | None) -> list[dic
     return [{**r, "generated_caption": (captions or {}).get(r["audio_id"])} for r in rows]
 
 
-def train_and_evaluate(cfg: Config, train_rows: list[dict], val_rows: list[dict], test_rows: list[dict], *,
+def train_and_evaluate(cfg: Settings, train_rows: list[dict], val_rows: list[dict], test_rows: list[dict], *,
                        captions: dict[str, str] | None = None, model_dir: str | os.PathLike | None = None,
                        threads: int = 1) -> dict[str, Any]:
     """Train ``HciAtrModel(cfg)`` for ``cfg.train.epochs`` epochs, keep the epoch with the best validation R-sum,
@@ -323,7 +324,7 @@ def _ensure_demo(out: Path, size: int, duration: float, sample_rate: int, seed: 
     return root
 
 
-def run_ablation(out_dir: str | os.PathLike, *, cfg: Config | None = None, data: str | os.PathLike | None = None,
+def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, data: str | os.PathLike | None = None,
                  fmt: str = "auto", demo_size: int = 240, demo_duration: float | None = None, demo_seed: int = 0,
                  variants: str | Sequence[str] | None = None, seeds: Iterable[int] = (0, 1, 2),
                  caption_variant: str = "clip", test_split: str = "test", tracking_uri: str | None = None,
@@ -340,10 +341,10 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Config | None = None, data:
     from workflows.cluster import ensure_ray
     from workflows.features import extract_features
     from workflows.tracking import data_fingerprint
-    from workflows.train import read_split_rows
+    from hci_atr.data.shards import read_split_rows
 
     say = echo or (lambda s: None)
-    cfg = cfg or Config()
+    cfg = cfg or Settings()
     out = Path(out_dir).resolve()
     chosen = parse_variants(variants)
     seeds = [int(s) for s in seeds]
@@ -362,27 +363,27 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Config | None = None, data:
     m = extract_features(data, features, cfg=cfg, fmt=fmt, seed=demo_seed, progress=False)
     say(f"features: {m['rows']} rows ({m['computed_shards']} shards computed) -> {features}")
     fingerprint = data_fingerprint(features)
-    splits = {name: read_split_rows(features, name) for name in (cfg.train.train_split, cfg.train.val_split,
+    splits = {name: read_split_rows(features, name) for name in (cfg.run.train_split, cfg.run.val_split,
                                                                  test_split)}
     for name, rows in splits.items():
         if not rows:
             raise ConfigError(f"{features}: split '{name}' has no rows; the ablation needs train, validation and "
                               f"test splits (set train.train_split / train.val_split / --test-split)")
     say("rows: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    save_config(cfg, out / "base_config.yaml")
-    train_ref, val_ref, test_ref = (ray.put(splits[k]) for k in (cfg.train.train_split, cfg.train.val_split,
+    cfg.save(out / "base_config.yaml")
+    train_ref, val_ref, test_ref = (ray.put(splits[k]) for k in (cfg.run.train_split, cfg.run.val_split,
                                                                   test_split))
     all_rows_ref = ray.put([r for rows in splits.values() for r in rows])
 
     @ray.remote(num_cpus=1)
     def train_task(cfg_dict: dict, tr, va, te, caps: dict | None, model_dir: str | None) -> dict:
-        return train_and_evaluate(Config.from_dict(cfg_dict), tr, va, te,
+        return train_and_evaluate(Settings.from_dict(cfg_dict), tr, va, te,
                                   captions=(caps or {}).get("captions"), model_dir=model_dir, threads=1)
 
     @ray.remote(num_cpus=1)
     def caption_task(_trained: dict, model_dir: str, rows: list[dict]) -> dict:
         # _trained: the captioning model's train_task result; passing it orders this task after that one
-        return nearest_captions(model_dir, features, rows, bank_split=cfg.train.train_split, threads=1)
+        return nearest_captions(model_dir, features, rows, bank_split=cfg.run.train_split, threads=1)
 
     results: dict[tuple[str, int], dict] = {}
     pending: dict[Any, tuple[str, int, Path, dict]] = {}
@@ -398,7 +399,7 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Config | None = None, data:
             cap_path = out / "captions" / f"seed{seed}.json"
             cap_source = {"captioner": "nearest", "model_variant": cv.name, "seed": seed,
                           "model_config_key": config_key(ccfg, {"data": fingerprint}),
-                          "bank_split": cfg.train.train_split, "model_dir": str(model_dir)}
+                          "bank_split": cfg.run.train_split, "model_dir": str(model_dir)}
             cached = _load_done(cap_path, config_key(ccfg, {"data": fingerprint, "captions": cap_source}))
             if resume and cached is not None:
                 caption_ref = ray.put(cached)
@@ -473,7 +474,7 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Config | None = None, data:
     return AblationResult(str(out), rows, results, md, parent, computed)
 
 
-def log_to_mlflow(out: Path, rows: list[dict], results: dict[tuple[str, int], dict], cfg: Config,
+def log_to_mlflow(out: Path, rows: list[dict], results: dict[tuple[str, int], dict], cfg: Settings,
                   summary: dict, tracking_uri: str | None, experiment: str) -> str:
     """One parent run (settings, mean/std per variant, table and plot artifacts) and one child run per
     variant x seed (its switches, seed, per-epoch history, test and validation metrics)."""

@@ -21,19 +21,13 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from hci_atr.config import Config
+from hci_atr.data.shards import CAPTION_SCHEMA
+from workflows.settings import Settings
 from workflows.sharded import ShardedOutput, map_pending, plan_shards
 
 STAGE = "caption"
 
-CAPTION_SCHEMA = pa.schema([
-    ("audio_id", pa.string()),
-    ("generated_caption", pa.string()),
-    ("captioner", pa.string()),
-    ("model", pa.string()),
-    ("params", pa.string()),
-    ("seconds", pa.float32()),
-])
+
 
 
 def check_setup(captioner: str, model: str | None, params: dict[str, Any]) -> None:
@@ -77,7 +71,8 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from hci_atr.captioners import BankEmbedder, NearestBank, features_mel_config
+    from hci_atr.captioners import BankEmbedder, NearestBank
+    from hci_atr.data.shards import features_audio_config
     from hci_atr.errors import CaptionerError
     from workflows.sharded import actor_pool_options, project_errors, ray_data
 
@@ -113,11 +108,11 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
                 bar.update(t.num_rows)
     finally:
         bar.close()
-    return ray.put(NearestBank.from_tables(tables, mel_config=features_mel_config(features)))
+    return ray.put(NearestBank.from_tables(tables, mel_config=features_audio_config(features)))
 
 
 def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: str, model: str | None = None,
-                params: dict[str, Any] | None = None, cfg: Config | None = None, fmt: str = "auto",
+                params: dict[str, Any] | None = None, cfg: Settings | None = None, fmt: str = "auto",
                 splits: Iterable[str] | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Caption every record of ``data`` with backend ``captioner`` into ``out``; resumes a previous run.
 
@@ -127,7 +122,7 @@ def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: s
     from hci_atr.captioners import captioner_class
     from hci_atr.data.formats import read_dataset
 
-    cfg = cfg or Config()
+    cfg = cfg or Settings()
     p = cfg.pipeline
     params = {k: v for k, v in (params or {}).items() if v is not None}
     cls = captioner_class(captioner)  # unknown name -> CaptionerError before any Ray work

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from hci_atr.errors import ClusterError
+from hci_atr.errors import HciAtrError, one_line
 
 DASHBOARD_PORT = 8265
 # Never shipped with the job: environments, data, run outputs, caches (the Jobs API caps working_dir size).
@@ -46,6 +46,11 @@ WORKING_DIR_EXCLUDES = [
     "*.safetensors", "node_modules", ".ci/cache",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+
+class ClusterError(HciAtrError):
+    """The Ray cluster named by --cluster cannot be reached or refused the job."""
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -65,12 +70,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # "local": never attach to some other cluster found on this machine by `ray start`.
             ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", configure_logging=False)
     except ConnectionError as e:
-        raise ClusterError(f"cannot connect to Ray at {address!r} ({_first_line(e)}); check RAY_ADDRESS") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise ClusterError(f"cannot connect to Ray at {address!r} ({one_line(e)}); check RAY_ADDRESS") from None
 
 
 # -- cluster YAML -----------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def read_cluster_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ClusterError(f"{p}: not valid YAML ({_first_line(e)})") from None
+        raise ClusterError(f"{p}: not valid YAML ({one_line(e)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("provider"), dict):
         raise ClusterError(f"{p}: not a Ray cluster-launcher config (no 'provider' section)")
     return data
@@ -104,7 +104,7 @@ def dashboard_address(cluster_yaml: str | os.PathLike) -> str:
             res = subprocess.run(["ray", "get-head-ip", os.fspath(cluster_yaml)], capture_output=True, text=True,
                                  timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise ClusterError(f"{cluster_yaml}: `ray get-head-ip` failed ({_first_line(e)}); set "
+            raise ClusterError(f"{cluster_yaml}: `ray get-head-ip` failed ({one_line(e)}); set "
                                "metadata.hci_atr.dashboard_address in the file") from None
         lines = res.stdout.strip().splitlines()
         if res.returncode != 0 or not lines:
@@ -195,7 +195,7 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
     echo = echo or (lambda s: print(s, end="", flush=True))
     address = dashboard_address(cluster_yaml)
     args = strip_cluster_args(argv)
-    entrypoint = "python -m hci_atr.cli " + " ".join(shlex.quote(a) for a in args)
+    entrypoint = "python -m workflows.cli " + " ".join(shlex.quote(a) for a in args)
     with _auth_env() as token_mode:
         try:
             # Ray reads RAY_AUTH_MODE once per process, so a client made after `import ray` may not see it: send
@@ -204,7 +204,7 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
             headers = {"Authorization": f"Bearer {token}"} if token else None
             client = JobSubmissionClient(address, headers=headers)
         except Exception as e:
-            raise ClusterError(f"cannot reach the Ray head at {address} ({_first_line(e)}); is the cluster up "
+            raise ClusterError(f"cannot reach the Ray head at {address} ({one_line(e)}); is the cluster up "
                                f"(`ray up {cluster_yaml}`) and the dashboard port reachable?") from None
         runtime_env = {"working_dir": os.fspath(working_dir or project_root()), "excludes": WORKING_DIR_EXCLUDES,
                        "env_vars": job_env_vars(token_mode=token_mode)}
@@ -233,7 +233,7 @@ def _submit_with_retry(client, address: str, retry_s: float = 90.0, **job) -> st
             if "No available agent" in str(e) and time.monotonic() < deadline:
                 time.sleep(1.0)
                 continue
-            raise ClusterError(f"the Ray head at {address} refused the job ({_first_line(e)})") from None
+            raise ClusterError(f"the Ray head at {address} refused the job ({one_line(e)})") from None
 
 
 async def _tail(client, job_id: str, echo) -> None:

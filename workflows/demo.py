@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hci_atr.config import Config, atomic_write_text
+from hci_atr.files import atomic_write_text
+from workflows.settings import Settings
 from hci_atr.errors import ConfigError
 
 # (name, label, model overrides) of the three trained variants, in table order.
@@ -58,15 +59,15 @@ class DemoSettings:
         return cls(workdir=workdir, seed=seed, size=48, duration=2.0, sample_rate=16000, epochs=2, batch_size=8)
 
 
-def demo_config(s: DemoSettings, base: Config | None = None) -> Config:
+def demo_config(s: DemoSettings, base: Settings | None = None) -> Settings:
     """The config every demo stage shares: the demo's audio settings, seed, workers and where runs go."""
     work = Path(s.workdir).absolute()
-    return (base or Config()).override({
+    return (base or Settings()).override({
         "audio.sample_rate": s.sample_rate, "audio.duration": s.duration,
-        "train.seed": s.seed, "train.epochs": s.epochs, "train.num_workers": s.num_workers,
-        "train.batch_size": s.batch_size, "train.storage_path": str(work / "ray_results"),
-        "train.features_dir": str(work / "features"), "train.registered_model": "hci-atr-demo",
-        "train.experiment": "hci-atr-demo",
+        "train.seed": s.seed, "train.epochs": s.epochs, "run.num_workers": s.num_workers,
+        "train.batch_size": s.batch_size, "run.storage_path": str(work / "ray_results"),
+        "run.features_dir": str(work / "features"), "run.registered_model": "hci-atr-demo",
+        "run.experiment": "hci-atr-demo",
         "pipeline.num_workers": s.num_workers,
         "serve.model_dir": str(work / "models" / "hci_ac"), "serve.index_dir": str(work / "index"),
     }, "demo")
@@ -91,7 +92,7 @@ class _Stages:
         return result
 
 
-def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | None = None,
+def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | None = None,
              echo: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run every stage (skipping finished ones) and return {"table": markdown, "results": {variant: metrics}, ...}."""
     from hci_atr.data.demo import make_demo
@@ -106,7 +107,7 @@ def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | No
     work = Path(s.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(s, base)
-    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.train.tracking_uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.run.tracking_uri)
     stages = _Stages(work, {"settings": s.__dict__ | {"workdir": str(work)}, "config": cfg.to_dict()})
     data_dir, feat_dir, cap_dir = work / "demo_data", work / "features", work / "captions"
     t_start = time.perf_counter()
@@ -134,7 +135,7 @@ def run_demo(s: DemoSettings, base: Config | None = None, tracking_uri: str | No
         step(n, f"train {label} (Ray Train, {s.num_workers} workers, {s.epochs} epochs) run 'demo-{name}'")
         done = stages.done(f"train_{name}")
         if done is None:
-            vcfg = cfg.override({**overrides, "train.run_name": f"demo-{name}"}, "demo")
+            vcfg = cfg.override({**overrides, "run.run_name": f"demo-{name}"}, "demo")
             r = train(vcfg, feat_dir, captions, tracking_uri=uri, echo=lambda m: echo("      " + m))
             dst = work / "models" / name
             export_model_dir(r.model_dir, dst)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from hci_atr.config import Config
+from workflows.settings import Settings
 from hci_atr.errors import ConfigError
 
 # Rows of the printed table: (label, metric suffix, format)
@@ -51,7 +51,7 @@ def _rerank_matrix(clip: torch.Tensor, full_of, k: int, dim: int) -> torch.Tenso
 
 
 def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, split: str = "test",
-             cfg: Config | None = None, *, captions_dir: str | os.PathLike | None = None, rerank_k: int | None = None,
+             cfg: Settings | None = None, *, captions_dir: str | os.PathLike | None = None, rerank_k: int | None = None,
              log_mlflow: bool = False, tracking_uri: str | None = None, batch_size: int | None = None,
              experiment: str = "hci-atr-eval", device: str = "cpu") -> dict[str, Any]:
     """Metrics dict (``t2a_R1 .. a2t_meanr``, ``rsum``, per-level ``<level>_rsum``, ``n_audio``, ``n_text``).
@@ -64,7 +64,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
     from hci_atr.metrics import retrieval_metrics
     from hci_atr.models.model import HciAtrModel
     from workflows import tracking
-    from workflows.train import read_captions, read_split_rows
+    from hci_atr.data.shards import read_captions, read_split_rows
 
     model_dir = tracking.resolve_model_ref(str(model_ref), tracking_uri)
     model = HciAtrModel.from_pretrained(model_dir).eval().to(device)

@@ -23,22 +23,14 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from hci_atr.config import AudioConfig, Config
+from hci_atr.config import AudioConfig
+from workflows.settings import Settings
+from hci_atr.data.shards import FEATURE_SCHEMA
 from hci_atr.errors import HciAtrError
 from workflows.sharded import ERROR_COLUMN, ShardedOutput, map_pending, plan_shards
 
 STAGE = "features"
 
-FEATURE_SCHEMA = pa.schema([
-    ("audio_id", pa.string()),
-    ("split", pa.string()),
-    ("audio_path", pa.string()),
-    ("captions", pa.list_(pa.string())),
-    ("duration", pa.float32()),
-    ("n_frames", pa.int32()),
-    ("n_mels", pa.int32()),
-    ("mel", pa.list_(pa.float32())),
-])
 _RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field(ERROR_COLUMN, pa.string()))
 
 
@@ -78,7 +70,7 @@ class FeatureExtractor:
         return pa.Table.from_pydict(cols, schema=_RESULT_SCHEMA)
 
 
-def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Config | None = None,
+def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Settings | None = None,
                      fmt: str = "auto", splits: Iterable[str] | None = None, seed: int = 0,
                      progress: bool = True) -> dict:
     """Write feature shards for every record of ``data`` into ``out``; resumes a previous run. Returns the manifest.
@@ -88,7 +80,7 @@ def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Co
     """
     from hci_atr.data.formats import read_dataset
 
-    cfg = cfg or Config()
+    cfg = cfg or Settings()
     p = cfg.pipeline
     records = read_dataset(data, format=fmt, splits=splits)
     shards = plan_shards([r.audio_id for r in records], p.rows_per_shard)

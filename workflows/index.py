@@ -21,10 +21,11 @@ from typing import Iterable
 
 import numpy as np
 
-from hci_atr.config import Config
+from workflows.settings import Settings
+from hci_atr.data.shards import read_captions
 from hci_atr.errors import DataError, HciAtrError
 from hci_atr.index import (IndexItem, IndexWriter, _stack_padded, embed_audio_batch, flatten_outputs,
-                           items_from_audio_dir, items_from_records, mel_from_wave, read_generated_captions)
+                           items_from_audio_dir, items_from_records, mel_from_wave)
 
 
 class IndexEmbedder:
@@ -76,7 +77,7 @@ def collect_items(data: str | os.PathLike | None = None, audio_dir: str | os.Pat
     """The clips to index: a dataset (any reader) or a folder of audio files, with generated captions joined."""
     if (data is None) == (audio_dir is None):
         raise DataError("index: pass exactly one of --data (a dataset) or --audio-dir (a folder of audio files)")
-    generated = read_generated_captions(captions)
+    generated = read_captions(captions)
     if data is not None:
         from hci_atr.data.formats import read_dataset
 
@@ -93,13 +94,13 @@ def collect_items(data: str | os.PathLike | None = None, audio_dir: str | os.Pat
 
 def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: str | os.PathLike | None = None,
                 audio_dir: str | os.PathLike | None = None, captions: str | os.PathLike | None = None,
-                fmt: str = "auto", splits: Iterable[str] | None = None, cfg: Config | None = None,
+                fmt: str = "auto", splits: Iterable[str] | None = None, cfg: Settings | None = None,
                 num_workers: int | None = None, batch_size: int | None = None) -> dict:
     """Embed the collection with Ray Data actors and write the index at ``out``. Returns a summary dict."""
     from hci_atr.models.model import HciAtrModel
     from workflows.sharded import project_errors, ray_data
 
-    cfg = cfg or Config()
+    cfg = cfg or Settings()
     p = cfg.pipeline
     workers = int(num_workers or p.num_workers)
     bs = int(batch_size or p.batch_size)

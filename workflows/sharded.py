@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hci_atr.config import atomic_write_text
+from hci_atr.files import atomic_write_text
 from hci_atr.errors import DataError, HciAtrError
 
 PART_TEMPLATE = "part-{:05d}.parquet"

@@ -8,11 +8,11 @@ the same database.
 
 Layout of what a training run logs:
 
-- params: the flattened resolved config (``Config.flat()``), plus ``data.fingerprint`` and ``git.commit`` (if any);
+- params: the flattened resolved config (``Settings.flat()``), plus ``data.fingerprint`` and ``git.commit`` (if any);
 - metrics (step = epoch): ``loss``, ``loss_<level>`` per HCI level, ``val_<metric>`` (``val_rsum``, ``val_t2a_R1`` ...);
 - artifacts: ``config.yaml``, ``training_curve.png``, ``retrieval_examples.txt``, ``model/`` (the
   ``HciAtrModel.save_pretrained`` directory of the best checkpoint);
-- registry: a new version of ``cfg.train.registered_model`` per finished run; the alias ``champion`` moves to it when
+- registry: a new version of ``cfg.run.registered_model`` per finished run; the alias ``champion`` moves to it when
   its validation R-sum beats the current champion's.
 """
 
@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from hci_atr.errors import ConfigError, ModelLoadError
+from hci_atr.errors import ConfigError, ModelLoadError, one_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHAMPION_ALIAS = "champion"
@@ -232,7 +232,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from hci_atr.config import atomic_write_bytes
+    from hci_atr.files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -313,11 +313,6 @@ def resolve_model_ref(ref: str, tracking_uri: str | None = None, dst_dir: str | 
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; the user needs the reference and the store
-        raise ModelLoadError(f"{ref}: cannot resolve through the MLflow registry at {uri} ({_first_line(e)}); "
+        raise ModelLoadError(f"{ref}: cannot resolve through the MLflow registry at {uri} ({one_line(e)}); "
                              "check the name/alias with `mlflow ui` or pass --tracking-uri") from None
     return Path(local)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__

@@ -41,19 +41,20 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from hci_atr.config import Config, atomic_write_text, replace_dir, save_config
+from hci_atr.files import atomic_write_text, replace_dir
+from workflows.settings import Settings
+from hci_atr.data.shards import feature_files, read_captions, read_split_rows, split_counts, table_to_rows
 from hci_atr.errors import ConfigError, DataError, HciAtrError
 
 RUN_FILE = "hci_atr_run.json"
 # columns training reads from a feature shard (the extract-features schema, docs/architecture.md)
-FEATURE_COLUMNS = ("audio_id", "split", "captions", "n_frames", "n_mels", "mel")
 BEST_MODEL = "best_model"
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "train_state.pt"
 CHECKPOINT_META = "meta.json"
-# Config keys a resumed run may change (they do not change what is learnt from the data, or only extend it).
-RESUMABLE_KEYS = {"train.epochs", "train.max_failures", "train.num_workers", "train.use_gpu", "train.tracking_uri",
-                  "train.storage_path", "train.early_stopping_patience", "train.features_dir"}
+# Settings keys a resumed run may change (they do not change what is learnt from the data, or only extend it).
+RESUMABLE_KEYS = {"train.epochs", "run.max_failures", "run.num_workers", "run.use_gpu", "run.tracking_uri",
+                  "run.storage_path", "train.early_stopping_patience", "run.features_dir"}
 
 
 @dataclass
@@ -73,93 +74,6 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------------------
 # feature shards -> rows
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def feature_files(features_dir: str | os.PathLike) -> list[str]:
-    """The feature shard files (``part-*.parquet``, sorted) of an ``extract-features`` output directory."""
-    root = Path(features_dir)
-    if not root.is_dir():
-        raise DataError(f"{root}: features directory not found; run `hci-atr extract-features --out {root}` first")
-    files = sorted(str(p.resolve()) for p in root.glob("part-*.parquet"))
-    if not files:
-        raise DataError(f"{root}: no part-*.parquet feature shards; run `hci-atr extract-features --out {root}`")
-    import pyarrow.parquet as pq
-
-    for f in files:  # footers only: a wrong or broken directory fails here in one line, not deep inside a reader
-        try:
-            names = set(pq.read_schema(f).names)
-        except Exception as e:  # ArrowInvalid / OSError for a truncated or non-parquet file
-            raise DataError(f"{f}: not a readable parquet file ({str(e).splitlines()[0][:120]}); re-run "
-                            f"`hci-atr extract-features --out {root}`") from None
-        missing = [c for c in FEATURE_COLUMNS if c not in names]
-        if missing:
-            raise DataError(f"{f}: missing column(s) {', '.join(missing)}; this is not an extract-features output "
-                            f"directory (pass the --out of `hci-atr extract-features`)")
-    return files
-
-
-def read_captions(captions_dir: str | os.PathLike | None) -> dict[str, str]:
-    """audio_id -> generated caption from a ``caption-all`` output directory ({} when ``captions_dir`` is None)."""
-    if not captions_dir:
-        return {}
-    import pyarrow.parquet as pq
-
-    root = Path(captions_dir)
-    files = sorted(root.glob("part-*.parquet")) if root.is_dir() else []
-    if not files:
-        raise DataError(f"{root}: no part-*.parquet caption shards; run `hci-atr caption-all --out {root}` first")
-    out: dict[str, str] = {}
-    for f in files:
-        t = pq.read_table(f)
-        for col in ("audio_id", "generated_caption"):
-            if col not in t.column_names:
-                raise DataError(f"{f}: missing column '{col}' (expected the caption-all schema)")
-        for aid, cap in zip(t.column("audio_id").to_pylist(), t.column("generated_caption").to_pylist()):
-            if aid is not None and cap:
-                out[aid] = cap
-    return out
-
-
-def table_to_rows(table) -> list[dict[str, Any]]:
-    """A feature table (pyarrow) -> rows for ``make_batch``: plain dicts, ``mel`` as float32 ``[n_frames * n_mels]``
-    numpy views (no per-float Python objects), ``generated_caption`` str or None."""
-    import pyarrow as pa
-
-    cols = table.column_names
-    n = table.num_rows
-    mel = table.column("mel").combine_chunks() if n else pa.array([], pa.list_(pa.float32()))
-    values = mel.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    offsets = mel.offsets.to_numpy()
-    plain = {c: table.column(c).to_pylist() for c in cols if c != "mel"}
-    rows = []
-    for i in range(n):
-        row = {c: plain[c][i] for c in plain}
-        row["mel"] = values[offsets[i]:offsets[i + 1]]
-        row.setdefault("generated_caption", None)
-        rows.append(row)
-    return rows
-
-
-def read_split_rows(features_dir: str | os.PathLike, split: str,
-                    captions: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """All rows of one split (validation / test sets: small enough for one process), sorted by audio_id."""
-    import pyarrow.parquet as pq
-
-    files = feature_files(features_dir)
-    table = pq.read_table(files, filters=[("split", "==", split)])
-    rows = table_to_rows(table)
-    for r in rows:
-        r["generated_caption"] = (captions or {}).get(r["audio_id"])
-    rows.sort(key=lambda r: r["audio_id"])
-    return rows
-
-
-def split_counts(features_dir: str | os.PathLike) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(feature_files(features_dir), columns=["split"])
-    vals, counts = np.unique(np.asarray(t.column("split").to_pylist(), dtype=object).astype(str), return_counts=True)
-    return {str(v): int(c) for v, c in zip(vals, counts)}
 
 
 def _add_captions(batch, captions: dict[str, str]):
@@ -303,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from hci_atr.models.model import HciAtrModel
     from workflows import tracking
 
-    cfg = Config.from_dict(config["cfg"])
+    cfg = Settings.from_dict(config["cfg"])
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -413,8 +327,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_dir_for(cfg: Config) -> Path:
-    return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
+def run_dir_for(cfg: Settings) -> Path:
+    return Path(cfg.run.storage_path).resolve() / cfg.run.run_name
 
 
 def _read_run_file(run_dir: Path) -> dict:
@@ -427,19 +341,19 @@ def _read_run_file(run_dir: Path) -> dict:
         raise ConfigError(f"{p}: unreadable ({e}); delete it to start the run's MLflow tracking afresh") from None
 
 
-def _check_resume_config(run_dir: Path, cfg: Config) -> None:
+def _check_resume_config(run_dir: Path, cfg: Settings) -> None:
     """A re-run with the same name must train the same thing: only RESUMABLE_KEYS may differ from config.yaml."""
     p = run_dir / "config.yaml"
     if not p.is_file():
         return
-    from hci_atr.config import load_config
+    from workflows.settings import load_settings
 
-    old = load_config(p).flat()
+    old = load_settings(p).flat()
     new = cfg.flat()
     changed = [k for k in new if k not in RESUMABLE_KEYS and old.get(k) != new[k]]
     if changed:
         raise ConfigError(
-            f"{run_dir}: a run named '{cfg.train.run_name}' exists with other settings for "
+            f"{run_dir}: a run named '{cfg.run.run_name}' exists with other settings for "
             f"{', '.join(changed[:6])}; re-run with the same settings to resume, or pass a new --run-name"
         )
 
@@ -460,13 +374,13 @@ def default_torch_threads(num_workers: int, cpus: int | None = None) -> int:
     return max(1, cpus // max(1, num_workers))
 
 
-def train(cfg: Config, features_dir: str | os.PathLike, captions_dir: str | os.PathLike | None = None, *,
+def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os.PathLike | None = None, *,
           tracking_uri: str | None = None, ray_address: str | None = None, fault: dict | None = None,
           torch_threads: int | None = None, log_examples: bool = True, register: bool = True,
           echo: Callable[[str], None] | None = None) -> TrainResult:
-    """Train ``HciAtrModel(cfg)`` on the ``cfg.train.train_split`` rows of ``features_dir`` with Ray Train.
+    """Train ``HciAtrModel(cfg)`` on the ``cfg.run.train_split`` rows of ``features_dir`` with Ray Train.
 
-    Re-running with the same ``cfg.train.storage_path`` / ``run_name`` resumes. ``fault`` (tests, drills): kill one
+    Re-running with the same ``cfg.run.storage_path`` / ``run_name`` resumes. ``fault`` (tests, drills): kill one
     worker once, see :func:`_fault_point`; also read from ``$HCI_ATR_FAULT`` as ``epoch:batch:rank:marker``.
     Returns a :class:`TrainResult`; the best model is in ``result.model_dir``.
     """
@@ -510,7 +424,7 @@ def train(cfg: Config, features_dir: str | os.PathLike, captions_dir: str | os.P
                           f"{prev['data_fingerprint']} != {fingerprint}); pass a new --run-name")
     run_id = tracking.start_or_resume_run(uri, tc.experiment, tc.run_name, prev.get("mlflow_run_id"))
     resumed = run_id == prev.get("mlflow_run_id")
-    save_config(cfg, run_dir / "config.yaml")
+    cfg.save(run_dir / "config.yaml")
     atomic_write_text(run_dir / RUN_FILE, json.dumps(
         {"mlflow_run_id": run_id, "tracking_uri": uri, "data_fingerprint": fingerprint}, indent=1))
     params = {k: v for k, v in cfg.flat().items() if k not in RESUMABLE_KEYS or not resumed}

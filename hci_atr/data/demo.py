@@ -42,7 +42,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from hci_atr.config import replace_dir
+from hci_atr.files import replace_dir
 from hci_atr.errors import ConfigError, DataError
 
 FRAME_S = 0.010  # loudness is measured on 10 ms frames (peak frame RMS)

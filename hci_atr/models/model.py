@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hci_atr.config import Config, atomic_write_bytes, load_config, save_config
+from hci_atr.config import Config, read_yaml
+from hci_atr.files import atomic_write_bytes
 from hci_atr.errors import ModelLoadError
 from hci_atr.losses import LevelTemperatures, hierarchical_loss, positives_mask
 from hci_atr.models.ac import CaptionFusion, branch_similarity
@@ -118,7 +119,8 @@ class HciAtrModel(nn.Module):
         """
         super().__init__()
         m = cfg.model
-        self.cfg = cfg
+        # the library's sections only (a caller may pass a richer config with the same sections)
+        self.cfg = Config(audio=cfg.audio, model=cfg.model, train=cfg.train)
         d = m.embed_dim
         self.text = TextEncoder(str(text_source or m.text_encoder), freeze=m.freeze_text, max_words=m.max_words,
                                 out_dim=d, pretrained=pretrained, phrase_mode=m.phrase_mode, phrase_n=m.phrase_n)
@@ -315,7 +317,7 @@ class HciAtrModel(nn.Module):
         try:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             atomic_write_bytes(tmp / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
-            save_config(self.cfg, tmp / CONFIG_NAME)
+            self.cfg.save(tmp / CONFIG_NAME)
             self.text.tokenizer.save_pretrained(tmp / TEXT_DIR)
             self.text.transformer.config.save_pretrained(tmp / TEXT_DIR)
             old = None
@@ -340,7 +342,8 @@ class HciAtrModel(nn.Module):
             if not (p / name).exists():
                 raise ModelLoadError(f"{p}: not a saved hci-atr model (missing {name}); point to a directory written "
                                      "by save_pretrained / hci-atr train")
-        cfg = load_config(p / CONFIG_NAME)
+        # older models saved the app's sections too: only audio/model/train matter here
+        cfg = Config.from_dict(read_yaml(p / CONFIG_NAME), str(p / CONFIG_NAME), strict=False)
         model = cls(cfg, text_source=p / TEXT_DIR, pretrained=False)
         try:
             state = load_file(str(p / WEIGHTS_NAME), device=str(map_location))

@@ -11,7 +11,7 @@ import traceback
 
 import click
 
-from hci_atr.errors import ConfigError, HciAtrError
+from hci_atr.errors import ConfigError, HciAtrError, one_line
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -49,9 +49,9 @@ def make_demo_cmd(out_dir: str, seed: int, size: int, duration: float, sample_ra
 
 
 def _pipeline_config(config, num_workers, batch_size, gpus_per_worker):
-    from hci_atr.config import load_config
+    from workflows.settings import load_settings
 
-    return load_config(config, {"pipeline.num_workers": num_workers, "pipeline.batch_size": batch_size,
+    return load_settings(config, {"pipeline.num_workers": num_workers, "pipeline.batch_size": batch_size,
                                 "pipeline.gpus_per_worker": gpus_per_worker})
 
 
@@ -144,10 +144,10 @@ def caption_all_cmd(ctx, data, fmt, out, splits, num_workers, batch_size, gpus_p
 # CLI flag -> dotted config key, for every model / ablation switch and training setting `train` exposes.
 _TRAIN_FLAG_KEYS = {
     "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
-    "num_workers": "train.num_workers", "use_gpu": "train.use_gpu", "run_name": "train.run_name",
-    "storage_path": "train.storage_path", "tracking_uri": "train.tracking_uri",
-    "early_stopping": "train.early_stopping_patience", "max_failures": "train.max_failures",
-    "experiment": "train.experiment", "registered_model": "train.registered_model", "all_gather": "train.all_gather",
+    "num_workers": "run.num_workers", "use_gpu": "run.use_gpu", "run_name": "run.run_name",
+    "storage_path": "run.storage_path", "tracking_uri": "run.tracking_uri",
+    "early_stopping": "train.early_stopping_patience", "max_failures": "run.max_failures",
+    "experiment": "run.experiment", "registered_model": "run.registered_model", "all_gather": "train.all_gather",
     "clip": "model.use_clip", "segment": "model.use_segment", "frame": "model.use_frame",
     "ac_fusion": "model.ac_fusion", "ac_branch": "model.ac_branch", "ac_augment": "model.ac_augment",
     "level_weights": "model.level_weights", "learn_level_weights": "model.learn_level_weights",
@@ -224,10 +224,10 @@ def _train_options(fn):
 def train_cmd(ctx, features, captions, config, cluster, **flags) -> None:
     """Train on N Ray Train workers with MLflow tracking; checkpoints every epoch, re-run to resume."""
     _submit_if_cluster(ctx, cluster)
-    from hci_atr.config import load_config
+    from workflows.settings import load_settings
     from workflows.train import train
 
-    cfg = load_config(config, train_overrides(**flags))
+    cfg = load_settings(config, train_overrides(**flags))
     res = train(cfg, features, captions, echo=click.echo)
     m = res.metrics
     click.echo(f"best epoch {int(m.get('epoch', -1))}: val R-sum {m.get('val_rsum', float('nan')):.2f} "
@@ -281,11 +281,11 @@ def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tra
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), default=None, help="YAML config file.")
 def index_cmd(model_dir, data, audio_dir, fmt, splits, captions, out, num_workers, batch_size, config) -> None:
     """Embed an audio collection with a trained model (Ray Data) into a search index for `serve run`."""
-    from hci_atr.config import load_config
+    from workflows.settings import load_settings
     from workflows.index import build_index
 
     s = build_index(model_dir, out, data=data, audio_dir=audio_dir, captions=captions, fmt=fmt,
-                    splits=_split_list(splits), cfg=load_config(config), num_workers=num_workers,
+                    splits=_split_list(splits), cfg=load_settings(config), num_workers=num_workers,
                     batch_size=batch_size)
     click.echo(f"index: {s['clips']} clips ({s['failed']} failed) -> {s['out']} in {s['seconds']:.1f} s")
 
@@ -314,13 +314,13 @@ def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, track
     """
     import dataclasses
 
-    from hci_atr.config import load_config
+    from workflows.settings import load_settings
     from workflows.demo import DemoSettings, run_demo
 
     s = DemoSettings.quick(workdir, seed) if quick else DemoSettings(workdir=workdir, seed=seed)
     s = dataclasses.replace(s, **{k: v for k, v in {"size": size, "epochs": epochs,
                                                     "num_workers": num_workers}.items() if v is not None})
-    base = load_config(config_path) if config_path else None
+    base = load_settings(config_path) if config_path else None
     out = run_demo(s, base=base, tracking_uri=tracking_uri, echo=click.echo)
     click.echo("")
     click.echo(f"Test split of the demo dataset (percent; {out['seconds']:.0f} s in all):")
@@ -370,7 +370,8 @@ def ablate_cmd(out_dir, data, fmt, size, duration, config_path, variants, seeds,
 
     import yaml
 
-    from hci_atr.config import NULL, load_config
+    from hci_atr.config import NULL
+    from workflows.settings import load_settings
     from workflows.ablation import publish_results, run_ablation
 
     overrides = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
@@ -385,7 +386,7 @@ def ablate_cmd(out_dir, data, fmt, size, duration, config_path, variants, seeds,
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    cfg = load_config(config_path, overrides)
+    cfg = load_settings(config_path, overrides)
     res = run_ablation(out_dir, cfg=cfg, data=data, fmt=fmt, demo_size=size, variants=variants, seeds=seed_list,
                        caption_variant=caption_variant, test_split=test_split, tracking_uri=tracking_uri,
                        experiment=experiment, log_mlflow=not no_mlflow, resume=not no_resume,
@@ -417,23 +418,19 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.UsageError as e:
         # one line, not the usage block: say what is wrong and where the help is
         cmd = e.ctx.command_path if e.ctx is not None else "hci-atr"
-        click.echo(f"error: {_one_line(e.format_message())} (see '{cmd} --help')", err=True)
+        click.echo(f"error: {one_line(e.format_message())} (see '{cmd} --help')", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.ClickException as e:
-        click.echo(f"error: {_one_line(e.format_message())}", err=True)
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except HciAtrError as e:
         if verbose:
             traceback.print_exc()
-        click.echo(f"error: {_one_line(str(e))}", err=True)
+        click.echo(f"error: {one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("error: interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
-
-
-def _one_line(msg: str) -> str:
-    return " ".join(msg.split())
 
 
 if __name__ == "__main__":
