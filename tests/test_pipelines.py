@@ -22,7 +22,7 @@ from workflows.settings import Settings
 from hci_atr.data.audio import clip_features_and_duration, n_frames
 from hci_atr.errors import DataError
 from tiny_models import build_tiny_audio_captioner, build_tiny_blip, write_test_video, write_tone
-from workflows.sharded import ERRORS_FILE, SUCCESS_FILE, TMP_MARK
+from workflows.runner import ERRORS_FILE, SUCCESS_FILE, TMP_MARK
 
 pytestmark = pytest.mark.ray
 
@@ -153,7 +153,7 @@ def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
 
     from hci_atr.data.formats import read_dataset
     from hci_atr.data.shards import FEATURE_SCHEMA
-    from workflows.sharded import SUMMARY_SCHEMA, ShardedOutput, ShardWorker, plan_shards, shard_items
+    from workflows.runner import SUMMARY_SCHEMA, ShardedOutput, ShardWorker, plan_shards, shard_items
 
     data = _write_set(tmp_path / "data", n_good=4, n_bad=1)
     records = read_dataset(data)
@@ -179,7 +179,7 @@ def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
 
 
 def test_commit_refuses_a_file_that_does_not_match_its_shard(tmp_path):
-    from workflows.sharded import Shard, ShardedOutput, write_shard_temp
+    from workflows.runner import Shard, ShardedOutput, write_shard_temp
 
     schema = pa.schema([("audio_id", pa.string()), ("x", pa.int32())])
     shard = Shard(0, ("a", "b", "c"))
@@ -204,7 +204,7 @@ def test_commit_refuses_a_file_that_does_not_match_its_shard(tmp_path):
 def test_shard_worker_says_when_the_output_directory_is_not_reachable(tmp_path):
     from hci_atr.data.shards import FEATURE_SCHEMA
     from workflows.features import FeatureExtractor
-    from workflows.sharded import ShardWorker
+    from workflows.runner import ShardWorker
 
     with pytest.raises(DataError, match="shared storage"):
         ShardWorker(FeatureExtractor, {"audio": {}}, str(tmp_path / "not_here"), FEATURE_SCHEMA, 2, "pyarrow")
@@ -255,7 +255,7 @@ def _direct(captioner, model, data, **params):
     """What the backend returns when called directly on all rows (the pipeline must reproduce it)."""
     from hci_atr.captioners import build_captioner
     from hci_atr.data.formats import read_dataset
-    from workflows.sharded import record_row
+    from workflows.runner import record_row
 
     rows = [record_row(r) for r in read_dataset(data)]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}

@@ -4,7 +4,7 @@ records (driver) -> one item per pending shard -> ray.data.from_items
   -> map_batches(ShardWorker(<Captioner class>(model, device, params)), compute=ActorPoolStrategy(size=num_workers),
                  num_gpus=gpus_per_worker, one shard per call): the actor captions the shard ``batch_size`` rows at
      a time (numpy batches) and writes the shard's parquet file itself (temp name in the output directory)
-  -> small summaries back to the driver -> :func:`workflows.sharded.drain`: check, errors.parquet, rename to
+  -> small summaries back to the driver -> :func:`workflows.runner.drain`: check, errors.parquet, rename to
      part-*.parquet, _SUCCESS last
 
 Each actor loads its model once. A clip the backend cannot caption comes back with a non-empty ``error`` and lands in
@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from hci_atr.data.shards import CAPTION_SCHEMA
 from workflows.settings import Settings
-from workflows.sharded import ShardedOutput, map_pending, plan_shards
+from workflows.runner import ShardedOutput, map_pending, plan_shards
 
 STAGE = "caption"
 
@@ -64,7 +64,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
       -> the driver joins the parts (:meth:`NearestBank.from_tables`) -> ``ray.put``.
 
     Returns the ``ObjectRef`` of the :class:`~hci_atr.captioners.NearestBank`; the caption actors fetch it when they
-    start (:func:`workflows.sharded._resolve_refs`), so the bank costs one pass over the training clips, not one per
+    start (:func:`workflows.runner._resolve_refs`), so the bank costs one pass over the training clips, not one per
     actor. The bank lives in the object store: ``N x D`` + ``C x D`` float32 (N clips, C captions; about 100 MB for
     AudioCaps' 50k training clips at D = 256 with 5 captions each).
     """
@@ -74,7 +74,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     from hci_atr.captioners import BankEmbedder, NearestBank
     from hci_atr.data.shards import features_audio_config
     from hci_atr.errors import CaptionerError
-    from workflows.sharded import actor_pool_options, project_errors, ray_data
+    from workflows.runner import actor_pool_options, project_errors, ray_data
 
     features = Path(str(params["features"])).resolve()
     parts = sorted(str(f) for f in features.glob("part-*.parquet"))

@@ -4,13 +4,13 @@ records (driver) -> one item per pending shard -> ray.data.from_items
   -> map_batches(ShardWorker(FeatureExtractor), ActorPoolStrategy(size=num_workers), one shard per call):
      the actor decodes the shard's clips ``batch_size`` at a time and writes the shard's parquet file itself
      (temp name in the output directory)
-  -> small summaries back to the driver -> :func:`workflows.sharded.drain`: check, errors.parquet, rename to
+  -> small summaries back to the driver -> :func:`workflows.runner.drain`: check, errors.parquet, rename to
      part-*.parquet, _SUCCESS last
 
 Each output row (schema in docs/architecture.md): audio_id, split, audio_path, captions, duration (seconds of real
 audio, <= audio.duration), n_frames, n_mels, mel (row-major ``[n_frames, n_mels]`` flattened to ``list<float32>``).
 The pipeline streams: each actor holds only the shard it is computing, and the mel arrays never travel to the
-driver (see :mod:`workflows.sharded`), so ``--out`` must be reachable from every actor.
+driver (see :mod:`workflows.runner`), so ``--out`` must be reachable from every actor.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from hci_atr.config import AudioConfig
 from workflows.settings import Settings
 from hci_atr.data.shards import FEATURE_SCHEMA
 from hci_atr.errors import HciAtrError
-from workflows.sharded import ERROR_COLUMN, ShardedOutput, map_pending, plan_shards
+from workflows.runner import ERROR_COLUMN, ShardedOutput, map_pending, plan_shards
 
 STAGE = "features"
 
@@ -35,7 +35,7 @@ _RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field(ERROR_COLUMN, pa.string()))
 
 
 class FeatureExtractor:
-    """Per-actor backend (run by :class:`workflows.sharded.ShardWorker`): decode + log-mel for a batch of records.
+    """Per-actor backend (run by :class:`workflows.runner.ShardWorker`): decode + log-mel for a batch of records.
     A bad clip becomes an error row, not an exception.
 
     ``__call__(batch: pa.Table[audio_id, audio_path, split, captions, ...]) -> pa.Table`` with

@@ -98,7 +98,7 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
                 num_workers: int | None = None, batch_size: int | None = None) -> dict:
     """Embed the collection with Ray Data actors and write the index at ``out``. Returns a summary dict."""
     from hci_atr.models.model import HciAtrModel
-    from workflows.sharded import project_errors, ray_data
+    from workflows.runner import project_errors, ray_data
 
     cfg = cfg or Settings()
     p = cfg.pipeline
