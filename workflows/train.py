@@ -251,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     gather = GatherWithGrad() if (world > 1 and tc.all_gather) else None
 
     captions = config.get("captions") or {}
-    val_rows = read_split_rows(config["features_dir"], tc.val_split, captions) if rank == 0 else []
+    val_rows = read_split_rows(config["features_dir"], cfg.run.val_split, captions) if rank == 0 else []
     # a resumed run may re-train an epoch whose metrics reached MLflow before its checkpoint was registered (the
     # driver died in between): same seed, same numbers, so the first record stands and the step is not logged again
     logged = tracking.logged_steps(config["tracking_uri"], config["run_id"], "val_rsum") \
@@ -398,13 +398,13 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
                           "Cnn14 .pth checkpoint (or leave it empty to train the audio encoder from scratch)")
     features_dir = Path(features_dir).resolve()
     counts = split_counts(features_dir)
-    for split in (tc.train_split, tc.val_split):
+    for split in (cfg.run.train_split, cfg.run.val_split):
         if counts.get(split, 0) == 0:
             raise DataError(f"{features_dir}: no rows with split '{split}' (found: "
                             f"{', '.join(f'{k}={v}' for k, v in sorted(counts.items())) or 'none'})")
-    if counts[tc.train_split] < tc.batch_size * tc.num_workers:
-        raise ConfigError(f"{features_dir}: {counts[tc.train_split]} training rows cannot fill one batch of "
-                          f"{tc.batch_size} on each of {tc.num_workers} workers; lower --batch-size")
+    if counts[cfg.run.train_split] < tc.batch_size * cfg.run.num_workers:
+        raise ConfigError(f"{features_dir}: {counts[cfg.run.train_split]} training rows cannot fill one batch of "
+                          f"{tc.batch_size} on each of {cfg.run.num_workers} workers; lower --batch-size")
     captions = read_captions(captions_dir)
     if (cfg.model.ac_fusion or cfg.model.ac_branch or cfg.model.ac_augment) and not captions:
         raise ConfigError("auxiliary captions are switched on (--ac / --ac-fusion / --ac-branch / --ac-augment) but "
@@ -413,7 +413,7 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
         e, b, r, m = os.environ["HCI_ATR_FAULT"].split(":", 3)
         fault = {"epoch": int(e), "batch": int(b), "rank": int(r), "marker": m}
 
-    uri = tracking.resolve_tracking_uri(tracking_uri or tc.tracking_uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.run.tracking_uri)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_resume_config(run_dir, cfg)
@@ -422,7 +422,7 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     if prev.get("data_fingerprint") and prev["data_fingerprint"] != fingerprint:
         raise ConfigError(f"{run_dir}: this run was trained on other feature shards (fingerprint "
                           f"{prev['data_fingerprint']} != {fingerprint}); pass a new --run-name")
-    run_id = tracking.start_or_resume_run(uri, tc.experiment, tc.run_name, prev.get("mlflow_run_id"))
+    run_id = tracking.start_or_resume_run(uri, cfg.run.experiment, cfg.run.run_name, prev.get("mlflow_run_id"))
     resumed = run_id == prev.get("mlflow_run_id")
     cfg.save(run_dir / "config.yaml")
     atomic_write_text(run_dir / RUN_FILE, json.dumps(
@@ -430,7 +430,7 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     params = {k: v for k, v in cfg.flat().items() if k not in RESUMABLE_KEYS or not resumed}
     params.update({"data.fingerprint": fingerprint, "data.features_dir": str(features_dir),
                    "data.captions_dir": str(Path(captions_dir).resolve()) if captions_dir else "",
-                   "data.n_train": counts[tc.train_split], "data.n_val": counts[tc.val_split],
+                   "data.n_train": counts[cfg.run.train_split], "data.n_val": counts[cfg.run.val_split],
                    "data.n_generated_captions": len(captions)})
     try:
         tracking.log_params(uri, run_id, params)
@@ -442,30 +442,30 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     say(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; run dir {run_dir}")
 
     ensure_ray(ray_address)
-    ds = train_dataset(features_dir, tc.train_split, captions)
+    ds = train_dataset(features_dir, cfg.run.train_split, captions)
 
     loop_config = {"cfg": cfg.to_dict(), "features_dir": str(features_dir), "captions": captions,
                    "tracking_uri": uri, "run_id": run_id, "fault": fault,
-                   "torch_threads": torch_threads or default_torch_threads(tc.num_workers)}
+                   "torch_threads": torch_threads or default_torch_threads(cfg.run.num_workers)}
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if tc.use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.run.use_gpu else {})}),
         run_config=RunConfig(
-            name=tc.run_name, storage_path=str(run_dir.parent),
+            name=cfg.run.run_name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_rsum",
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
         datasets={"train": ds},
-        dataset_config=split_data_config(ds, tc.num_workers),
+        dataset_config=split_data_config(ds, cfg.run.num_workers),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         tracking.end_run(uri, run_id, "FAILED")
-        raise HciAtrError(f"training failed after {tc.max_failures} restarts ({str(e).strip().splitlines()[0]}); "
+        raise HciAtrError(f"training failed after {cfg.run.max_failures} restarts ({str(e).strip().splitlines()[0]}); "
                           f"fix the cause and re-run the same command to resume from {run_dir}") from e
     best = result.get_best_checkpoint(metric="val_rsum", mode="max") or result.checkpoint
     if best is None:
@@ -486,7 +486,7 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
         tracking.plot_training_curve(history, Path(tmp) / "training_curve.png")
         tracking.log_artifact(uri, run_id, Path(tmp) / "training_curve.png")
         if log_examples:
-            text = retrieval_examples(model_dir, features_dir, tc.val_split, captions)
+            text = retrieval_examples(model_dir, features_dir, cfg.run.val_split, captions)
             atomic_write_text(Path(tmp) / "retrieval_examples.txt", text)
             tracking.log_artifact(uri, run_id, Path(tmp) / "retrieval_examples.txt")
     tracking.log_artifact(uri, run_id, model_dir, "model")
@@ -495,8 +495,8 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
                          step=int(history[-1]["epoch"]) if history else 0)
     version, champion = (None, False)
     if register:
-        version, champion = tracking.register_model(uri, run_id, tc.registered_model, best_rsum)
-        say(f"registered {tc.registered_model} version {version}"
+        version, champion = tracking.register_model(uri, run_id, cfg.run.registered_model, best_rsum)
+        say(f"registered {cfg.run.registered_model} version {version}"
             + (f" (alias {tracking.CHAMPION_ALIAS})" if champion else ""))
     tracking.end_run(uri, run_id, "FINISHED")
     return TrainResult(best_checkpoint_dir=str(best_dir), model_dir=str(model_dir), mlflow_run_id=run_id,
