@@ -9,6 +9,7 @@ runs each backend (audio, blip, nearest) through the real pipeline and matches t
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -131,6 +132,59 @@ def test_resume_refuses_a_different_shard_plan(features_run, clean_set, tmp_path
         extract_features(clean_set, out, cfg=_cfg(rows_per_shard=4), progress=False)
 
 
+def _file_hashes(out) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()
+            and p.name.startswith("part-")}
+
+
+def test_resume_refuses_changed_audio_settings_and_keeps_the_shards(features_run, clean_set, tmp_path):
+    """A killed extract-features re-run with another sample rate must not mix old and new shards."""
+    from workflows.features import extract_features
+
+    src, _ = features_run
+    out = tmp_path / "features"
+    shutil.copytree(src, out)
+    (out / "part-00002.parquet").unlink()  # killed mid-run: one shard missing
+    (out / SUCCESS_FILE).unlink()
+    before = _file_hashes(out)
+    other = _cfg().override({"audio.sample_rate": 8000})
+    with pytest.raises(DataError, match=r"other settings \(audio\.sample_rate\).*new --out"):
+        extract_features(clean_set, out, cfg=other, progress=False)
+    assert _file_hashes(out) == before  # byte for byte, nothing recomputed
+    assert not (out / "part-00002.parquet").exists()
+
+
+def test_refuses_a_foreign_non_empty_out_folder(clean_set, tmp_path):
+    """--out pointed at a folder of someone else's files: refused before anything is written or removed."""
+    from workflows.features import extract_features
+
+    out = tmp_path / "my_audio"
+    out.mkdir()
+    (out / "keep.wav").write_bytes(b"RIFF my recording")
+    (out / ".notes.tmp").write_text("a hidden temp-looking file that is not ours")
+    with pytest.raises(DataError, match="not an output of this pipeline"):
+        extract_features(clean_set, out, cfg=_cfg(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".notes.tmp", "keep.wav"] or \
+        sorted(p.name for p in out.iterdir()) == [".notes.tmp", "keep.wav"]
+    assert (out / "keep.wav").read_bytes() == b"RIFF my recording"
+
+
+def test_a_zero_byte_part_file_is_recomputed(features_run, clean_set, tmp_path):
+    from workflows.features import extract_features
+
+    src, _ = features_run
+    out = tmp_path / "features"
+    shutil.copytree(src, out)
+    good = (out / "part-00001.parquet").read_bytes()
+    (out / "part-00001.parquet").write_bytes(b"")  # a crash before the data reached the disk
+    (out / SUCCESS_FILE).unlink()
+    manifest = extract_features(clean_set, out, cfg=_cfg(), progress=False)
+    assert manifest["computed_shards"] == 1 and manifest["rows"] == N_CLIPS
+    assert pq.read_table(out / "part-00001.parquet").equals(pq.read_table(io.BytesIO(good)))
+
+
 class _Recorder:
     """A pipeline backend that records the batch sizes it is called with (then runs the feature extractor)."""
 
@@ -161,7 +215,7 @@ def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
     out = tmp_path / "features"
     with ShardedOutput(out, FEATURE_SCHEMA, "features", shards, max_failure_rate=0.5) as output:
         _Recorder.sizes = []
-        worker = ShardWorker(_Recorder, {"audio": dataclasses.asdict(AUDIO)}, str(out), FEATURE_SCHEMA, batch_size=2,
+        worker = ShardWorker(_Recorder, {"audio": AUDIO}, str(out), FEATURE_SCHEMA, batch_size=2,
                              batch_format="pyarrow")
         summary = worker(pa.Table.from_pylist(shard_items(records, output.pending)))
         assert _Recorder.sizes == [2, 2, 1]  # --batch-size rows per backend call
@@ -207,7 +261,7 @@ def test_shard_worker_says_when_the_output_directory_is_not_reachable(tmp_path):
     from workflows.runner import ShardWorker
 
     with pytest.raises(DataError, match="shared storage"):
-        ShardWorker(FeatureExtractor, {"audio": {}}, str(tmp_path / "not_here"), FEATURE_SCHEMA, 2, "pyarrow")
+        ShardWorker(FeatureExtractor, {"audio": AudioConfig()}, str(tmp_path / "not_here"), FEATURE_SCHEMA, 2, "pyarrow")
 
 
 def test_bad_rows_go_to_errors_table_and_run_continues(ray_session, tmp_path):

@@ -15,7 +15,6 @@ driver (see :mod:`workflows.runner`), so ``--out`` must be reachable from every 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Iterable
@@ -25,8 +24,8 @@ import pyarrow as pa
 
 from hci_atr.config import AudioConfig
 from workflows.settings import Settings
-from hci_atr.data.shards import FEATURE_SCHEMA
-from hci_atr.errors import HciAtrError
+from hci_atr.data.shards import FEATURE_SCHEMA, audio_config_dict
+from hci_atr.errors import HciAtrError, one_line
 from workflows.runner import ERROR_COLUMN, ShardedOutput, map_pending, plan_shards
 
 STAGE = "features"
@@ -42,8 +41,8 @@ class FeatureExtractor:
     :data:`FEATURE_SCHEMA` columns plus ``error`` ("" when the row is fine).
     """
 
-    def __init__(self, audio: dict, device: str = "cpu"):
-        self.audio_cfg = AudioConfig(**audio)
+    def __init__(self, audio: AudioConfig, device: str = "cpu"):
+        self.audio_cfg = audio
         self.device = device  # "cuda" when the pipeline gives each actor a GPU: the mel runs there
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -57,7 +56,7 @@ class FeatureExtractor:
             except HciAtrError as e:
                 mel, seconds, err = np.zeros((0, self.audio_cfg.n_mels), np.float32), 0.0, str(e)
             except Exception as e:  # anything else about one clip is that clip's failure, not the run's
-                mel, seconds, err = np.zeros((0, self.audio_cfg.n_mels), np.float32), 0.0, f"{type(e).__name__}: {e}"
+                mel, seconds, err = np.zeros((0, self.audio_cfg.n_mels), np.float32), 0.0, one_line(e)
             cols["audio_id"].append(row["audio_id"])
             cols["split"].append(row["split"])
             cols["audio_path"].append(row["audio_path"])
@@ -84,12 +83,14 @@ def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Se
     p = cfg.pipeline
     records = read_dataset(data, format=fmt, splits=splits)
     shards = plan_shards([r.audio_id for r in records], p.rows_per_shard)
+    audio = audio_config_dict(cfg.audio)
     extra = {"data": os.path.abspath(os.fspath(data)), "splits": sorted(set(r.split for r in records)),
-             "audio": dataclasses.asdict(cfg.audio), "seed": seed}
+             "audio": audio, "seed": seed}
     t0 = time.perf_counter()
-    with ShardedOutput(out, FEATURE_SCHEMA, STAGE, shards, p.max_failure_rate, extra) as output:
+    with ShardedOutput(out, FEATURE_SCHEMA, STAGE, shards, p.max_failure_rate, extra,
+                       identity={"stage": STAGE, "audio": audio}) as output:
         if output.pending:
-            map_pending(records, output, FeatureExtractor, {"audio": dataclasses.asdict(cfg.audio),
+            map_pending(records, output, FeatureExtractor, {"audio": cfg.audio,
                                                           "device": "cuda" if p.gpus_per_worker > 0 else "cpu"}, p,
                         batch_format="pyarrow", progress=progress)
         manifest = output.finish()

@@ -8,7 +8,8 @@ duplicates, no gaps.
 
 Layout of an output directory::
 
-    _plan.json          fingerprint of the shard plan (sorted ids + rows_per_shard); a re-run must match it
+    _plan.json          fingerprint of the shard plan (sorted ids + rows_per_shard) and the run's identity
+                        (everything that changes a row: audio config, backend, model, params); a re-run must match
     part-00000.parquet  one file per finished shard (successful rows only)
     errors.parquet      audio_id, stage, reason: rows that failed (merged atomically, before the shard's part file)
     _SUCCESS            JSON manifest, written last; its presence means the directory is complete
@@ -48,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hci_atr.files import atomic_write_text
+from hci_atr.files import atomic_write_text, fsync_path
 from hci_atr.errors import DataError, HciAtrError
 
 PART_TEMPLATE = "part-{:05d}.parquet"
@@ -145,11 +146,44 @@ def write_shard_temp(out_dir: str | os.PathLike, shard: Shard, rows: pa.Table, s
     return name
 
 
+def _whole_part(path: Path) -> bool:
+    """A committed part file that counts as done: present and with a readable parquet footer (a 0-byte or truncated
+    file, e.g. from a crash before the data reached the disk, is recomputed)."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        pq.read_metadata(path)
+        return True
+    except (OSError, pa.ArrowInvalid):
+        return False
+
+
+def _changed_keys(old: dict | None, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two identities (None = an output written before identities were
+    recorded: accepted as it is)."""
+    if old is None:
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         pq.write_table(table, tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
@@ -169,8 +203,11 @@ class ShardedOutput:
     """
 
     def __init__(self, out_dir: str | os.PathLike, schema: pa.Schema, stage: str, shards: Sequence[Shard],
-                 max_failure_rate: float, extra_manifest: dict | None = None):
+                 max_failure_rate: float, extra_manifest: dict | None = None, identity: dict | None = None):
+        """``identity``: JSON-able description of everything that changes a row (audio front end, captioner, model,
+        params). A re-run whose identity differs from the one the finished shards were written with is refused."""
         self.dir = Path(out_dir)
+        self.identity = json.loads(json.dumps(identity or {}, sort_keys=True, default=str))
         self.schema = schema
         self.stage = stage
         self.shards = list(shards)
@@ -201,13 +238,14 @@ class ShardedOutput:
             self._lock_fh.close()
             self._lock_fh = None
             raise DataError(f"{self.dir}: another run is writing this directory; wait for it or use another --out")
+        self._check_own()
         self.stale_removed = self.remove_temp_files()
         self._check_plan()
         (self.dir / SUCCESS_FILE).unlink(missing_ok=True)  # not complete until this run says so
         self._failed = {a: r for a, r in self._read_errors() if a in self.shard_of}
         # to do: shards never written, and shards with failed rows (the user may have fixed those inputs since)
         self.pending = [s for s in self.shards
-                        if not (self.dir / s.file_name).exists() or any(a in self._failed for a in s.audio_ids)]
+                        if not _whole_part(self.dir / s.file_name) or any(a in self._failed for a in s.audio_ids)]
         # failures recorded for shards that will be recomputed no longer count: they get a fresh try
         retry = {a for s in self.pending for a in s.audio_ids}
         self._failed = {a: r for a, r in self._failed.items() if a not in retry}
@@ -231,9 +269,19 @@ class ShardedOutput:
             self._lock_fh.close()
             self._lock_fh = None
 
+    def _check_own(self) -> None:
+        """Refuse a non-empty directory that is not this pipeline's output: nothing here may touch what it did not
+        write (temp-file clean-up included)."""
+        if (self.dir / PLAN_FILE).exists():
+            return
+        foreign = [p.name for p in self.dir.iterdir() if p.name != LOCK_FILE]
+        if foreign:
+            raise DataError(f"{self.dir}: is not empty and is not an output of this pipeline (no {PLAN_FILE}; holds "
+                            f"e.g. {sorted(foreign)[0]!r}); choose an empty or new --out (nothing was changed)")
+
     def _check_plan(self) -> None:
         plan = {"stage": self.stage, "fingerprint": plan_fingerprint(self.shards), "shards": len(self.shards),
-                "rows": self.total}
+                "rows": self.total, "identity": self.identity}
         path = self.dir / PLAN_FILE
         parts = sorted(self.dir.glob("part-*.parquet"))
         if path.exists() and parts:
@@ -243,9 +291,12 @@ class ShardedOutput:
                     f"{self.dir}: holds {old.get('stage')} shards of a different dataset, split selection or "
                     f"pipeline.rows_per_shard ({old.get('rows')} rows in {old.get('shards')} shards; this run has "
                     f"{self.total} rows in {len(self.shards)} shards); use another --out or delete the directory")
-        elif parts:
-            raise DataError(f"{self.dir}: has part files but no {PLAN_FILE}; it was not written by this pipeline. "
-                            "Use another --out or delete the directory")
+            changed = _changed_keys(old.get("identity"), self.identity)
+            if changed:
+                raise DataError(
+                    f"{self.dir}: its {self.stage} shards were written with other settings ({', '.join(changed[:6])}); "
+                    f"re-run with the same settings to resume, or use a new --out (or delete {self.dir}) to start "
+                    f"afresh")
         atomic_write_text(path, json.dumps(plan, indent=1))
 
     # -- errors table --------------------------------------------------------------------------------------------
@@ -296,7 +347,9 @@ class ShardedOutput:
         if ids != expected or not set(errors) <= set(shard.audio_ids):
             raise RuntimeError(f"shard {shard.index}: result rows do not match its {len(shard.audio_ids)} audio ids")
         self._merge_errors(shard, errors)
+        fsync_path(tmp)
         os.replace(tmp, self.dir / shard.file_name)
+        fsync_path(self.dir)
         self._failed.update(errors)
         self.check_failure_rate()
 
@@ -316,7 +369,8 @@ class ShardedOutput:
         rows = sum(pq.ParquetFile(self.dir / s.file_name).metadata.num_rows for s in self.shards)
         manifest = {"stage": self.stage, "rows": rows, "failed": self.failed, "total": self.total,
                     "shards": len(self.shards), "fingerprint": plan_fingerprint(self.shards),
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.extra_manifest}
+                    "identity": self.identity, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    **self.extra_manifest}
         if rows + self.failed != self.total:
             raise RuntimeError(f"{self.dir}: {rows} rows + {self.failed} failures != {self.total} inputs")
         atomic_write_text(self.dir / SUCCESS_FILE, json.dumps(manifest, indent=1))
