@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from workflows.cluster import ClusterError
+from workflows.cluster import ClusterError, job_env_vars
 from tiny_models import write_tone
 from workflows.cluster import dashboard_address, strip_cluster_args
 
@@ -91,6 +91,92 @@ def test_unreachable_head_is_a_one_line_cluster_error(tmp_path, capsys):
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and f"cannot reach the Ray head at http://127.0.0.1:{port}" in err[0]
+
+
+def _unreachable_cluster(tmp_path) -> Path:
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(yaml.safe_dump({"provider": {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []},
+                                       "metadata": {"hci_atr": {"dashboard_address": f"127.0.0.1:{_free_port()}"}}}))
+    return cluster
+
+
+def _one_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["extract-features", "--data", "/abs/data", "--out", "features"], "--out features: a relative path"),
+    (["train", "--features", "feats"], "--features feats: a relative path"),
+    # the demo default storage path is relative: checkpoints would vanish with the job's folder
+    (["train", "--features", "/mnt/shared/f"], "run.storage_path hci_atr_runs/ray_results: relative"),
+    # default tracking store: sqlite:///mlflow.db in the job's temporary folder on the head
+    (["train", "--features", "/mnt/shared/f", "--storage-path", "/mnt/shared/runs"], "set MLFLOW_TRACKING_URI"),
+])
+def test_cluster_refuses_paths_that_would_vanish_before_submitting(tmp_path, capsys, monkeypatch, argv, expect):
+    from workflows.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as exc:  # refused here: the (unreachable) head is never contacted
+        main([*argv, "--cluster", str(_unreachable_cluster(tmp_path))])
+    assert exc.value.code == 2
+    line = _one_error(capsys)
+    assert expect in line and "cannot reach" not in line
+
+
+def test_cluster_accepts_absolute_storage_and_a_tracking_server(tmp_path, capsys, monkeypatch):
+    from workflows.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@mlflow.internal:5000")
+    with pytest.raises(SystemExit):
+        main(["train", "--features", "/mnt/shared/f", "--storage-path", "/mnt/shared/runs",
+              "--cluster", str(_unreachable_cluster(tmp_path))])
+    line = _one_error(capsys)
+    assert "cannot reach the Ray head" in line  # got past the checks; no credentials anywhere in the output
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///relative.db")
+    with pytest.raises(SystemExit):
+        main(["train", "--features", "/mnt/shared/f", "--storage-path", "/mnt/shared/runs", "--tracking-uri",
+              "https://bob:hunter2@mlflow.internal", "--cluster", str(_unreachable_cluster(tmp_path))])
+    out = capsys.readouterr()
+    assert "hunter2" not in out.err + out.out
+
+
+def test_redact_uri_hides_credentials():
+    from workflows.cluster import redact_uri
+
+    assert redact_uri("--tracking-uri https://bob:hunter2@host:5000/x") == "--tracking-uri https://***@host:5000/x"
+    assert redact_uri("sqlite:////mnt/shared/mlflow.db") == "sqlite:////mnt/shared/mlflow.db"
+
+
+def test_job_env_forwards_mlflow_auth_variables():
+    env = job_env_vars({"MLFLOW_TRACKING_TOKEN": "t", "MLFLOW_TRACKING_USERNAME": "u",
+                        "MLFLOW_TRACKING_PASSWORD": "p", "AWS_SECRET_ACCESS_KEY": "never"})
+    assert env["MLFLOW_TRACKING_TOKEN"] == "t" and env["MLFLOW_TRACKING_USERNAME"] == "u"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "p" and "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_job_source_ships_a_checkout_or_the_packages_never_the_current_folder(tmp_path, monkeypatch):
+    from workflows.cluster import PACKAGES, job_source, project_root
+
+    root = project_root()
+    assert root is not None and (root / "pyproject.toml").is_file()  # the tests run from a checkout
+    src = job_source()
+    assert src["working_dir"] == str(root)
+    for secret in (".env", "*.pem", "id_rsa*", ".ssh", ".aws", ".ray", ".netrc"):
+        assert secret in src["excludes"]
+    # an installed (non-editable) package: no checkout; run from a home folder holding keys
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("PRIVATE")
+    monkeypatch.chdir(home)
+    import workflows.cluster as cl
+
+    monkeypatch.setattr(cl, "project_root", lambda: None)
+    src = cl.job_source()
+    assert "working_dir" not in src
+    assert sorted(Path(m).name for m in src["py_modules"]) == sorted(PACKAGES)
+    assert all(not str(m).startswith(str(home)) for m in src["py_modules"])
 
 
 @pytest.fixture()

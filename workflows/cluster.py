@@ -44,6 +44,9 @@ WORKING_DIR_EXCLUDES = [
     "/.git", "/.venv", "/venv", "__pycache__", "*.pyc", ".pytest_cache", "/data", "/demo_data", "/mlruns", "/mlflow.db",
     "/mlartifacts", "/hci_atr_runs", "*.parquet", "*.wav", "*.flac", "*.ogg", "*.mp4", "*.pt", "*.pth",
     "*.safetensors", "node_modules", ".ci/cache",
+    # never ship secrets, whatever folder this is
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "id_rsa*", "id_ed25519*", ".ssh", ".aws", ".ray", ".netrc",
+    ".git-credentials", ".docker", ".kube", "*.token", "auth_token",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -123,10 +126,38 @@ def dashboard_address(cluster_yaml: str | os.PathLike) -> str:
 # -- job submission ---------------------------------------------------------------------------------------------
 
 
-def project_root() -> Path:
-    """The project directory shipped as the job's working_dir (the folder holding pyproject.toml)."""
+PACKAGES = ("hci_atr", "workflows", "serve")
+
+
+def project_root() -> Path | None:
+    """The checkout this code runs from (a folder with the project's pyproject.toml and its packages), or None for an
+    installed (non-editable) package."""
     here = Path(__file__).resolve().parent.parent
-    return here if (here / "pyproject.toml").exists() else Path.cwd()
+    pyproject = here / "pyproject.toml"
+    if pyproject.is_file() and all((here / p).is_dir() for p in PACKAGES):
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            return here if 'name = "hci-atr"' in pyproject.read_text(encoding="utf-8") else None
+        try:
+            name = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {}).get("name")
+        except (OSError, ValueError):
+            return None
+        return here if name == "hci-atr" else None
+    return None
+
+
+def job_source(root: Path | None = None) -> dict:
+    """The runtime_env entries that ship the project's code with a job: the checkout as working_dir (minus data,
+    outputs and secrets), or for an installed package the three package folders as py_modules. Never the current
+    directory, which may be a home folder full of keys."""
+    root = project_root() if root is None else root
+    if root is not None:
+        return {"working_dir": os.fspath(root), "excludes": WORKING_DIR_EXCLUDES}
+    import importlib
+
+    mods = [os.fspath(Path(importlib.import_module(p).__file__).resolve().parent) for p in PACKAGES]
+    return {"py_modules": mods, "excludes": WORKING_DIR_EXCLUDES}
 
 
 def strip_cluster_args(argv: Sequence[str]) -> list[str]:
@@ -144,7 +175,66 @@ def strip_cluster_args(argv: Sequence[str]) -> list[str]:
 
 # Settings of the submitting shell that the job's driver on the head needs too: where MLflow tracks (a run started
 # with MLFLOW_TRACKING_URI set must log to the same server from the cluster) and the offline switches.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                 "MLFLOW_TRACKING_PASSWORD", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+# options whose value is a path the job opens on the cluster: relative ones would resolve inside the job's temporary
+# working folder on the head (and vanish with it)
+PATH_OPTIONS = ("--data", "--out", "--features", "--captions", "--storage-path", "--audio-checkpoint", "--config")
+
+
+def redact_uri(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://***@host`` anywhere in ``text`` (what is echoed or logged)."""
+    import re
+
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@", r"\1***@", text)
+
+
+def _option_values(args: Sequence[str], name: str) -> list[str]:
+    out = []
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif a.startswith(name + "="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def _local_tracking(uri: str) -> bool:
+    """A tracking URI that names a file on this machine: SQLite, file: or a plain path."""
+    u = urlparse(uri)
+    return u.scheme in ("sqlite", "file", "") or len(u.scheme) == 1  # "C:" paths count as local too
+
+
+def check_cluster_args(args: Sequence[str], environ: dict[str, str] | None = None) -> None:
+    """Refuse, before anything is submitted, what would silently lose work on a cluster: relative paths, and for
+    `train` a relative storage path or a tracking store on the submitting machine's disk."""
+    environ = os.environ if environ is None else environ
+    for opt in PATH_OPTIONS:
+        for v in _option_values(args, opt):
+            if v and not os.path.isabs(v) and "://" not in v and opt != "--config":
+                raise ClusterError(f"{opt} {v}: a relative path would resolve inside the job's temporary working "
+                                   f"folder on the head; give an absolute path on storage every node mounts "
+                                   f"(e.g. /mnt/shared/...)")
+    if not args or args[0] != "train":
+        return
+    from workflows.settings import load_settings
+
+    configs = _option_values(args, "--config")
+    settings = load_settings(configs[-1] if configs else None)
+    storage = (_option_values(args, "--storage-path") or [settings.run.storage_path])[-1]
+    if not os.path.isabs(storage) and "://" not in storage:
+        raise ClusterError(f"run.storage_path {storage}: relative, so checkpoints would vanish with the job's working "
+                           f"folder and a re-run could not resume; pass --storage-path /mnt/shared/... (or set "
+                           f"run.storage_path in the --config file)")
+    uri = (_option_values(args, "--tracking-uri") or [settings.run.tracking_uri or environ.get("MLFLOW_TRACKING_URI")
+                                                      or "sqlite:///mlflow.db"])[-1]
+    if _local_tracking(uri):
+        path = uri.split(":///", 1)[-1] if ":///" in uri else uri
+        if not (uri.startswith("sqlite:////") or uri.startswith("file:///") or os.path.isabs(path)):
+            raise ClusterError(f"MLflow tracking {redact_uri(uri)}: a local relative store would live in the job's "
+                               f"temporary folder on the head; set MLFLOW_TRACKING_URI (or --tracking-uri) to an "
+                               f"MLflow server (http://host:5000) or an absolute sqlite:////mnt/shared/... path")
 
 
 def job_env_vars(environ: dict[str, str] | None = None, token_mode: bool = False) -> dict[str, str]:
@@ -193,8 +283,9 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
     from ray.job_submission import JobSubmissionClient
 
     echo = echo or (lambda s: print(s, end="", flush=True))
-    address = dashboard_address(cluster_yaml)
     args = strip_cluster_args(argv)
+    check_cluster_args(args)
+    address = dashboard_address(cluster_yaml)
     entrypoint = "python -m workflows.cli " + " ".join(shlex.quote(a) for a in args)
     with _auth_env() as token_mode:
         try:
@@ -206,11 +297,11 @@ def submit_self_as_job(cluster_yaml: str | os.PathLike, argv: Sequence[str], *, 
         except Exception as e:
             raise ClusterError(f"cannot reach the Ray head at {address} ({one_line(e)}); is the cluster up "
                                f"(`ray up {cluster_yaml}`) and the dashboard port reachable?") from None
-        runtime_env = {"working_dir": os.fspath(working_dir or project_root()), "excludes": WORKING_DIR_EXCLUDES,
-                       "env_vars": job_env_vars(token_mode=token_mode)}
+        source = job_source(Path(working_dir)) if working_dir else job_source()
+        runtime_env = {**source, "env_vars": job_env_vars(token_mode=token_mode)}
         job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
                                     metadata={"hci_atr": " ".join(args[:1])})
-        echo(f"submitted job {job_id} to {address}: hci-atr {' '.join(args)}\n")
+        echo(f"submitted job {job_id} to {address}: hci-atr {redact_uri(' '.join(args))}\n")
         try:
             asyncio.run(_tail(client, job_id, echo))
             status = _wait_terminal(client, job_id)
