@@ -3,7 +3,6 @@ has the three variants with sane numbers, and a re-run resumes by skipping every
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -15,7 +14,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_demo_runs_end_to_end_and_resumes(ray_session, tmp_path):
     from workflows.demo import VARIANTS, DemoSettings, run_demo
 
-    s = dataclasses.replace(DemoSettings.quick(str(tmp_path / "runs"), seed=1), size=24, epochs=1, batch_size=6)
+    s = DemoSettings(str(tmp_path / "runs"), seed=1, size=24, quick=True,
+                     overrides=(("train.epochs", 1), ("train.batch_size", 6)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lines: list[str] = []
     out = run_demo(s, tracking_uri=uri, echo=lines.append, progress=False)

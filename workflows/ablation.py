@@ -18,8 +18,8 @@ Every task runs the library's training core in-process (``hci_atr.training``: ``
 Only the switches of :data:`VARIANTS` differ between variants; data, epochs, batch size, encoders and seeds are equal.
 
 Auxiliary captions. The AC variants need a generated caption per clip. Per seed ``s``, the ``nearest`` captioner
-(:class:`hci_atr.captioners.NearestCaptioner`, the backend ``hci-atr caption-all --captioner nearest`` runs) is built
-on the model of variant ``caption_variant`` (default ``clip``) trained with seed ``s`` on the training split only
+(:class:`hci_atr.captioners.nearest.NearestCaptioner`, the backend ``hci-atr caption-all --captioner nearest`` runs) is
+built on the model of variant ``caption_variant`` (default ``clip``) trained with seed ``s`` on the training split only
 (its best epoch chosen on validation), with the training split's features as its caption bank. A clip gets a caption
 of its nearest OTHER training clip (leave-one-out; its own reference captions are excluded too), so training clips do
 not get their own caption back and no test caption is ever in the bank or seen by the captioning model.
@@ -185,7 +185,7 @@ def nearest_captions(model_dir: str | os.PathLike, features_dir: str | os.PathLi
     """
     import torch
 
-    from hci_atr.captioners import NearestCaptioner
+    from hci_atr.captioners.nearest import NearestCaptioner
 
     torch.set_num_threads(max(1, int(threads)))
     cap = NearestCaptioner(str(model_dir), features=str(features_dir), split=bank_split)
@@ -267,7 +267,7 @@ def plot_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, title: st
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from workflows.tracking import save_figure
+    from workflows.report import save_figure
 
     metrics = ("t2a_R1", "t2a_R5", "t2a_R10", "a2t_R1", "a2t_R5", "a2t_R10")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=False)

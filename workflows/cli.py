@@ -312,14 +312,14 @@ def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, track
     make-demo -> extract-features -> train clip-only and HCI -> caption-all (nearest) -> train HCI+AC -> evaluate
     all three on the test split -> index for serving. Re-run the same command to resume after an interruption.
     """
-    import dataclasses
-
-    from workflows.settings import load_settings
     from workflows.demo import DemoSettings, run_demo
+    from workflows.settings import load_settings
 
-    s = DemoSettings.quick(workdir, seed) if quick else DemoSettings(workdir=workdir, seed=seed)
-    s = dataclasses.replace(s, **{k: v for k, v in {"size": size, "epochs": epochs,
-                                                    "num_workers": num_workers}.items() if v is not None})
+    from workflows.demo import QUICK_SIZE
+
+    flags = {"train.epochs": epochs, "run.num_workers": num_workers}
+    s = DemoSettings(workdir=workdir, seed=seed, size=size or (QUICK_SIZE if quick else 240), quick=quick,
+                     overrides=tuple((k, v) for k, v in flags.items() if v is not None))
     base = load_settings(config_path) if config_path else None
     out = run_demo(s, base=base, tracking_uri=tracking_uri, echo=click.echo)
     click.echo("")

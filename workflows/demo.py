@@ -20,17 +20,16 @@ settings (seed, size, epochs...) is not reused.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from hci_atr.files import atomic_write_text
 from workflows.settings import Settings
 from hci_atr.errors import ConfigError
+from workflows.report import variants_table
 
 # (name, label, model overrides) of the three trained variants, in table order.
 VARIANTS = [
@@ -38,37 +37,36 @@ VARIANTS = [
     ("hci", "HCI (3 levels)", {}),
     ("hci_ac", "HCI + AC (3 uses)", {"model.ac_fusion": True, "model.ac_branch": True, "model.ac_augment": True}),
 ]
-METRIC_COLUMNS = [("t2a_R1", "T2A R@1"), ("t2a_R5", "R@5"), ("t2a_R10", "R@10"), ("t2a_mAP10", "mAP@10"),
-                  ("a2t_R1", "A2T R@1"), ("a2t_R5", "R@5"), ("a2t_R10", "R@10"), ("a2t_mAP10", "mAP@10")]
+
+
+# What the demo changes on top of the settings (defaults: configs/demo.yaml): a longer schedule and smaller batches
+# suit its 168 training clips. --quick: a tiny dataset of short clips and 2 epochs, a first look in a few minutes.
+DEMO_OVERRIDES = {"train.epochs": 12, "train.batch_size": 24}
+QUICK_OVERRIDES = {"audio.duration": 2.0, "audio.sample_rate": 16000, "train.epochs": 2, "train.batch_size": 8}
+QUICK_SIZE = 48
 
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """What only the demo decides; everything else comes from the settings. ``overrides``: dotted settings keys
+    (CLI flags such as --epochs), applied last."""
+
     workdir: str = "hci_atr_runs"
     seed: int = 0
     size: int = 240
-    duration: float = 5.0
-    sample_rate: int = 32000
-    epochs: int = 12
-    num_workers: int = 2
-    batch_size: int = 24
-
-    @classmethod
-    def quick(cls, workdir: str = "hci_atr_runs", seed: int = 0) -> "DemoSettings":
-        """Tiny and fast: for tests and a first look (numbers are noisy at this size)."""
-        return cls(workdir=workdir, seed=seed, size=48, duration=2.0, sample_rate=16000, epochs=2, batch_size=8)
+    quick: bool = False
+    overrides: tuple[tuple[str, Any], ...] = ()
 
 
 def demo_config(s: DemoSettings, base: Settings | None = None) -> Settings:
-    """The config every demo stage shares: the demo's audio settings, seed, workers and where runs go."""
+    """The settings every demo stage shares: the demo's budget, seed, and where runs go."""
     work = Path(s.workdir).absolute()
-    return (base or Settings()).override({
-        "audio.sample_rate": s.sample_rate, "audio.duration": s.duration,
-        "train.seed": s.seed, "train.epochs": s.epochs, "run.num_workers": s.num_workers,
-        "train.batch_size": s.batch_size, "run.storage_path": str(work / "ray_results"),
+    cfg = (base or Settings()).override(QUICK_OVERRIDES if s.quick else DEMO_OVERRIDES, "demo")
+    cfg = cfg.override(dict(s.overrides), "demo")
+    return cfg.override({
+        "train.seed": s.seed, "run.storage_path": str(work / "ray_results"),
         "run.features_dir": str(work / "features"), "run.registered_model": "hci-atr-demo",
-        "run.experiment": "hci-atr-demo",
-        "pipeline.num_workers": s.num_workers,
+        "run.experiment": "hci-atr-demo", "pipeline.num_workers": cfg.run.num_workers,
         "serve.model_dir": str(work / "models" / "hci_ac"), "serve.index_dir": str(work / "index"),
     }, "demo")
 
@@ -115,13 +113,14 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
     def step(n: int, text: str) -> None:
         echo(f"[{n}/7] {text}")
 
-    step(1, f"demo dataset: {s.size} clips of {s.duration:g} s at {s.sample_rate} Hz -> {data_dir}")
+    a = cfg.audio
+    step(1, f"demo dataset: {s.size} clips of {a.duration:g} s at {a.sample_rate} Hz -> {data_dir}")
     if not stages.done("data"):
-        echo("      " + make_demo(data_dir, seed=s.seed, size=s.size, duration=s.duration,
-                                  sample_rate=s.sample_rate, progress=progress))
+        echo("      " + make_demo(data_dir, seed=s.seed, size=s.size, duration=a.duration,
+                                  sample_rate=a.sample_rate, progress=progress))
         stages.mark("data", {"dir": str(data_dir)})
 
-    step(2, f"extract-features (Ray Data, {s.num_workers} workers) -> {feat_dir}")
+    step(2, f"extract-features (Ray Data, {cfg.pipeline.num_workers} workers) -> {feat_dir}")
     if not stages.done("features"):
         m = extract_features(data_dir, feat_dir, cfg=cfg, seed=s.seed, progress=progress)
         stages.mark("features", {"rows": m.get("rows"), "failed": m.get("failed")})
@@ -132,7 +131,8 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
 
     def train_variant(n: int, name: str, overrides: dict, captions: Path | None) -> None:
         label = dict((v[0], v[1]) for v in VARIANTS)[name]
-        step(n, f"train {label} (Ray Train, {s.num_workers} workers, {s.epochs} epochs) run 'demo-{name}'")
+        step(n, f"train {label} (Ray Train, {cfg.run.num_workers} workers, {cfg.train.epochs} epochs) run "
+                f"'demo-{name}'")
         done = stages.done(f"train_{name}")
         if done is None:
             vcfg = cfg.override({**overrides, "run.run_name": f"demo-{name}"}, "demo")
@@ -178,17 +178,4 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
 
 def format_table(results: dict[str, dict]) -> tuple[str, str]:
     """(markdown, csv) side-by-side table of the variants' test metrics, in VARIANTS order."""
-    labels = dict((v[0], v[1]) for v in VARIANTS)
-    head = "| model | " + " | ".join(c[1] for c in METRIC_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model"] + [c[0] for c in METRIC_COLUMNS])
-    for name in (v[0] for v in VARIANTS):
-        if name not in results:
-            continue
-        vals = [results[name].get(k, float("nan")) for k, _ in METRIC_COLUMNS]
-        lines.append(f"| {labels[name]} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
-        w.writerow([name] + [f"{v:.4f}" for v in vals])
-    return "\n".join(lines), buf.getvalue()
-
+    return variants_table(results, {name: label for name, label, _ in VARIANTS})

@@ -223,22 +223,9 @@ def plot_training_curve(history: list[dict[str, float]], path: str | os.PathLike
     ax_r.set_xlabel("epoch")
     ax_r.set_ylabel("validation R-sum (t2a R@1+5+10, %)")
     fig.tight_layout()
+    from workflows.report import save_figure
+
     return save_figure(fig, path, dpi=90)
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write a matplotlib figure as PNG atomically (readers never see half a file) and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from hci_atr.files import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
 
 
 def format_retrieval_examples(queries: Iterable[tuple[str, str, list[tuple[str, float]]]]) -> str:
