@@ -14,6 +14,7 @@ Waiting is done by polling the file system / Serve status with a deadline, never
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -157,7 +158,8 @@ def interrupted_features(ray_session, fdata):
     argv = ["extract-features", "--data", str(fdata / "data"), "--out", str(out), "--config",
             str(fdata / "pipe.yaml")]
     seen = _interrupt_chain(argv, out, fdata, seed=0, kills=3, n_shards=N_CLIPS)
-    before = {p.name: p.stat().st_mtime_ns for p in _parts(out)}
+    # bytes and inode of every finished shard: "kept" means the same file, not only the same time stamp
+    before = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino) for p in _parts(out)}
     try:
         main(argv)
     except SystemExit as e:
@@ -173,8 +175,8 @@ def test_extract_features_survives_random_kills(interrupted_features):
     manifest = json.loads((f["out"] / "_SUCCESS").read_text())
     assert manifest["rows"] == N_CLIPS and manifest["failed"] == 0
     # shards finished before the last kill were kept as they were, not recomputed
-    after = {p.name: p.stat().st_mtime_ns for p in _parts(f["out"])}
-    assert all(after[n] == t for n, t in f["before"].items())
+    after = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino) for p in _parts(f["out"])}
+    assert f["before"] and all(after[n] == kept for n, kept in f["before"].items())
     print(f"\nextract-features: killed at {f['seen']} of {N_CLIPS} shards; re-run computed "
           f"{N_CLIPS - len(f['before'])}; {manifest['rows']} rows, one per clip")
 
