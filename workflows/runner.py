@@ -110,8 +110,8 @@ def plan_fingerprint(shards: Sequence[Shard]) -> str:
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Columns worth parquet dictionary encoding: all but floating-point ones. A mel's values almost never repeat, so
-    the writer would build a dictionary, find it too large and fall back: a third of a feature shard's write time (about
-    1 ms per 5 s clip) and a larger file, for nothing."""
+    the writer would build a dictionary, find it too large and fall back: time and file size for nothing
+    (BENCHMARKS.md, "extract-features")."""
     def floating(t: pa.DataType) -> bool:
         while pa.types.is_list(t) or pa.types.is_large_list(t):
             t = t.value_type
@@ -383,8 +383,10 @@ def project_error_in(exc: BaseException) -> HciAtrError | None:
     A bad model path or backend parameter makes an actor's constructor raise (say) ``CaptionerError``; Ray Data
     surfaces it on the driver as ``ActorDiedError`` wrapping a ``RayTaskError`` whose ``cause`` is the original. The
     user should see that one-line message, not Ray's traceback. Walks ``cause``, ``args`` and the ``__cause__`` /
-    ``__context__`` chain (no Ray import: attribute access only).
+    ``__context__`` chain.
     """
+    from ray.exceptions import RayTaskError
+
     todo, seen = [exc], set()
     while todo:
         e = todo.pop()
@@ -392,7 +394,7 @@ def project_error_in(exc: BaseException) -> HciAtrError | None:
             continue
         seen.add(id(e))
         # Ray's RayTaskError(CaptionerError) is an instance of both, but its message is Ray's traceback: look inside
-        if isinstance(e, HciAtrError) and not type(e).__name__.startswith("RayTaskError"):
+        if isinstance(e, HciAtrError) and not isinstance(e, RayTaskError):
             lines = str(e).splitlines()
             if e is not exc and len(lines) > 1 and type(e).__init__ is HciAtrError.__init__:
                 return type(e)(lines[0])  # raised in an actor: Ray Data appended its retry note
@@ -454,10 +456,11 @@ def _result_table(result, schema: pa.Schema) -> pa.Table:
 def _resolve_refs(kwargs: dict) -> dict:
     """``kwargs`` with each Ray ``ObjectRef`` value replaced by its object: what the driver computed once and put in
     the object store for every actor (the nearest backend's embedded caption bank)."""
-    refs = {k: v for k, v in kwargs.items() if type(v).__name__ == "ObjectRef"}
+    import ray
+
+    refs = {k: v for k, v in kwargs.items() if isinstance(v, ray.ObjectRef)}
     if not refs:
         return kwargs
-    import ray
 
     return {**kwargs, **dict(zip(refs, ray.get(list(refs.values()))))}
 
