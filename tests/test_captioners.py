@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from hci_atr.captioners import (OUTPUT_COLUMNS, BlipCaptioner, build_captioner, captioner_class, frame_times,
-                                merge_captions, read_frames, video_seconds)
-from hci_atr.errors import CaptionerError
+from hci_atr.captioners import OUTPUT_COLUMNS, build_captioner, captioner_class, merge_captions
+from hci_atr.captioners.blip import BlipCaptioner
+from hci_atr.data.video import frame_times, read_frames, video_seconds
+from hci_atr.errors import CaptionerError, DataError
 from tiny_models import (build_tiny_audio_captioner, build_tiny_blip, frame_level, write_test_video,
                                write_tone)
 
@@ -327,18 +328,25 @@ def test_nearest_setup_errors(nearest_setup, tmp_path):
 
 
 def test_bank_built_in_parts_equals_the_backends_own_bank(nearest_setup, tmp_path):
-    """What caption-all does for nearest: BankEmbedder on slices of the feature rows (any order), parts joined by
-    NearestBank.from_tables, handed to the backend, which then never reads the features directory."""
+    """What caption-all does for nearest: embed_bank_rows on slices of the feature rows (any order), parts joined by
+    NearestBank.from_tables, handed to the backend, which then never reads the features directory; the pipeline's
+    BankEmbedder actor reads shard files and gives the same bank."""
     import pyarrow as pa
     import torch
 
-    from hci_atr.captioners import BankEmbedder, NearestBank
+    from hci_atr.captioners.nearest import NearestBank, embed_bank_rows, load_hci_model
+    from workflows.caption import BankEmbedder
 
     s = nearest_setup
     own = build_captioner("nearest", str(s["model"]), features=str(s["features"]))
+    net = load_hci_model(str(s["model"]))
     embed = BankEmbedder(str(s["model"]), split="train", embed_batch_size=2)
     table = pa.Table.from_pylist(s["rows"])
-    parts = [embed.embed_rows(table.slice(4, 2), "rows 4-5"), embed.embed_rows(table.slice(0, 4), "rows 0-3")]
+
+    def embed_rows(rows, source):
+        return embed_bank_rows(net, rows, "train", 2, source=source)
+
+    parts = [embed_rows(table.slice(4, 2), "rows 4-5"), embed_rows(table.slice(0, 4), "rows 0-3")]
     assert [p.num_rows for p in parts] == [1, 4]  # the val row is dropped; order does not matter
     bank = NearestBank.from_tables(parts)
     assert bank.ids == own.bank_ids == list(TRAIN_TONES)
@@ -361,11 +369,11 @@ def test_bank_built_in_parts_equals_the_backends_own_bank(nearest_setup, tmp_pat
     assert from_files.ids == bank.ids and torch.allclose(from_files.audio, bank.audio, atol=1e-6)
 
     with pytest.raises(CaptionerError, match="caption bank is empty"):
-        NearestBank.from_tables([embed.embed_rows(table.slice(5, 1), "val row")])  # only the val row: nothing to lend
+        NearestBank.from_tables([embed_rows(table.slice(5, 1), "val row")])  # only the val row: nothing to lend
     bad = table.slice(0, 1).set_column(table.schema.get_field_index("n_frames"), "n_frames",
                                        pa.array([3], pa.int64()))
     with pytest.raises(CaptionerError, match="bad rows, audio_id t0: mel has .* values, expected n_frames"):
-        embed.embed_rows(bad, "bad rows")
+        embed_rows(bad, "bad rows")
     with pytest.raises(CaptionerError, match="cannot read feature shard .*absent.parquet"):
         embed(pa.table({"path": [str(tmp_path / "absent.parquet")]}))
 
@@ -375,7 +383,7 @@ def test_nearest_reuses_bank_embeddings_only_when_the_front_end_matches(nearest_
     model's audio config; same captions as decoding it. Another config, another path or reuse off: decoded."""
     import dataclasses
 
-    import hci_atr.captioners as caps_mod
+    import hci_atr.captioners.nearest as caps_mod
 
     s = nearest_setup
     feats = tmp_path / "features"
@@ -404,3 +412,136 @@ def test_nearest_reuses_bank_embeddings_only_when_the_front_end_matches(nearest_
         assert not reuse_o and len(paths_o) == len(rows["audio_id"]) and got_o == got
     reuse_off, got_off, paths_off = run(audio, reuse_bank_embeddings=False)
     assert not reuse_off and len(paths_off) == len(rows["audio_id"]) and got_off == got
+
+
+# -- each backend's own setup checks and identity (nothing loaded) ------------------------------------------------
+
+
+def test_importing_the_package_loads_no_backend():
+    """The registry names the backends; their modules (torch, transformers, PyAV) load only when asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hci_atr.captioners as c; heavy = [m for m in ('torch', 'transformers', 'av', "
+            "'hci_atr.captioners.blip', 'hci_atr.captioners.audio', 'hci_atr.captioners.nearest') if m in sys.modules]; "
+            "assert not heavy, heavy; assert c.captioner_class('audio').__module__ == 'hci_atr.captioners.audio'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_check_setup_is_each_backends_own_and_loads_no_model(tmp_path, blip_dir, nearest_setup, monkeypatch):
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("check_setup must not load a model")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_load)
+    s = nearest_setup
+    blip, audio, nearest = (captioner_class(n) for n in ("blip", "audio", "nearest"))
+    blip.check_setup(None, {})  # the default HF id
+    blip.check_setup(str(blip_dir), {"num_frames": 2})
+    audio.check_setup(str(blip_dir), {"num_beams": 1})  # the kind of model is only known once it loads
+    nearest.check_setup(str(s["model"]), {"features": str(s["features"])})
+    for cls, model, params, message in [
+        (blip, str(blip_dir), {"num_frame": 2}, "captioner 'blip': unknown parameter\\(s\\) num_frame "),
+        (blip, str(blip_dir), {"num_frames": 0}, "num_frames must be >= 1"),
+        (blip, str(blip_dir), {"clip_seconds": 0}, "clip_seconds must be > 0"),
+        (blip, str(blip_dir), {"merge": "vote"}, "merge rule 'vote'"),
+        (blip, str(tmp_path / "nope"), {}, "model directory .*nope not found"),
+        (audio, None, {}, "captioner 'audio' needs a model"),
+        (audio, str(tmp_path), {}, "no config.json"),
+        (audio, "x/y", {"beams": 3}, "unknown parameter\\(s\\) beams"),
+        (nearest, None, {"features": str(s["features"])}, "needs --model"),
+        (nearest, str(tmp_path / "m"), {"features": str(s["features"])}, "m not found"),
+        (nearest, str(s["model"]), {}, "needs --features DIR"),
+        (nearest, str(s["model"]), {"features": str(tmp_path / "f")}, "f not found"),
+    ]:
+        with pytest.raises(CaptionerError, match=message):
+            cls.check_setup(model, params)
+    with pytest.raises(CaptionerError, match="merge rule 'vote'"):  # the constructor checks it before loading
+        build_captioner("blip", str(blip_dir), merge="vote")
+
+
+def test_identity_is_what_changes_a_row(tmp_path, blip_dir, nearest_setup, monkeypatch):
+    """Model and file parameters resolved to absolute paths, defaults filled in, operational parameters left out."""
+    s = nearest_setup
+    blip, audio, nearest = (captioner_class(n) for n in ("blip", "audio", "nearest"))
+    assert blip.identity(None, {}) == {
+        "captioner": "blip", "model": "Salesforce/blip-image-captioning-base",
+        "params": {"num_frames": 3, "clip_seconds": 10.0, "max_new_tokens": 20, "num_beams": 3, "merge": "join"}}
+    assert audio.identity("org/name", {"allow_download": True})["model"] == "org/name"  # an HF id stays as given
+    monkeypatch.chdir(blip_dir.parent)
+    rel = blip.identity(blip_dir.name, {"allow_download": True, "num_beams": 1})
+    assert rel == {**blip.identity(str(blip_dir), {}), "params": {**blip.identity(None, {})["params"], "num_beams": 1}}
+    monkeypatch.chdir(s["features"].parent)
+    ident = nearest.identity(str(s["model"]), {"features": s["features"].name, "embed_batch_size": 2,
+                                                "reuse_bank_embeddings": False})
+    assert ident == {"captioner": "nearest", "model": str(s["model"]),
+                     "params": {"features": str(s["features"]), "split": "train", "exclude_own_captions": True}}
+    assert nearest.identity(str(s["model"]), {"features": str(s["features"]), "split": "val"}) != ident
+
+
+def test_audio_decodes_only_the_kept_seconds(media, audio_dir, monkeypatch):
+    """A long file is decoded up to max_seconds (the front end's bounded read), not whole and then cut."""
+    import hci_atr.captioners.audio as audio_mod
+
+    seen = []
+    real = audio_mod.load_audio
+    monkeypatch.setattr(audio_mod, "load_audio",
+                        lambda path, sr, max_seconds=None: seen.append(max_seconds) or real(path, sr, max_seconds))
+    wav = write_tone(media["root"] / "long.wav", 440, 3.0, 16000)
+    cap = build_captioner("audio", str(audio_dir), max_seconds=1.0, **FAST)
+    out = cap(_batch(audio_id=["long"], audio_path=[str(wav)]))
+    assert seen == [1.0] and out["error"][0] == "" and out["generated_caption"][0]
+
+
+# -- caption-all resume with other settings -----------------------------------------------------------------------
+
+
+def _file_hashes(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.ray
+def test_caption_all_refuses_to_resume_with_other_settings(ray_session, nearest_setup, tmp_path):
+    """A finished caption folder re-run with another captioner, model or row-changing parameter: one-line DataError,
+    every file of the folder byte-for-byte as it was. The same settings (operational ones aside) resume it."""
+    from workflows.caption import caption_all
+    from workflows.settings import Settings
+
+    s = nearest_setup
+    train = [r for r in s["rows"] if r["split"] == "train"]
+    data = tmp_path / "manifest.jsonl"
+    data.write_text("\n".join(json.dumps({"id": r["audio_id"], "audio": r["audio_path"], "caption": r["captions"][0],
+                                          "split": "train"}) for r in train), encoding="utf-8")
+    cfg = Settings().override({"pipeline.num_workers": 1, "pipeline.batch_size": 2, "pipeline.rows_per_shard": 2})
+    out = tmp_path / "captions"
+    params = {"features": str(s["features"])}
+    first = caption_all(data, out, captioner="nearest", model=str(s["model"]), params=params, cfg=cfg,
+                        progress=False)
+    assert first["rows"] == len(train) and first["computed_shards"] == 3
+    assert first["identity"]["captioner"] == "nearest" and first["identity"]["model"] == str(s["model"])
+    before = _file_hashes(out)
+    assert {"part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "_SUCCESS"} <= set(before)
+
+    other_model = tmp_path / "model_copy"
+    shutil.copytree(s["model"], other_model)
+    for captioner, model, extra, changed in [
+        ("nearest", str(s["model"]), {"exclude_own_captions": False}, "params.exclude_own_captions"),
+        ("nearest", str(s["model"]), {"split": "val"}, "params.split"),
+        ("nearest", str(other_model), {}, "model"),
+        ("blip", None, {}, "captioner"),  # refused before any model is loaded
+    ]:
+        with pytest.raises(DataError, match=f"written with other settings \\(.*{changed}.*\\); .*start afresh") as e:
+            caption_all(data, out, captioner=captioner, model=model,
+                        params={**(params if captioner == "nearest" else {}), **extra}, cfg=cfg, progress=False)
+        assert "\n" not in str(e.value)
+        assert _file_hashes(out) == before, f"{captioner} {extra}: the folder changed"
+
+    again = caption_all(data, out, captioner="nearest", model=str(s["model"]), cfg=cfg, progress=False,
+                        params={**params, "embed_batch_size": 4, "reuse_bank_embeddings": False})
+    assert again["computed_shards"] == 0 and again["rows"] == len(train)
+    assert {k: v for k, v in _file_hashes(out).items() if k.startswith("part-")} == \
+        {k: v for k, v in before.items() if k.startswith("part-")}

@@ -10,6 +10,9 @@ records (driver) -> one item per pending shard -> ray.data.from_items
 Each actor loads its model once. A clip the backend cannot caption comes back with a non-empty ``error`` and lands in
 ``errors.parquet`` (stage ``caption``); the run stops once failures exceed ``pipeline.max_failure_rate``.
 Output columns (docs/architecture.md): audio_id, generated_caption, captioner, model, params (JSON), seconds.
+A re-run on the same ``--out`` resumes it; one with another captioner, model or row-changing parameter is refused
+(the shard plan records the backend's ``identity``), so one folder never mixes captions of two settings.
+The nearest backend's caption bank is embedded first by its own Ray Data stage (:func:`nearest_bank`).
 """
 
 from __future__ import annotations
@@ -28,30 +31,36 @@ from workflows.runner import ShardedOutput, map_pending, plan_shards
 STAGE = "caption"
 
 
+class BankEmbedder:
+    """Ray Data callable class for the nearest caption bank: a batch of feature-shard file paths (column ``path``) ->
+    the :class:`~hci_atr.captioners.nearest.NearestBank` part of their ``split`` rows, as a table
+    (:func:`hci_atr.captioners.nearest.embed_bank_rows`). The actor reads the files itself, so the mels never cross
+    the object store. Rows without a caption are dropped; an unreadable file or a malformed mel raises
+    CaptionerError."""
 
+    def __init__(self, model: str, device: str = "cpu", split: str = "train", embed_batch_size: int = 32):
+        from hci_atr.captioners.nearest import load_hci_model
 
-def check_setup(captioner: str, model: str | None, params: dict[str, Any]) -> None:
-    """Driver-side, cheap: the setup checks every actor's constructor makes (parameter names, model reference, the
-    nearest backend's model directory and features), so a bad path fails in one line before any actor starts, rather
-    than as a retried actor-creation failure with Ray's worker traceback in the log. Raises CaptionerError."""
-    from hci_atr.captioners import _check_model_ref, captioner_class
-    from hci_atr.errors import CaptionerError
+        self.model = load_hci_model(model, device)
+        self.split = str(split)
+        self.batch_size = int(embed_batch_size)
 
-    cls = captioner_class(captioner)
-    unknown = sorted(set(params) - set(cls.defaults))
-    if unknown:
-        raise CaptionerError(f"captioner '{captioner}': unknown parameter(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(sorted(cls.defaults))})")
-    if captioner == "nearest":
-        if not model or not os.path.isdir(model):
-            raise CaptionerError(f"captioner 'nearest' needs --model: the directory of a trained hci-atr model "
-                                 f"(model.safetensors + config.yaml){'' if not model else f'; {model} not found'}")
-        if not params.get("features") or not os.path.isdir(str(params["features"])):
-            raise CaptionerError("captioner 'nearest' needs --features DIR: the training feature shards written by "
-                                 "`hci-atr extract-features`" + (f"; {params['features']} not found"
-                                                                  if params.get("features") else ""))
-    elif model is not None:
-        _check_model_ref(model, captioner)
+    def __call__(self, batch):
+        import pyarrow.parquet as pq
+
+        from hci_atr.captioners.nearest import embed_bank_rows
+        from hci_atr.data.shards import BANK_COLUMNS
+        from hci_atr.errors import CaptionerError, one_line
+
+        parts = []
+        for path in batch["path"].to_pylist():
+            try:
+                rows = pq.read_table(path, columns=BANK_COLUMNS)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+                raise CaptionerError(f"captioner 'nearest': cannot read feature shard {path} ({one_line(e)})") \
+                    from None
+            parts.append(embed_bank_rows(self.model, rows, self.split, self.batch_size, source=path))
+        return pa.concat_tables(parts)
 
 
 def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = True):
@@ -63,7 +72,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
          level)
       -> the driver joins the parts (:meth:`NearestBank.from_tables`) -> ``ray.put``.
 
-    Returns the ``ObjectRef`` of the :class:`~hci_atr.captioners.NearestBank`; the caption actors fetch it when they
+    Returns the ``ObjectRef`` of the :class:`~hci_atr.captioners.nearest.NearestBank`; the caption actors fetch it when they
     start (:func:`workflows.runner._resolve_refs`), so the bank costs one pass over the training clips, not one per
     actor. The bank lives in the object store: ``N x D`` + ``C x D`` float32 (N clips, C captions; about 100 MB for
     AudioCaps' 50k training clips at D = 256 with 5 captions each).
@@ -71,7 +80,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from hci_atr.captioners import BankEmbedder, NearestBank
+    from hci_atr.captioners.nearest import NearestBank
     from hci_atr.data.shards import features_audio_config
     from hci_atr.errors import CaptionerError
     from workflows.runner import actor_pool_options, project_errors, ray_data
@@ -126,7 +135,9 @@ def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: s
     p = cfg.pipeline
     params = {k: v for k, v in (params or {}).items() if v is not None}
     cls = captioner_class(captioner)  # unknown name -> CaptionerError before any Ray work
-    check_setup(captioner, model, params)
+    # the backend's cheap setup checks on the driver, so a bad path or parameter fails in one line before any actor
+    # starts (not as a retried actor-creation failure with Ray's worker traceback in the log)
+    cls.check_setup(model, params)
     records = read_dataset(data, format=fmt, splits=splits)
     shards = plan_shards([r.audio_id for r in records], p.rows_per_shard)
     device = "cuda" if p.gpus_per_worker > 0 else "cpu"
@@ -134,11 +145,11 @@ def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: s
              "params": params, "seed": seed}
     t0 = time.perf_counter()
     extra_seconds: dict[str, float] = {}  # nearest: time spent embedding the caption bank (part of "seconds")
-    with ShardedOutput(out, CAPTION_SCHEMA, STAGE, shards, p.max_failure_rate, extra) as output:
+    # what changes a row: a resume with another backend, model or params is refused, not mixed into these shards
+    identity = {"stage": STAGE, **cls.identity(model, params)}
+    with ShardedOutput(out, CAPTION_SCHEMA, STAGE, shards, p.max_failure_rate, extra, identity=identity) as output:
         if output.pending:
-            ctor = {"device": device, **params}
-            if model is not None or captioner != "blip":  # blip has a default model id; the others need one
-                ctor["model"] = model
+            ctor = {"model": model, "device": device, **params}  # model None: the backend's default (blip) or error
             if captioner == "nearest":  # embed the caption bank once, spread over the workers; every actor gets it
                 t_bank = time.perf_counter()
                 ctor["bank"] = nearest_bank(model, params, p, progress=progress)
