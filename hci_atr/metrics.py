@@ -14,12 +14,21 @@ Input: ``sim [n_audio, n_text]`` and ``text_to_audio [n_text]`` (the clip each c
 
 R@k and mAP@10 are percentages; ``rsum = t2a_R1 + t2a_R5 + t2a_R10`` (the contract's model-selection number) and
 ``rsum_all`` adds the A2T recalls.
+
+Pair accuracy (:func:`pair_accuracy`, the compositional benchmark of :mod:`hci_atr.data.pairs`): for a hard-negative
+pair of clips (i, j), each caption c of i is a trial, correct when ``sim[i, c] > sim[j, c]``, and each caption of j
+likewise with i and j swapped; a tie counts 0.5. Accuracy pools the trials (a fraction; chance is 0.5).
 """
 
 from __future__ import annotations
 
+import re
+from typing import Sequence
+
 import numpy as np
 import torch
+
+from hci_atr.errors import DataError
 
 
 def _as_np(x) -> np.ndarray:
@@ -35,17 +44,23 @@ def t2a_ranks(sim: np.ndarray, text_to_audio: np.ndarray) -> np.ndarray:
     return (sim >= gt[None, :]).sum(axis=0)  # counts the relevant clip itself -> 1-based
 
 
-def a2t_positions(sim: np.ndarray, text_to_audio: np.ndarray) -> np.ndarray:
-    """[n_text] 1-based position of caption j in its own clip's ranking of all captions (see module docstring)."""
-    n_audio, n_text = sim.shape
+def caption_table(text_to_audio: np.ndarray, n_audio: int) -> np.ndarray:
+    """[n_audio, max captions per clip] each clip's caption (text) indices in ascending order, padded with -1."""
+    n_text = len(text_to_audio)
     order = np.argsort(text_to_audio, kind="stable")
     counts = np.bincount(text_to_audio, minlength=n_audio)
     max_rel = int(counts.max()) if n_text else 0
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.arange(n_text) - np.repeat(starts, counts)  # position of each sorted text inside its group
-    # [n_audio, max_rel] padded table of each clip's caption indices (-1 = none)
     table = np.full((n_audio, max_rel), -1, dtype=np.int64)
     table[text_to_audio[order], slot] = order
+    return table
+
+
+def a2t_positions(sim: np.ndarray, text_to_audio: np.ndarray) -> np.ndarray:
+    """[n_text] 1-based position of caption j in its own clip's ranking of all captions (see module docstring)."""
+    n_audio, n_text = sim.shape
+    table = caption_table(text_to_audio, n_audio)  # [n_audio, max_rel]
     valid = table >= 0
     vals = np.where(valid, np.take_along_axis(sim, np.where(valid, table, 0), axis=1), np.nan)  # [n_audio, max_rel]
     # counts of all captions strictly above / equal, per clip row: batched binary search on the sorted rows
@@ -106,4 +121,79 @@ def retrieval_metrics(sim, text_to_audio) -> dict[str, float]:
     out["a2t_meanr"] = float(best.mean())
     out["rsum"] = out["t2a_R1"] + out["t2a_R5"] + out["t2a_R10"]
     out["rsum_all"] = out["rsum"] + out["a2t_R1"] + out["a2t_R5"] + out["a2t_R10"]
+    return out
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def pair_accuracy(sim, text_to_audio, pairs: Sequence[Sequence]) -> dict[str, float]:
+    """Hard-negative pair accuracy (module docstring) per pair type, as fractions in [0, 1].
+
+    ``sim [n_audio, n_text]``, ``text_to_audio [n_text]``; ``pairs``: tuples ``(i, j, type[, attribute[,
+    captions_i, captions_j]])`` of audio row indices (:class:`hci_atr.data.pairs.Pair`). ``captions_i`` (positions
+    among row i's captions, in text order) limits i's trials to those captions; None means all of them.
+
+    Returns ``pairs_acc`` / ``pairs_n`` over all pairs, ``pairs_<type>_acc`` / ``pairs_<type>_n`` per type and
+    ``pairs_<type>_<attribute>_acc`` / ``_n`` where the attribute is known (e.g. ``pairs_attribute_loudness_acc``).
+    ``_n`` counts pairs; a group without trials has no ``_acc`` key.
+    """
+    sim = _as_np(sim).astype(np.float64)
+    t2a = _as_np(text_to_audio).astype(np.int64)
+    n_audio, n_text = sim.shape
+    if t2a.shape != (n_text,):
+        raise ValueError(f"text_to_audio has shape {t2a.shape}, expected ({n_text},)")
+    if n_text and (t2a.min() < 0 or t2a.max() >= n_audio):
+        raise ValueError("text_to_audio holds an index outside the audio set")
+    if np.isnan(sim).any():
+        raise ValueError("similarity matrix contains NaN")
+    n_pairs = len(pairs)
+    if not n_pairs:
+        return {"pairs_n": 0.0}
+    first = np.array([int(p[0]) for p in pairs], dtype=np.int64)
+    second = np.array([int(p[1]) for p in pairs], dtype=np.int64)
+    if first.min() < 0 or second.min() < 0 or max(first.max(), second.max()) >= n_audio:
+        raise ValueError("a pair holds an audio index outside the audio set")
+    if (first == second).any():
+        raise ValueError("a pair names the same audio row twice")
+    table = caption_table(t2a, n_audio)  # [n_audio, R]
+    width = table.shape[1]
+    # 2P trial rows: side 0 = captions of i against j, side 1 = captions of j against i
+    owner, other = np.concatenate([first, second]), np.concatenate([second, first])
+    caps = table[owner]  # [2P, R]
+    use = caps >= 0
+    n_caps = use.sum(axis=1)
+    for side in (0, 1):
+        for k, p in enumerate(pairs):
+            chosen = p[4 + side] if len(p) > 4 + side else None
+            if chosen is None:
+                continue
+            r = side * n_pairs + k
+            pos = np.asarray(list(chosen), dtype=np.int64)
+            if pos.size and (pos.min() < 0 or pos.max() >= n_caps[r]):
+                raise DataError(f"pair {k}: caption position {int(pos.max())} of audio row {int(owner[r])}, which "
+                                f"has {int(n_caps[r])} captions: the pair file does not fit this dataset")
+            keep = np.zeros(width, dtype=bool)
+            keep[pos] = True
+            use[r] &= keep
+    c = np.where(use, caps, 0)
+    diff = sim[owner[:, None], c] - sim[other[:, None], c]  # [2P, R]
+    score = np.where(use, (diff > 0) + 0.5 * (diff == 0), 0.0)
+    correct = score.sum(axis=1).reshape(2, n_pairs).sum(axis=0)  # [P]
+    trials = use.sum(axis=1).reshape(2, n_pairs).sum(axis=0)  # [P]
+    groups: dict[str, list[int]] = {"pairs": list(range(n_pairs))}
+    for k, p in enumerate(pairs):
+        name = f"pairs_{_metric_name(str(p[2]))}"
+        groups.setdefault(name, []).append(k)
+        attribute = p[3] if len(p) > 3 else None
+        if attribute:
+            groups.setdefault(f"{name}_{_metric_name(str(attribute))}", []).append(k)
+    out: dict[str, float] = {}
+    for name in sorted(groups):
+        idx = np.asarray(groups[name])
+        n = trials[idx].sum()
+        if n:
+            out[f"{name}_acc"] = float(correct[idx].sum() / n)
+        out[f"{name}_n"] = float(len(idx))
     return out

@@ -1,4 +1,5 @@
-"""Procedural demo dataset: determinism, layout, and captions that agree with the audio (checked from the waveform)."""
+"""Procedural demo dataset: determinism, layout, captions that agree with the audio (checked from the waveform), and
+the hard-negative pair file (demo_pairs.json) that agrees with the scenes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from workflows.cli import cli
 from hci_atr.data import demo as demo_mod
 from hci_atr.data.demo import EVENT_TYPES, make_demo, peak_frame_rms
 from hci_atr.data.formats import read_dataset
+from hci_atr.data.pairs import Pair, read_pairs
 from hci_atr.errors import DataError
 
 SR = 16000
@@ -88,7 +90,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         make_demo(tmp_path / name, seed=seed, size=8, duration=1.5, sample_rate=8000, progress=False)
     a, b, c = (_digest(tmp_path / name) for name in "abc")
-    assert a == b and len(a) == 8 + 3 + 1
+    assert a == b and len(a) == 8 + 3 + 2  # clips, caption CSVs, demo_metadata.json and demo_pairs.json
+    assert "demo_pairs.json" in a  # the pair file too is the same for the same seed
     # another seed: other scenes (and another split assignment), so every clip's bytes differ
     wav_a = {Path(k).name: v for k, v in a.items() if k.endswith(".wav")}
     wav_c = {Path(k).name: v for k, v in c.items() if k.endswith(".wav")}
@@ -218,6 +221,82 @@ def test_chirp_direction(scenes):
                 assert (last > first) if e["type"] == "chirp_up" else (last < first)
                 n += 1
     assert n >= 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hard-negative pairs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    """A default-size demo (240 clips of 5 s; 16 kHz to keep it light) and its pair file."""
+    root = tmp_path_factory.mktemp("paired") / "demo"
+    make_demo(root, seed=7, size=240, sample_rate=SR, progress=False)
+    meta = json.loads((root / "demo_metadata.json").read_text())
+    pairs = json.loads((root / "demo_pairs.json").read_text())
+    return root, meta, pairs
+
+
+def _foreground(clip) -> list[tuple[str, dict]]:
+    return [(e["type"], e["attributes"]) for e in sorted(clip["events"], key=lambda e: e["onset"])
+            if e["role"] == "foreground"]
+
+
+def _background(clip) -> list[tuple[str, dict]]:
+    return [(e["type"], e["attributes"]) for e in clip["events"] if e["role"] == "background"]
+
+
+def test_pair_file_lists_variations_within_one_split(paired):
+    root, meta, pairs = paired
+    clips = {c["file_name"]: c for c in meta["clips"]}
+    split_of = {r.audio_id: r.split for r in read_dataset(root)}
+    assert pairs and all(p["a"] in split_of and p["b"] in split_of for p in pairs)
+    for p in pairs:
+        assert split_of[p["a"]] == split_of[p["b"]] == p["split"]
+        assert clips[p["b"]]["variant_of"] == int(p["a"][5:9])  # b is the variation of the clip before it, a
+    # every variation whose two clips share a split is listed
+    assert len(pairs) == sum(c["variant_of"] is not None and meta["clips"][c["variant_of"]]["split"] == c["split"]
+                             for c in meta["clips"])
+    assert {p["type"] for p in pairs} >= {"order", "attribute", "count"}
+    assert {p["attribute"] for p in pairs if p["type"] == "attribute"} == {"loudness", "pitch", "length", "rate"}
+    assert all(p["attribute"] is None for p in pairs if p["type"] != "attribute")
+    # each split's reader sees its own pairs, as row indices of that split
+    for split in ("train", "val", "test"):
+        ids = [a for a, s in split_of.items() if s == split]
+        got = read_pairs(root / "demo_pairs.json", ids)
+        mine = [p for p in pairs if p["split"] == split]
+        assert len(got) == len(mine) and all(isinstance(g, Pair) for g in got)
+        assert [(ids[g.i], ids[g.j], g.type) for g in got] == [(p["a"], p["b"], p["type"]) for p in mine]
+        assert mine, split  # the test split has pairs of its own
+
+
+def test_pair_clips_differ_only_in_their_type(paired):
+    """Order pairs: the same foreground events reversed; attribute / count pairs: one event's attribute / count
+    changed; the background is the same. The captions listed as telling the clips apart are never captions of the
+    other clip, and every caption of order, count and rate pairs tells (those always name what changed)."""
+    _, meta, pairs = paired
+    clips = {c["file_name"]: c for c in meta["clips"]}
+    for p in pairs:
+        a, b = clips[p["a"]], clips[p["b"]]
+        fa, fb = _foreground(a), _foreground(b)
+        assert _background(a) == _background(b)
+        if p["type"] == "order":
+            assert [t for t, _ in fb] == [t for t, _ in fa][::-1] != [t for t, _ in fa]
+            assert fb == fa[::-1]
+        else:
+            assert [t for t, _ in fa] == [t for t, _ in fb]
+            changed = [(x, y) for x, y in zip(fa, fb) if x != y]
+            assert len(changed) == 1
+            (_, attrs_a), (_, attrs_b) = changed[0]
+            key = "count" if p["type"] == "count" else p["attribute"]
+            assert {k for k in attrs_a if attrs_a[k] != attrs_b.get(k)} == {key} and attrs_a.keys() == attrs_b.keys()
+        for mine, other, telling in ((a, b, p["a_captions"]), (b, a, p["b_captions"])):
+            assert 0 in telling  # the first caption names every attribute
+            assert not {mine["captions"][k] for k in telling} & set(other["captions"])
+            if p["type"] in ("order", "count") or p["attribute"] == "rate":
+                assert telling == [0, 1, 2, 3, 4]
+    assert any(len(p["a_captions"]) < 5 for p in pairs)  # some captions leave the changed attribute out
 
 
 # ---------------------------------------------------------------------------------------------------------------

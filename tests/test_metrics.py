@@ -1,9 +1,12 @@
-"""Retrieval metrics: hand-computed small cases (ties, one caption, five captions) and a brute-force reference."""
+"""Retrieval metrics: hand-computed small cases (ties, one caption, five captions) and a brute-force reference;
+hard-negative pair accuracy (brute force, order-sensitive vs order-blind scores, ties) and the pair file reader."""
 
 import numpy as np
 import pytest
 
-from hci_atr.metrics import retrieval_metrics
+from hci_atr.data.pairs import Pair, read_pairs, write_pairs
+from hci_atr.errors import DataError
+from hci_atr.metrics import pair_accuracy, retrieval_metrics
 
 
 def brute_force(sim, t2a):
@@ -100,3 +103,150 @@ def test_clip_without_captions_is_ignored_in_a2t_and_errors():
         retrieval_metrics(sim, np.array([0, 3]))
     with pytest.raises(ValueError):
         retrieval_metrics(np.full((2, 2), np.nan), np.array([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hard-negative pair accuracy and the pair file
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def brute_force_pairs(sim, t2a, pairs):
+    """Loop reference: every caption of i (or the listed ones) against j, and of j against i; ties 0.5."""
+    groups = {}
+    for p in pairs:
+        i, j, kind = p[:3]
+        attribute = p[3] if len(p) > 3 else None
+        trials = []
+        for owner, other, chosen in ((i, j, p[4] if len(p) > 4 else None), (j, i, p[5] if len(p) > 5 else None)):
+            own = [c for c in range(len(t2a)) if t2a[c] == owner]
+            for pos, c in enumerate(own):
+                if chosen is None or pos in chosen:
+                    trials.append(1.0 if sim[owner, c] > sim[other, c] else 0.5 if sim[owner, c] == sim[other, c]
+                                  else 0.0)
+        for name in ["pairs", f"pairs_{kind}"] + ([f"pairs_{kind}_{attribute}"] if attribute else []):
+            g = groups.setdefault(name, [0, []])
+            g[0] += 1
+            g[1].extend(trials)
+    out = {}
+    for name, (n, trials) in groups.items():
+        out[f"{name}_n"] = n
+        if trials:
+            out[f"{name}_acc"] = sum(trials) / len(trials)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pair_accuracy_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_a, n_t = 12, 50
+    t2a = np.concatenate([np.arange(n_a), rng.integers(0, n_a, n_t - n_a)])
+    sim = np.round(rng.standard_normal((n_a, n_t)), 1)  # rounding makes ties
+    kinds = [("order", None), ("attribute", "loudness"), ("attribute", "pitch"), ("count", None), ("background", None)]
+    pairs = []
+    for _ in range(30):
+        i, j = (int(x) for x in rng.choice(n_a, 2, replace=False))
+        kind, attribute = kinds[int(rng.integers(0, len(kinds)))]
+        if rng.random() < 0.4:  # only some captions tell the two clips apart
+            ci = tuple(int(c) for c in np.flatnonzero(rng.random((t2a == i).sum()) < 0.6)) or (0,)
+            cj = None if rng.random() < 0.5 else (0,)
+            pairs.append(Pair(i, j, kind, attribute, ci, cj))
+        else:
+            pairs.append((i, j, kind) if attribute is None and rng.random() < 0.5 else (i, j, kind, attribute))
+    got = pair_accuracy(sim, t2a, pairs)
+    ref = brute_force_pairs(sim, t2a, pairs)
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(v), k
+    assert "pairs_attribute_loudness_acc" in got and got["pairs_n"] == 30
+
+
+def _scene_sims(order_sensitive: bool):
+    """Four scenes and their reversals (order pairs) plus four scenes with one event made loud (attribute pairs).
+
+    A caption describes its clip's events in order. The bag-of-events score counts shared (event, attribute) items,
+    so a reversed scene scores exactly as high as the original; the order-sensitive score adds 1 when the caption's
+    sequence is the clip's own."""
+    base = [["beep", "knock", "hiss"], ["siren", "bell"], ["chirp", "tick", "hum"], ["bell", "beep"]]
+    clips, pairs = [], []
+    for s in base:
+        pairs.append((len(clips), len(clips) + 1, "order"))
+        clips += [[(e, "quiet") for e in s], [(e, "quiet") for e in s[::-1]]]
+    for s in base:
+        pairs.append((len(clips), len(clips) + 1, "attribute", "loudness"))
+        clips += [[(e, "quiet") for e in s], [(s[0], "loud")] + [(e, "quiet") for e in s[1:]]]
+    captions = [c for c in clips for _ in range(3)]  # three captions per clip
+    t2a = np.repeat(np.arange(len(clips)), 3)
+    sim = np.zeros((len(clips), len(captions)))
+    for a, clip in enumerate(clips):
+        for t, cap in enumerate(captions):
+            sim[a, t] = sum(min(clip.count(x), cap.count(x)) for x in set(cap))
+            if order_sensitive and clip == cap:
+                sim[a, t] += 1
+    return sim, t2a, pairs
+
+
+def test_pair_accuracy_order_sensitive_vs_order_blind():
+    sim, t2a, pairs = _scene_sims(order_sensitive=True)
+    m = pair_accuracy(sim, t2a, pairs)
+    assert m["pairs_order_acc"] == 1.0 and m["pairs_order_n"] == 4
+    assert m["pairs_attribute_acc"] == 1.0 and m["pairs_attribute_loudness_acc"] == 1.0
+    sim, t2a, pairs = _scene_sims(order_sensitive=False)
+    m = pair_accuracy(sim, t2a, pairs)
+    assert m["pairs_order_acc"] == 0.5  # a bag of events cannot tell a scene from its reversal: chance
+    assert m["pairs_attribute_acc"] == 1.0  # but it does see the changed attribute
+    assert m["pairs_acc"] == pytest.approx(0.75)
+
+
+def test_pair_accuracy_ties_and_edge_cases():
+    t2a = np.array([0, 0, 1, 1, 2])
+    m = pair_accuracy(np.full((3, 5), 0.3), t2a, [(0, 1, "count"), (1, 2, "background")])
+    assert m == {"pairs_acc": 0.5, "pairs_n": 2.0, "pairs_background_acc": 0.5, "pairs_background_n": 1.0,
+                 "pairs_count_acc": 0.5, "pairs_count_n": 1.0}
+    # a clip without captions gives no trials from its side
+    sim = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.5]])
+    m = pair_accuracy(sim, np.array([0, 0, 1]), [(0, 2, "order"), (1, 0, "order")])
+    assert m["pairs_order_acc"] == 1.0 and m["pairs_order_n"] == 2
+    assert pair_accuracy(sim, np.array([0, 0, 1]), []) == {"pairs_n": 0.0}
+    assert pair_accuracy(sim, np.array([0, 0, 1]), [(2, 1, "count")])["pairs_count_acc"] == 1.0  # j's side only
+    # a group without trials (neither clip has a caption) has a count but no accuracy
+    sim4 = np.vstack([sim, sim[2:]])
+    assert pair_accuracy(sim4, np.array([0, 0, 1]), [(2, 3, "count")]) == {"pairs_n": 1.0, "pairs_count_n": 1.0}
+    with pytest.raises(ValueError):
+        pair_accuracy(sim, np.array([0, 0, 1]), [(0, 3, "order")])
+    with pytest.raises(ValueError):
+        pair_accuracy(sim, np.array([0, 0, 1]), [(1, 1, "order")])
+    with pytest.raises(DataError, match="does not fit"):  # caption position 2 of a clip with two captions
+        pair_accuracy(sim, np.array([0, 0, 1]), [Pair(0, 1, "order", None, (2,), None)])
+
+
+def test_read_pairs_maps_ids_to_rows_and_drops_other_splits(tmp_path):
+    path = tmp_path / "pairs.json"
+    write_pairs(path, [
+        {"a": "x.wav", "b": "y.wav", "type": "order", "attribute": None, "split": "test"},
+        {"a": "y.wav", "b": "z.wav", "type": "attribute", "attribute": "pitch", "split": "test",
+         "a_captions": [3, 0], "b_captions": [1]},
+        {"a": "x.wav", "b": "other.wav", "type": "count", "attribute": None, "split": "train"},
+    ])
+    got = read_pairs(path, ["z.wav", "x.wav", "y.wav"])
+    assert got == [Pair(1, 2, "order"), Pair(2, 0, "attribute", "pitch", (0, 3), (1,))]
+    assert read_pairs(path, ["x.wav"]) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a readable JSON pair file"),
+    ('{"a": "x"}', "expected a JSON list"),
+    ('[{"a": "x", "type": "order"}]', "pair 0: field 'b'"),
+    ('[{"a": "x", "b": "x", "type": "order"}]', "same clip"),
+    ('[{"a": "x", "b": "y", "type": "colour"}]', "'colour' is not one of order, attribute, count, background"),
+    ('[{"a": "x", "b": "y", "type": "order"}, 3]', "pair 1: expected an object"),
+    ('[{"a": "x", "b": "y", "type": "order", "a_captions": [-1]}]', "field 'a_captions'"),
+    ('[{"a": "x", "b": "y", "type": "order", "attribute": 5}]', "field 'attribute'"),
+])
+def test_read_pairs_malformed_file_is_one_line_data_error(tmp_path, content, message):
+    path = tmp_path / "pairs.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        read_pairs(path, ["x", "y"])
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(DataError, match="not found"):
+        read_pairs(tmp_path / "missing.json", ["x"])

@@ -22,6 +22,8 @@ Output (Clotho v2 layout, readable by :func:`hci_atr.data.formats.read_dataset`)
     out_dir/clotho_captions_{development,validation,evaluation}.csv        (file_name, caption_1..caption_5)
     out_dir/demo_metadata.json    events per clip (type, role, attributes, onset, offset, pulses): for inspection
                                   and tests only; nothing in the pipeline reads it
+    out_dir/demo_pairs.json       the hard-negative pairs (a clip and its variation, both in one split), in the
+                                  format of :mod:`hci_atr.data.pairs`: ``hci-atr evaluate --pairs`` scores them
 
 The folder is built under a temporary name beside ``out_dir`` and renamed into place at the end, so an interrupted
 run never leaves a dataset that looks complete. The same seed gives the same bytes.
@@ -42,6 +44,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from hci_atr.data.pairs import write_pairs
 from hci_atr.files import replace_dir
 from hci_atr.errors import ConfigError, DataError
 
@@ -187,7 +190,8 @@ def _draw_scene(rng: np.random.Generator, duration: float) -> tuple[list[Event],
 
 
 def _vary_scene(rng: np.random.Generator, prev: tuple[list[Event], Event | None], duration: float):
-    """A near-twin of the previous scene: reversed order, or one attribute / count changed."""
+    """A near-twin of the previous scene: reversed order, or one attribute / count changed; and what changed,
+    ``(pair type, attribute or None, index of the changed foreground event or None)``."""
     fg = [Event(e.type, e.role, dict(e.attributes)) for e in prev[0]]
     bg = Event(prev[1].type, prev[1].role, dict(prev[1].attributes)) if prev[1] else None
     slot = _slot_width(duration, len(fg))
@@ -195,8 +199,9 @@ def _vary_scene(rng: np.random.Generator, prev: tuple[list[Event], Event | None]
     choice = rng.integers(0, 3)
     if choice == 0 and distinct_order:
         fg = fg[::-1]
-        return fg, bg
-    e = fg[int(rng.integers(0, len(fg)))]
+        return fg, bg, ("order", None, None)
+    k = int(rng.integers(0, len(fg)))
+    e = fg[k]
     flips = [a for a in ("pitch", "loudness", "rate", "length") if a in e.attributes]
     if "count" in e.attributes and _max_count(slot) >= 3:
         flips.append("count")
@@ -208,7 +213,7 @@ def _vary_scene(rng: np.random.Generator, prev: tuple[list[Event], Event | None]
         other = {"pitch": ("high", "low"), "loudness": ("loud", "quiet"), "rate": ("fast", "slow"),
                  "length": ("short", "long")}[a]
         e.attributes[a] = other[1] if e.attributes[a] == other[0] else other[0]
-    return fg, bg
+    return fg, bg, ("count", None, k) if a == "count" else ("attribute", a, k)
 
 
 def _layout(rng: np.random.Generator, fg: list[Event], bg: Event | None, duration: float) -> None:
@@ -382,8 +387,10 @@ def _pick(rng: np.random.Generator, options) -> str:
     return str(options[int(rng.integers(0, len(options)))])
 
 
-def _phrase(rng: np.random.Generator, e: Event, full: bool) -> str:
-    """A noun phrase for one event; ``full`` names every attribute, otherwise each may be left out."""
+def _phrase(rng: np.random.Generator, e: Event, full: bool, named: set | None = None) -> str:
+    """A noun phrase for one event; ``full`` names every attribute, otherwise each may be left out. The attributes
+    the phrase names are added to ``named``."""
+    named = set() if named is None else named
     etype = EVENT_TYPES[e.type]
     a = e.attributes
     keep = lambda: full or rng.random() < 0.75
@@ -391,6 +398,7 @@ def _phrase(rng: np.random.Generator, e: Event, full: bool) -> str:
     for key in ("loudness", "length", "pitch"):
         if key in a and keep():
             adj.append(_pick(rng, _WORDS[a[key]]))
+            named.add(key)
     count = a.get("count")
     template = _pick(rng, etype.count_forms if count else etype.forms)
     values = {"adj": " ".join(adj), "vowel": a.get("vowel", "")}
@@ -399,13 +407,16 @@ def _phrase(rng: np.random.Generator, e: Event, full: bool) -> str:
         values["rate_adv"] = _pick(rng, _RATE_ADV[a["rate"]])
     if count:
         values["cw"], values["ct"] = _COUNT_WORDS[count], _COUNT_TIMES[count]
+    named.update(key for key, field_ in (("rate", "{rate"), ("count", "{c")) if key in a and field_ in template)
     text = template.format(**values)
     text = re.sub(r"\ba (?=[aeiou])", "an ", " ".join(text.split()))
     return text
 
 
-def _caption(rng: np.random.Generator, fg: list[Event], bg: Event | None, full: bool) -> str:
-    parts = [_phrase(rng, e, full) for e in fg]
+def _caption(rng: np.random.Generator, fg: list[Event], bg: Event | None, full: bool) -> tuple[str, list[set]]:
+    """A caption of the scene, and the attributes it names of each foreground event."""
+    named = [set() for _ in fg]
+    parts = [_phrase(rng, e, full, n) for e, n in zip(fg, named)]
     if len(parts) == 1:
         seq = parts[0]
     elif len(parts) == 2:
@@ -417,20 +428,36 @@ def _caption(rng: np.random.Generator, fg: list[Event], bg: Event | None, full: 
         seq = _pick(rng, _WITH_BG).format(seq=seq, bg=bg_text) if len(parts) > 1 else \
             _pick(rng, ("{seq} while {bg} continues in the background", "{seq} over {bg}",
                         "{seq}, with {bg} throughout")).format(seq=seq, bg=bg_text)
-    return seq[0].upper() + seq[1:]
+    return seq[0].upper() + seq[1:], named
 
 
-def _captions(rng: np.random.Generator, fg: list[Event], bg: Event | None, n: int = 5) -> list[str]:
-    out = [_caption(rng, fg, bg, full=True)]
+def _captions(rng: np.random.Generator, fg: list[Event], bg: Event | None,
+              n: int = 5) -> tuple[list[str], list[list[set]]]:
+    """``n`` distinct captions where the scene allows, and per caption the attributes it names of each event."""
+    first = _caption(rng, fg, bg, full=True)
+    out, named = [first[0]], [first[1]]
     for _ in range(60):
         if len(out) == n:
             break
-        c = _caption(rng, fg, bg, full=len(out) % 2 == 0 and rng.random() < 0.5)
+        c, c_named = _caption(rng, fg, bg, full=len(out) % 2 == 0 and rng.random() < 0.5)
         if c not in out:
             out.append(c)
+            named.append(c_named)
     while len(out) < n:  # tiny scenes with few wordings: repeat rather than invent
-        out.append(out[len(out) % max(1, len(out))])
-    return out
+        k = len(out) % max(1, len(out))
+        out.append(out[k])
+        named.append(named[k])
+    return out, named
+
+
+def _telling_captions(change: tuple[str, str | None, int | None], named: list[list[set]]) -> list[int]:
+    """Positions of the captions that are false of the other clip of a variation pair: every caption tells a
+    reversed order apart; a changed attribute or count only where the caption names it for the changed event."""
+    kind, attribute, k = change
+    if kind == "order":
+        return list(range(len(named)))
+    key = "count" if kind == "count" else attribute
+    return [c for c, per_event in enumerate(named) if key in per_event[k]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,23 +509,29 @@ def _write(tmp: Path, out: Path, seed: int, size: int, duration: float, sr: int,
     clips_meta = []
     prev = None
     n_variants = 0
+    pairs, prev_named = [], None
     for i in tqdm(range(size), desc="make-demo", unit="clip", disable=not progress):
         if prev is not None and rng.random() < 0.35:
-            fg, bg = _vary_scene(rng, prev, duration)
+            fg, bg, change = _vary_scene(rng, prev, duration)
             variant_of = i - 1
             n_variants += 1
         else:
             fg, bg = _draw_scene(rng, duration)
-            variant_of = None
+            variant_of, change = None, None
         prev = (fg, bg)
         fg = [Event(e.type, e.role, dict(e.attributes)) for e in fg]
         bg = Event(bg.type, bg.role, dict(bg.attributes)) if bg else None
         _layout(rng, fg, bg, duration)
         events = ([bg] if bg else []) + fg
         wave = _render(rng, events, duration, sr)
-        captions = _captions(rng, fg, bg)
+        captions, named = _captions(rng, fg, bg)
         split = str(splits[i])
         name = f"demo_{i:04d}.wav"
+        if change is not None and splits[i - 1] == split:  # a pair is scored within one split
+            pairs.append({"a": f"demo_{i - 1:04d}.wav", "b": name, "type": change[0], "attribute": change[1],
+                          "split": split, "a_captions": _telling_captions(change, prev_named),
+                          "b_captions": _telling_captions(change, named)})
+        prev_named = named
         sf.write(tmp / folder_of[split] / name, wave, sr, subtype="PCM_16", format="WAV")
         rows[split].append([name, *captions])
         clips_meta.append({"file_name": name, "split": split, "variant_of": variant_of,
@@ -508,6 +541,7 @@ def _write(tmp: Path, out: Path, seed: int, size: int, duration: float, sr: int,
             "event_types": sorted(EVENT_TYPES), "levels": {f"{r}/{l}": v for (r, l), v in LEVELS.items()},
             "clips": clips_meta}
     (tmp / "demo_metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    write_pairs(tmp / "demo_pairs.json", pairs)
     for split, folder in SPLIT_FOLDERS:  # caption CSVs last: they are what makes the folder read as a dataset
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -518,5 +552,6 @@ def _write(tmp: Path, out: Path, seed: int, size: int, duration: float, sr: int,
     return (f"Wrote {size} demo clips to {out} ({sizes['train']} train / {sizes['val']} val / {sizes['test']} test, "
             f"{duration:g} s at {sr} Hz, Clotho layout, 5 captions each). Scenes hold 2-4 of {len(used)} synthesized "
             f"sound-event types with loudness, pitch, length, rate and count attributes and their order in time; "
-            f"{n_variants} clips are variations of the previous one (order, count or an attribute changed). "
+            f"{n_variants} clips are variations of the previous one (order, count or an attribute changed); "
+            f"{len(pairs)} of these pairs lie within one split and are in demo_pairs.json (hci-atr evaluate --pairs). "
             f"Read it with --data {out}; per-clip events are in demo_metadata.json (for inspection only).")
