@@ -23,7 +23,7 @@ from workflows.settings import Settings
 from hci_atr.data.audio import clip_features_and_duration, n_frames
 from hci_atr.errors import DataError
 from tiny_models import build_tiny_audio_captioner, build_tiny_blip, write_test_video, write_tone
-from workflows.runner import ERRORS_FILE, SUCCESS_FILE, TMP_MARK
+from workflows.output import ERRORS_FILE, SUCCESS_FILE, TMP_MARK
 
 pytestmark = pytest.mark.ray
 
@@ -207,7 +207,8 @@ def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
 
     from hci_atr.data.formats import read_dataset
     from hci_atr.data.shards import FEATURE_SCHEMA
-    from workflows.runner import SUMMARY_SCHEMA, ShardedOutput, ShardWorker, plan_shards, shard_items
+    from workflows.output import ShardedOutput, plan_shards
+    from workflows.runner import SUMMARY_SCHEMA, ShardWorker, shard_items
 
     data = _write_set(tmp_path / "data", n_good=4, n_bad=1)
     records = read_dataset(data)
@@ -233,7 +234,7 @@ def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
 
 
 def test_commit_refuses_a_file_that_does_not_match_its_shard(tmp_path):
-    from workflows.runner import Shard, ShardedOutput, write_shard_temp
+    from workflows.output import Shard, ShardedOutput, write_shard_temp
 
     schema = pa.schema([("audio_id", pa.string()), ("x", pa.int32())])
     shard = Shard(0, ("a", "b", "c"))

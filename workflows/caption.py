@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from hci_atr.data.shards import CAPTION_SCHEMA
 from workflows.settings import Settings
-from workflows.runner import ShardedOutput, map_pending, plan_shards
+from workflows.output import ShardedOutput, plan_shards
+from workflows.runner import map_pending
 
 STAGE = "caption"
 

@@ -26,7 +26,8 @@ from hci_atr.config import AudioConfig
 from workflows.settings import Settings
 from hci_atr.data.shards import FEATURE_SCHEMA, audio_config_dict
 from hci_atr.errors import HciAtrError, one_line
-from workflows.runner import ERROR_COLUMN, ShardedOutput, map_pending, plan_shards
+from workflows.output import ERROR_COLUMN, ShardedOutput, plan_shards
+from workflows.runner import map_pending
 
 STAGE = "features"
 
