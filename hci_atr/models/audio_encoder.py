@@ -1,8 +1,13 @@
-"""PANNs-style CNN audio encoder: log-mel [B, T, M] -> frame features [B, T', C].
+"""PANNs-style CNN audio encoder: log-mel [B, T, M] -> frame features [B, T', C], and PANNs' clip embedding [B, C].
 
 Layout follows the PANNs CNN family: a BatchNorm over mel bins (``bn0``), then conv blocks of two 3x3 conv + BN + ReLU
-each followed by 2x2 average pooling over (time, frequency), and frequency averaged out at the end; a ReLU'd linear
-layer (``fc1``) maps every frame to the output width.
+each followed by 2x2 average pooling over (time, frequency), and frequency averaged out at the end. Two outputs share
+the conv features (:meth:`AudioEncoder.conv_frames`):
+
+- frames (``forward`` / :meth:`AudioEncoder.frame_embedding`): the ReLU'd linear layer ``fc1`` applied to every frame,
+  for the segment and frame levels;
+- the clip (:meth:`AudioEncoder.clip_embedding`): PANNs' own path, max + mean over (valid) time of the conv
+  features, then ``fc1`` + ReLU, so with a PANNs checkpoint it is PANNs' ``embedding`` output.
 
 Two sizes:
 
@@ -10,10 +15,15 @@ Two sizes:
 - ``cnn14``: the PANNs Cnn14 layout (6 blocks 64..2048, the last without pooling, fc1 2048->2048), module names
   matching the published checkpoint so :func:`load_panns_checkpoint` can fill it; T' = T // 32.
 
+Training-only regularisers, off by default (then outputs are exactly those of an encoder without them): SpecAugment
+(torchaudio ``TimeMasking`` / ``FrequencyMasking`` stripes set to 0 after ``bn0``, i.e. to each bin's mean, as PANNs
+does), dropout after every conv block (PANNs: 0.2) and dropout on ``fc1``'s input (PANNs: 0.5).
+
 Padding: padded frames (mask 0) are zeroed after every layer, which is exactly what the convolution's own zero
 padding does at the end of a sequence, and pooled frames are valid only when both inputs were valid (floor, like
-``avg_pool``). So, in eval mode, appending padded frames does not change any valid output frame. (In training mode the
-BatchNorm batch statistics include padded positions; batches cropped to a fixed length have none.)
+``avg_pool``). So, in eval mode, appending padded frames does not change any valid output frame nor the clip
+embedding. (In training mode the BatchNorm batch statistics include padded positions; batches cropped to a fixed
+length have none.)
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchaudio
 from torch import nn
 
 from hci_atr.errors import ModelLoadError
@@ -73,11 +84,27 @@ def encoder_spec(name: str, width: int = 32) -> AudioEncoderSpec:
 
 
 class AudioEncoder(nn.Module):
-    """log-mel [B, T, M] + mask [B, T] -> frames [B, T', C] + mask [B, T'] (C = ``out_dim``)."""
+    """log-mel [B, T, M] + mask [B, T] -> frames [B, T', C] + mask [B, T'] (C = ``out_dim``); the clip embedding
+    [B, C] from :meth:`clip_embedding`.
 
-    def __init__(self, name: str = "cnn-small", n_mels: int = 64, width: int = 32):
+    ``spec_augment``: in training mode, ``time_masks`` time stripes of up to ``time_mask_width`` frames and
+    ``freq_masks`` frequency stripes of up to ``freq_mask_width`` mel bins, drawn per example (PANNs: 2 x 64 frames,
+    2 x 8 bins). ``dropout``: after every conv block; ``fc_dropout``: on ``fc1``'s input (frames and clip). All only
+    in training mode; the defaults turn them off.
+    """
+
+    def __init__(self, name: str = "cnn-small", n_mels: int = 64, width: int = 32, *, spec_augment: bool = False,
+                 time_masks: int = 2, time_mask_width: int = 64, freq_masks: int = 2, freq_mask_width: int = 8,
+                 dropout: float = 0.0, fc_dropout: float = 0.0):
         super().__init__()
         spec = encoder_spec(name, width)
+        for arg, value in (("time_masks", time_masks), ("time_mask_width", time_mask_width),
+                           ("freq_masks", freq_masks), ("freq_mask_width", freq_mask_width)):
+            if int(value) < 0:
+                raise ValueError(f"{arg} must be >= 0, got {value}")
+        for arg, value in (("dropout", dropout), ("fc_dropout", fc_dropout)):
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{arg} must be in [0, 1), got {value}")
         self.name = name
         self.out_dim = spec.out_dim
         self.bn0 = nn.BatchNorm2d(n_mels)
@@ -86,7 +113,16 @@ class AudioEncoder(nn.Module):
             setattr(self, f"conv_block{i}", ConvBlock(ch, w, p))
             ch = w
         self.n_blocks = len(spec.widths)
+        self.conv_dim = ch
         self.fc1 = nn.Linear(ch, spec.out_dim, bias=True)
+        self.dropout = float(dropout)
+        self.fc_dropout = float(fc_dropout)
+        # no parameters or buffers: the state dict (and PANNs checkpoint loading) is the same with or without
+        self.spec_augment = bool(spec_augment)
+        self.time_masking = nn.ModuleList(torchaudio.transforms.TimeMasking(int(time_mask_width), iid_masks=True)
+                                          for _ in range(int(time_masks) if spec_augment else 0))
+        self.freq_masking = nn.ModuleList(torchaudio.transforms.FrequencyMasking(int(freq_mask_width), iid_masks=True)
+                                          for _ in range(int(freq_masks) if spec_augment else 0))
 
     @property
     def time_reduction(self) -> int:
@@ -95,8 +131,22 @@ class AudioEncoder(nn.Module):
             r *= getattr(self, f"conv_block{i}").pool[0]
         return r
 
-    def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """mel [B, T, M], mask [B, T] (bool or 0/1; None = all valid) -> (frames [B, T', C], mask [B, T'] bool)."""
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """SpecAugment on normalised log-mel ``[B, 1, T, M]`` (stripes set to 0); identity unless training with
+        ``spec_augment``."""
+        if not (self.training and self.spec_augment):
+            return x
+        y = x.transpose(2, 3)  # torchaudio masks (..., freq, time)
+        for m in self.time_masking:
+            y = m(y)
+        for m in self.freq_masking:
+            y = m(y)
+        return y.transpose(2, 3)
+
+    def conv_frames(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel [B, T, M], mask [B, T] (bool or 0/1; None = all valid) -> (conv features [B, T', conv_dim] with the
+        frequency averaged out (0 on padded frames), mask [B, T'] bool): what both :meth:`frame_embedding` and
+        :meth:`clip_embedding` take."""
         if mel.dim() != 3:
             raise ValueError(f"expected log-mel [B, T, M], got shape {tuple(mel.shape)}")
         b, t, _ = mel.shape
@@ -104,12 +154,38 @@ class AudioEncoder(nn.Module):
         x = mel.unsqueeze(1)  # [B, 1, T, M]
         # bn0 normalises each mel bin (PANNs: transpose so mel bins are the BN channels)
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
+        x = self.augment(x)
         x = x * mask[:, None, :, None].to(x.dtype)
         for i in range(1, self.n_blocks + 1):
             x, mask = getattr(self, f"conv_block{i}")(x, mask)
-        x = x.mean(dim=3).transpose(1, 2)  # frequency pooled out -> [B, T', C]
-        x = F.relu(self.fc1(x)) * mask[..., None].to(x.dtype)
-        return x, mask
+            if self.dropout:
+                x = F.dropout(x, self.dropout, self.training)
+        return x.mean(dim=3).transpose(1, 2), mask  # frequency pooled out -> [B, T', C]
+
+    def _fc1(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_dropout:
+            x = F.dropout(x, self.fc_dropout, self.training)
+        return F.relu(self.fc1(x))
+
+    def frame_embedding(self, conv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """conv features [B, T', conv_dim] + mask [B, T'] -> frames [B, T', out_dim]: ``fc1`` + ReLU per frame,
+        0 on padded frames."""
+        return self._fc1(conv) * mask[..., None].to(conv.dtype)
+
+    def clip_embedding(self, conv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """conv features [B, T', conv_dim] + mask [B, T'] -> clip [B, out_dim], PANNs' pooling: max + mean over the
+        valid frames (all frames = PANNs exactly), dropout, ``fc1``, ReLU. A clip with no valid frame pools to 0."""
+        m = mask.to(torch.bool)[..., None]
+        has = m.any(dim=1)  # [B, 1]
+        top = conv.masked_fill(~m, torch.finfo(conv.dtype).min).amax(dim=1)
+        top = torch.where(has, top, torch.zeros_like(top))
+        mean = (conv * m.to(conv.dtype)).sum(dim=1) / m.to(conv.dtype).sum(dim=1).clamp(min=1.0)
+        return self._fc1(top + mean)
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel [B, T, M], mask [B, T] (bool or 0/1; None = all valid) -> (frames [B, T', C], mask [B, T'] bool)."""
+        conv, mask = self.conv_frames(mel, mask)
+        return self.frame_embedding(conv, mask), mask
 
 
 # -- PANNs checkpoint loading ----------------------------------------------------------------------------------------
