@@ -33,6 +33,13 @@ class AudioConfig:
     f_min: float = 50.0
     f_max: float = 14000.0
     duration: float = 5.0  # seconds every clip is cropped/padded to (demo: 5; AudioCaps: 10; Clotho: 30)
+    # log-mel definition (hci_atr.data.audio): "htk" = HTK mel, log(x + 1e-6), zero-padded STFT (the default);
+    # "panns" = what PANNs CNN14 was trained on (librosa Slaney mel, reflect-padded STFT, 10 log10, -100 dB floor)
+    frontend: str = "htk"
+
+    def __post_init__(self):
+        if self.frontend not in ("htk", "panns"):
+            raise ConfigError(f"audio.frontend: expected 'htk' or 'panns', got {self.frontend!r}")
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,23 @@
-"""Audio front end: shapes, resampling, mel against torchaudio called directly, crop/pad, odd files."""
+"""Audio front end: shapes, resampling, mel against torchaudio called directly, the "panns" front end against
+librosa, cut/pad and masks, crop/pad, odd files; the audio encoder's PANNs clip path, SpecAugment and dropout."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
+import torch.nn.functional as F
 import torchaudio
 
-from hci_atr.config import AudioConfig
+from hci_atr.config import AudioConfig, Config
 from hci_atr.data import audio
-from hci_atr.data.audio import (LOG_EPS, clip_features, clip_features_and_duration, crop_frames, load_audio, log_mel,
-                                mel_transform, n_frames, valid_frames, PowerMelSpectrogram)
-from hci_atr.errors import AudioError
+from hci_atr.data.audio import (LOG_EPS, PannsMelSpectrogram, PowerMelSpectrogram, clip_features,
+                                clip_features_and_duration, crop_frames, fit_to_duration, load_audio, log_mel,
+                                mel_transform, n_frames, n_samples, slaney_mel_filters, valid_frames, wave_features)
+from hci_atr.errors import AudioError, ConfigError
+from hci_atr.models.audio_encoder import AudioEncoder
 
 CFG = AudioConfig(duration=2.0)
 
@@ -44,8 +49,10 @@ def test_wrong_sample_rate_is_resampled(tmp_path, sr):
     wave = load_audio(p, 32000)
     assert wave.shape == (16000,)
     assert abs(_dominant_hz(wave, 32000) - 440) <= 3
-    expected = torchaudio.functional.resample(torch.from_numpy(sf.read(p, dtype="float32")[0]), sr, 32000).numpy()
-    np.testing.assert_allclose(wave, expected, atol=1e-6)
+    raw = sf.read(p, dtype="float32")[0]
+    np.testing.assert_allclose(wave, soxr.resample(raw, sr, 32000, quality="HQ"), atol=1e-6)
+    sinc = torchaudio.functional.resample(torch.from_numpy(raw), sr, 32000).numpy()  # a second resampler agrees
+    assert np.corrcoef(wave[500:-500], sinc[500:-500])[0, 1] > 0.9999
 
 
 def test_log_mel_equals_torchaudio_directly():
@@ -162,3 +169,226 @@ def test_log_mel_rejects_bad_shapes():
     with pytest.raises(AudioError):
         log_mel(np.zeros(0, np.float32), CFG)
     assert audio.n_samples(CFG) == 64000
+
+
+# -- one cut/pad + mask for files and waves -------------------------------------------------------------------------
+
+
+def _mel_from_wave_as_it_was(wave, audio_cfg):
+    """hci_atr.index.mel_from_wave before wave_features replaced it (the reference semantics)."""
+    wave = np.asarray(wave, dtype=np.float32)[: n_samples(audio_cfg)]
+    seconds = wave.shape[0] / audio_cfg.sample_rate
+    if wave.shape[0] < n_samples(audio_cfg):
+        wave = np.pad(wave, (0, n_samples(audio_cfg) - wave.shape[0]))
+    mel = log_mel(wave, audio_cfg).numpy().astype(np.float32)
+    mask = np.arange(n_frames(audio_cfg)) < valid_frames(seconds, audio_cfg)
+    return mel, mask
+
+
+@pytest.mark.parametrize("frontend", ["htk", "panns"])
+def test_wave_features_cut_pad_and_mask(frontend):
+    cfg = AudioConfig(duration=2.0, frontend=frontend)
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 100, 9600, 64000, 64001, 100000):
+        wave = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        mel, mask = wave_features(wave, cfg)
+        ref_mel, ref_mask = _mel_from_wave_as_it_was(wave, cfg)
+        assert mel.dtype == np.float32 and mel.shape == (201, 64) and mask.dtype == bool and mask.shape == (201,)
+        np.testing.assert_array_equal(mel, ref_mel)
+        np.testing.assert_array_equal(mask, ref_mask)
+        assert mask.sum() == valid_frames(min(n, 64000) / 32000, cfg)
+    fixed, seconds = fit_to_duration(np.ones(70000, np.float64), cfg)
+    assert fixed.dtype == np.float32 and fixed.shape == (64000,) and seconds == 2.0
+    fixed, seconds = fit_to_duration(np.ones(16000, np.float32), cfg)
+    assert seconds == 0.5 and (fixed[16000:] == 0).all()
+    with pytest.raises(AudioError):
+        wave_features(np.zeros((2, 100), np.float32), cfg)
+
+
+@pytest.mark.parametrize("frontend", ["htk", "panns"])
+def test_file_and_wave_paths_give_the_same_features(tmp_path, frontend):
+    cfg = AudioConfig(duration=2.0, frontend=frontend)
+    for seconds, sr in ((0.7, 44100), (3.0, 32000)):
+        p = tmp_path / f"c{sr}.wav"
+        sf.write(p, _sine(700, seconds, sr), sr)
+        mel, real = clip_features_and_duration(p, cfg)
+        w_mel, w_mask = wave_features(load_audio(p, 32000, max_seconds=cfg.duration), cfg)
+        np.testing.assert_array_equal(mel, w_mel)
+        np.testing.assert_array_equal(w_mask, np.arange(n_frames(cfg)) < valid_frames(real, cfg))
+        np.testing.assert_array_equal(wave_features(load_audio(p, 32000), cfg)[0], mel)  # whole decode, same crop
+
+
+# -- front ends ------------------------------------------------------------------------------------------------------
+
+
+def test_frontend_is_a_validated_config_choice():
+    assert AudioConfig().frontend == "htk"
+    assert isinstance(mel_transform(CFG), PowerMelSpectrogram)
+    assert isinstance(mel_transform(AudioConfig(frontend="panns")), PannsMelSpectrogram)
+    with pytest.raises(ConfigError, match="audio.frontend: expected 'htk' or 'panns', got 'mfcc'"):
+        AudioConfig(frontend="mfcc")
+    with pytest.raises(ConfigError, match="audio.frontend"):
+        Config.from_dict({"audio": {"frontend": "HTK"}})
+    assert Config.from_dict({"audio": {"frontend": "panns"}}).audio.frontend == "panns"
+
+
+def test_htk_frontend_is_the_default_bit_for_bit():
+    wave = (np.random.default_rng(5).standard_normal(20000) * 0.2).astype(np.float32)
+    torch.testing.assert_close(log_mel(wave, AudioConfig(frontend="htk")), log_mel(wave, AudioConfig()), rtol=0,
+                               atol=0)
+
+
+def test_slaney_filters_equal_librosa():
+    librosa = pytest.importorskip("librosa")
+    for sr, n_fft, n_mels, fmin, fmax in ((32000, 1024, 64, 50, 14000), (16000, 512, 80, 0, 8000),
+                                          (44100, 2048, 128, 20, 20000)):
+        ours = slaney_mel_filters(sr, n_fft, n_mels, fmin, fmax)
+        ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+        assert ours.shape == ref.shape == (n_mels, n_fft // 2 + 1) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.max()))
+    # the module uses them (f_max capped at Nyquist like the htk front end)
+    fb = mel_transform(AudioConfig(frontend="panns")).fb
+    np.testing.assert_allclose(fb.numpy().T, librosa.filters.mel(sr=32000, n_fft=1024, n_mels=64, fmin=50,
+                                                                  fmax=14000), rtol=1e-5, atol=1e-10)
+
+
+def _librosa_db(librosa, y):
+    s = librosa.feature.melspectrogram(y=y, sr=32000, n_fft=1024, hop_length=320, win_length=1024, window="hann",
+                                       center=True, pad_mode="reflect", power=2.0, n_mels=64, fmin=50, fmax=14000)
+    return librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=None).T  # [T, 64]
+
+
+@pytest.mark.filterwarnings("ignore:n_fft=1024 is too large")
+def test_panns_log_mel_equals_librosa():
+    """Absolute error in dB, float32 both sides: <= 1e-4 dB on every band of noise clips (loud, ordinary, quiet,
+    shorter than half a window). Clips with tones: <= 1e-4 dB on bands within 50 dB of the clip's peak; further down,
+    a band's level is near float32 FFT rounding of the peak (librosa's as much as ours), so all bands are compared
+    to 1e-3 relative."""
+    librosa = pytest.importorskip("librosa")
+    rng = np.random.default_rng(6)
+    cfg = AudioConfig(frontend="panns")
+    t = np.arange(64000) / 32000
+    noise = {"noise": 0.1 * rng.standard_normal(64000), "loud": 30 * rng.standard_normal(64000),
+             "quiet": 1e-4 * rng.standard_normal(48000), "short": 0.1 * rng.standard_normal(300)}
+    tones = {"440 Hz": 0.5 * np.sin(2 * np.pi * 440 * t), "2500 Hz": 0.5 * np.sin(2 * np.pi * 2500 * t),
+             "tones+noise": 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)
+             + 1e-2 * rng.standard_normal(64000)}
+    for name, y in {**noise, **tones}.items():
+        y = y.astype(np.float32)
+        ours, ref = log_mel(y, cfg).numpy(), _librosa_db(librosa, y)
+        assert ours.shape == ref.shape == (len(y) // 320 + 1, 64), name
+        near = ref > ref.max() - 50 if name in tones else np.ones(ref.shape, bool)
+        np.testing.assert_allclose(ours[near], ref[near], rtol=0, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_panns_silence_and_padding_sit_at_minus_100_db(tmp_path):
+    cfg = AudioConfig(duration=2.0, frontend="panns")
+    assert np.all(log_mel(np.zeros(32000, np.float32), cfg).numpy() == np.float32(-100.0))
+    p = tmp_path / "short.wav"
+    sf.write(p, _sine(500, 0.3, 32000), 32000)
+    mel, mask = wave_features(load_audio(p, 32000), cfg)
+    k = valid_frames(0.3, cfg)
+    assert mask.sum() == k == 31 and mask[:k].all()
+    assert np.isfinite(mel).all() and (mel[k + 2:] == np.float32(-100.0)).all()  # frames past the reach of audio
+    assert mel[5].max() > 0.0  # a 0.3 amplitude tone is well above 0 dB in its band
+    f_silent = clip_features(tmp_path / "short.wav", AudioConfig(duration=2.0, frontend="panns"))
+    np.testing.assert_array_equal(f_silent, mel)
+
+
+# -- audio encoder ---------------------------------------------------------------------------------------------------
+
+
+def _panns_reference_clip(enc: AudioEncoder, mel: torch.Tensor) -> torch.Tensor:
+    """PANNs Cnn14.forward's path from log-mel to ``embedding`` (eval mode), written out with the encoder's weights:
+    bn0 over mel bins, conv blocks (conv-BN-ReLU x2, avg pool), mean over frequency, max + mean over time, fc1, ReLU."""
+    x = enc.bn0(mel.unsqueeze(1).transpose(1, 3)).transpose(1, 3)
+    for i in range(1, enc.n_blocks + 1):
+        blk = getattr(enc, f"conv_block{i}")
+        x = F.relu(blk.bn1(blk.conv1(x)))
+        x = F.relu(blk.bn2(blk.conv2(x)))
+        x = F.avg_pool2d(x, blk.pool)
+    x = torch.mean(x, dim=3)
+    x = torch.max(x, dim=2)[0] + torch.mean(x, dim=2)
+    return F.relu(enc.fc1(x))
+
+
+def _trained_bn(enc: AudioEncoder) -> AudioEncoder:
+    """Non-trivial BatchNorm running statistics, so eval mode is not the identity."""
+    g = torch.Generator().manual_seed(0)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    return enc.eval()
+
+
+def test_clip_embedding_is_panns_pooling_and_ignores_padding():
+    torch.manual_seed(0)
+    enc = _trained_bn(AudioEncoder("cnn-small", 64, 8))
+    mel = torch.randn(2, 96, 64)
+    with torch.no_grad():
+        conv, mask = enc.conv_frames(mel)
+        assert conv.shape == (2, 12, enc.conv_dim) and mask.all()
+        clip = enc.clip_embedding(conv, mask)
+        assert clip.shape == (2, enc.out_dim)
+        torch.testing.assert_close(clip, _panns_reference_clip(enc, mel))
+        frames, fmask = enc(mel)
+        torch.testing.assert_close(frames, enc.frame_embedding(conv, mask))
+        assert not torch.allclose(clip, frames.amax(1) + frames.mean(1))  # fc1 after pooling, not before
+        # padded frames appended to clip 0 change nothing; a clip with no valid frame pools to fc1(0)
+        padded = torch.cat([mel, torch.randn(2, 40, 64)], 1)
+        pmask = torch.ones(2, 136, dtype=torch.bool)
+        pmask[:, 96:] = False
+        pmask[1] = False
+        conv_p, mask_p = enc.conv_frames(padded, pmask)
+        clip_p = enc.clip_embedding(conv_p, mask_p)
+        torch.testing.assert_close(clip_p[0], clip[0])
+        torch.testing.assert_close(clip_p[1], F.relu(enc.fc1.bias))
+
+
+def test_cnn14_clip_embedding_matches_panns_layout():
+    torch.manual_seed(1)
+    enc = _trained_bn(AudioEncoder("cnn14", 64))
+    mel = torch.randn(1, 64, 64)
+    with torch.no_grad():
+        conv, mask = enc.conv_frames(mel)
+        assert conv.shape == (1, 2, 2048)
+        torch.testing.assert_close(enc.clip_embedding(conv, mask), _panns_reference_clip(enc, mel))
+
+
+def test_spec_augment_and_dropout_are_training_only_and_off_by_default():
+    torch.manual_seed(2)
+    plain = _trained_bn(AudioEncoder("cnn-small", 64, 8))
+    torch.manual_seed(2)
+    aug = AudioEncoder("cnn-small", 64, 8, spec_augment=True, time_masks=2, time_mask_width=20, freq_masks=2,
+                       freq_mask_width=8, dropout=0.2, fc_dropout=0.5)
+    aug.load_state_dict(plain.state_dict())
+    assert aug.state_dict().keys() == plain.state_dict().keys()  # PANNs checkpoints still fit
+    aug.eval()
+    mel = torch.randn(3, 80, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(aug(mel)[0], plain(mel)[0], rtol=0, atol=0)
+        c1, m1 = aug.conv_frames(mel)
+        torch.testing.assert_close(aug.clip_embedding(c1, m1), plain.clip_embedding(*plain.conv_frames(mel)))
+        # default encoder: training mode is deterministic (no augmentation, no dropout)
+        plain.train()
+        torch.testing.assert_close(plain(mel)[0], plain(mel)[0], rtol=0, atol=0)
+        plain.eval()
+        aug.train()
+        x = torch.ones(4, 1, 80, 64)
+        y = aug.augment(x)
+        zero_t = (y == 0).all(dim=3)[:, 0]  # [B, T] whole frames masked
+        zero_f = (y == 0).all(dim=2)[:, 0]  # [B, M] whole bins masked
+        assert zero_t.any() and zero_f.any()
+        assert int(zero_t.sum(1).max()) <= 2 * 20 and int(zero_f.sum(1).max()) <= 2 * 8
+        assert ((y == 0) == (zero_t[:, :, None] | zero_f[:, None, :])[:, None]).all()  # only whole stripes
+        assert not torch.equal(zero_t[0], zero_t[1]) or not torch.equal(zero_f[0], zero_f[1])  # per example
+        a, b = aug(mel)[0], aug(mel)[0]
+        assert not torch.equal(a, b)
+        aug.eval()
+        torch.testing.assert_close(aug.augment(x), x, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        AudioEncoder("cnn-small", 64, 8, dropout=1.0)
+    with pytest.raises(ValueError):
+        AudioEncoder("cnn-small", 64, 8, spec_augment=True, time_masks=-1)
