@@ -214,3 +214,27 @@ def test_reading_is_fast_enough_for_large_csv(tmp_path):
     _write(root / "clotho_captions_development.csv", "".join(lines))
     recs = read_dataset(root)
     assert len(recs) == 3000 and recs[-1].audio_id == "2999.wav"
+
+
+def test_features_with_another_front_end_are_refused(tmp_path):
+    """A cnn14 (PANNs front end) model must not train on / be evaluated with HTK log-mels."""
+    import json
+
+    from hci_atr.config import AudioConfig
+    from hci_atr.data.shards import audio_config_dict, check_features_match
+    from hci_atr.errors import ConfigError
+
+    feats = tmp_path / "features"
+    feats.mkdir()
+    (feats / "_SUCCESS").write_text(json.dumps({"stage": "features", "audio": audio_config_dict(AudioConfig())}))
+    check_features_match(feats, AudioConfig())  # same front end: fine
+    check_features_match(feats, AudioConfig(duration=10.0))  # a crop length is not a front end
+    with pytest.raises(ConfigError, match=r"another audio front end.*frontend 'htk' vs 'panns'"):
+        check_features_match(feats, AudioConfig(frontend="panns"))
+    with pytest.raises(ConfigError, match="sample_rate"):
+        check_features_match(feats, AudioConfig(sample_rate=16000))
+    old = {k: v for k, v in audio_config_dict(AudioConfig()).items() if k != "frontend"}  # before front ends had names
+    (feats / "_SUCCESS").write_text(json.dumps({"stage": "features", "audio": old}))
+    check_features_match(feats, AudioConfig())
+    with pytest.raises(ConfigError, match="frontend"):
+        check_features_match(feats, AudioConfig(frontend="panns"))

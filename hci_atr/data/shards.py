@@ -226,3 +226,25 @@ def read_captions(captions_dir: str | os.PathLike | None) -> dict[str, str]:
             if aid is not None and cap:
                 out[aid] = cap
     return out
+
+
+# -- front end agreement ------------------------------------------------------------------------------------------
+
+
+def check_features_match(features_dir: str | os.PathLike, audio_cfg, who: str = "the model") -> None:
+    """Refuse features written with another audio front end than ``audio_cfg`` (a model trained on PANNs-exact
+    log-mels must never be fed HTK ones, or be trained on features of another sample rate). A directory without a
+    manifest recording its front end (written before front ends were recorded) passes."""
+    from hci_atr.errors import ConfigError
+
+    have = features_audio_config(features_dir)
+    if have is None:
+        return
+    want = audio_config_dict(audio_cfg)
+    have = {"frontend": "htk", **have}  # manifests written before the front end was a named choice: htk
+    changed = sorted(k for k in want if k != "duration" and have.get(k) != want[k])
+    if changed:
+        diff = ", ".join(f"{k} {have.get(k)!r} vs {want[k]!r}" for k in changed[:4])
+        raise ConfigError(f"{features_dir}: features were extracted with another audio front end than {who} uses "
+                          f"({diff}); re-run `hci-atr extract-features` with the same audio settings (e.g. the same "
+                          f"--config) into a new --out")
