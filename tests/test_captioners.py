@@ -423,8 +423,9 @@ def test_importing_the_package_loads_no_backend():
     import sys
 
     code = ("import sys, hci_atr.captioners as c; heavy = [m for m in ('torch', 'transformers', 'av', "
-            "'hci_atr.captioners.blip', 'hci_atr.captioners.audio', 'hci_atr.captioners.nearest') if m in sys.modules]; "
-            "assert not heavy, heavy; assert c.captioner_class('audio').__module__ == 'hci_atr.captioners.audio'")
+            "'hci_atr.captioners.blip', 'hci_atr.captioners.audio', 'hci_atr.captioners.nearest') "
+            "if m in sys.modules]; assert not heavy, heavy; "
+            "assert c.captioner_class('audio').__module__ == 'hci_atr.captioners.audio'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -528,17 +529,21 @@ def test_caption_all_refuses_to_resume_with_other_settings(ray_session, nearest_
 
     other_model = tmp_path / "model_copy"
     shutil.copytree(s["model"], other_model)
-    for captioner, model, extra, changed in [
+    for k, (captioner, model, extra, changed) in enumerate([
         ("nearest", str(s["model"]), {"exclude_own_captions": False}, "params.exclude_own_captions"),
         ("nearest", str(s["model"]), {"split": "val"}, "params.split"),
         ("nearest", str(other_model), {}, "model"),
         ("blip", None, {}, "captioner"),  # refused before any model is loaded
-    ]:
+    ]):
+        # each case on its own byte-identical copy of the finished folder (a refused run's directory lock is only
+        # released when its ShardedOutput is collected)
+        folder = tmp_path / f"captions_{k}"
+        shutil.copytree(out, folder)
         with pytest.raises(DataError, match=f"written with other settings \\(.*{changed}.*\\); .*start afresh") as e:
-            caption_all(data, out, captioner=captioner, model=model,
+            caption_all(data, folder, captioner=captioner, model=model,
                         params={**(params if captioner == "nearest" else {}), **extra}, cfg=cfg, progress=False)
         assert "\n" not in str(e.value)
-        assert _file_hashes(out) == before, f"{captioner} {extra}: the folder changed"
+        assert _file_hashes(folder) == before, f"{captioner} {extra}: the folder changed"
 
     again = caption_all(data, out, captioner="nearest", model=str(s["model"]), cfg=cfg, progress=False,
                         params={**params, "embed_batch_size": 4, "reuse_bank_embeddings": False})

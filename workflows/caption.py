@@ -73,10 +73,10 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
          level)
       -> the driver joins the parts (:meth:`NearestBank.from_tables`) -> ``ray.put``.
 
-    Returns the ``ObjectRef`` of the :class:`~hci_atr.captioners.nearest.NearestBank`; the caption actors fetch it when they
-    start (:func:`workflows.runner._resolve_refs`), so the bank costs one pass over the training clips, not one per
-    actor. The bank lives in the object store: ``N x D`` + ``C x D`` float32 (N clips, C captions; about 100 MB for
-    AudioCaps' 50k training clips at D = 256 with 5 captions each).
+    Returns the ``ObjectRef`` of the :class:`~hci_atr.captioners.nearest.NearestBank`; the caption actors fetch it
+    when they start (:func:`workflows.runner._resolve_refs`), so the bank costs one pass over the training clips, not
+    one per actor. The bank lives in the object store: ``N x D`` + ``C x D`` float32 (N clips, C captions; about
+    100 MB for AudioCaps' 50k training clips at D = 256 with 5 captions each).
     """
     import pyarrow.parquet as pq
     from tqdm import tqdm
