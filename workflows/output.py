@@ -149,9 +149,9 @@ def _whole_part(path: Path) -> bool:
 
 
 def _changed_keys(old: dict | None, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two identities (None = an output written before identities were
+    """Dotted keys whose values differ between two identities (None or {} = an output written before identities were
     recorded: accepted as it is)."""
-    if old is None:
+    if not old:
         return []
 
     def flat(d, prefix=""):
@@ -212,7 +212,11 @@ class ShardedOutput:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def __enter__(self) -> "ShardedOutput":
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            self.close()  # a refused open must not keep the directory locked
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
