@@ -130,7 +130,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from hci_atr.index import Index
+    from hci_atr.search.index import Index
     from serve.app import build
     from serve_load import _free_port
 

@@ -1,6 +1,6 @@
 """Serving benchmarks (bounded: every loop stops by itself after a request count or a time limit, whichever first).
 
-1. ``scan``: stage-1 index scan of the Retriever (``hci_atr.retriever._Scanner``, each backend: numpy, FAISS exact,
+1. ``scan``: stage-1 index scan of the Retriever (``hci_atr.search.scan.Scanner``, each backend: numpy, FAISS exact,
    FAISS fp16) against a plain numpy ``M @ q`` + ``argpartition`` over the same synthetic L2-normalised float32
    embeddings (10k and 100k clips), ``--threads`` intra-op threads (1, as a Serve replica runs).
 2. ``load``: ``POST /search/text`` on a Serve app bound to 127.0.0.1 with 1 and 2 replicas; closed-loop clients
@@ -8,7 +8,8 @@
    Without ``--model/--index`` it builds a tiny random-weight model and a demo index first (no downloads).
 3. ``large``: the serving target at scale. Writes an untrained model of the DEFAULT architecture with the HCI+AC
    switches the demo serves (cnn-small width 32, packaged MiniLM text encoder, embed_dim 256, AC fusion + branch) with
-   ``save_pretrained``, then a synthetic ``--clips``-clip index through the project's own ``hci_atr.index.IndexWriter``
+   ``save_pretrained``, then a synthetic ``--clips``-clip index through the project's own
+   ``hci_atr.search.index.IndexWriter``
    (the real format: clip matrix, segment/frame/generated-caption tensors with the structure the model's
    ``encode_audio`` returns, metadata, reference + generated captions and their embeddings; only the audio embedding
    VALUES are random unit vectors, since embedding 100k real clips would take hours here). Then, per serving
@@ -52,7 +53,7 @@ def bench_scan(sizes=(10_000, 100_000), dim: int = 256, k: int = 50, repeats: in
                threads: int = 1) -> list[dict]:
     """Stage-1 scan per backend (one query at a time, ``threads`` intra-op threads as a Serve replica sets them)
     against plain numpy ``M @ q`` + ``argpartition``; exact backends must return the same rows."""
-    from hci_atr.retriever import _Scanner, set_threads
+    from hci_atr.search.scan import Scanner, set_threads
 
     set_threads(threads)
     import importlib.util
@@ -66,7 +67,7 @@ def bench_scan(sizes=(10_000, 100_000), dim: int = 256, k: int = 50, repeats: in
         qs = rng.standard_normal((repeats, dim)).astype(np.float32)
         qs /= np.linalg.norm(qs, axis=1, keepdims=True)
         for backend in backends:
-            scanner = _Scanner(m, backend)
+            scanner = Scanner(m, backend)
             t_lib, t_np = [], []
             for q in qs:
                 t0 = time.perf_counter()
@@ -100,7 +101,9 @@ def _tiny_model_and_index(work: Path) -> tuple[Path, Path]:
     from workflows.settings import Settings
     from hci_atr.data.demo import make_demo
     from hci_atr.data.formats import read_dataset
-    from hci_atr.index import embed_items, items_from_records, write_index
+    from hci_atr.search.embed import embed_items
+    from hci_atr.search.index import write_index
+    from hci_atr.search.items import items_from_records
     from hci_atr.models.model import HciAtrModel
     from hci_atr.models.text_encoder import packaged_minilm_path
 
@@ -115,8 +118,8 @@ def _tiny_model_and_index(work: Path) -> tuple[Path, Path]:
     HciAtrModel(cfg).save_pretrained(work / "model")
     model = HciAtrModel.from_pretrained(work / "model")
     items = items_from_records(read_dataset(work / "demo"))
-    spec, arrays, kept, _ = embed_items(model, items)
-    write_index(work / "index", model, spec, arrays, kept)
+    emb = embed_items(model, items)
+    write_index(work / "index", model, emb.arrays, emb.items)
     return work / "model", work / "index"
 
 
@@ -175,7 +178,7 @@ def bench_load(model: str | None, index: str | None, requests: int, seconds: flo
     tmp = tempfile.TemporaryDirectory(prefix="hci_atr_bench_")
     if not (model and index):
         model, index = _tiny_model_and_index(Path(tmp.name))
-    from hci_atr.index import Index
+    from hci_atr.search.index import Index
 
     caps = Index.load(index).captions["text"].tolist()
     ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
@@ -259,11 +262,13 @@ def large_index(work: Path, model_dir: Path, clips: int, unit_dtype: str, batch:
     import torch
 
     from hci_atr.data.audio import n_frames
-    from hci_atr.index import IndexItem, IndexWriter, embed_audio_batch, flatten_outputs
+    from hci_atr.search.embed import audio_arrays, embed_audio_batch
+    from hci_atr.search.index import IndexWriter, is_index
+    from hci_atr.search.items import IndexItem
     from hci_atr.models.model import HciAtrModel
 
     out = work / f"index_{model_dir.name}_{clips}_{unit_dtype}"
-    if (out / "manifest.json").is_file():
+    if is_index(out):
         return out
     model = HciAtrModel.from_pretrained(model_dir)
     cfg = model.cfg
@@ -275,7 +280,7 @@ def large_index(work: Path, model_dir: Path, clips: int, unit_dtype: str, batch:
     with torch.no_grad():  # the real structure and per-row shapes, from the model itself
         probe = embed_audio_batch(model, rng.standard_normal((2, t, cfg.audio.n_mels), dtype=np.float32),
                                   np.ones((2, t), bool), ["a dog barks", None])
-    spec, probe_arrays = flatten_outputs(probe, 2)
+    probe_arrays = audio_arrays(probe)
     shapes = {k: v.shape[1:] for k, v in probe_arrays.items()}
     t0 = time.perf_counter()
     with IndexWriter(out, model, model_dir=str(model_dir), unit_dtype=unit_dtype,
@@ -299,7 +304,7 @@ def large_index(work: Path, model_dir: Path, clips: int, unit_dtype: str, batch:
                     arrays[name] = np.ones((b, *shapes[name]), bool)
             items = [IndexItem(f"synth-{i:07d}", str(wav), "", (_caption(rng),), _caption(rng))
                      for i in range(lo, lo + b)]
-            w.add(spec, arrays, items)
+            w.add(arrays, items)
     print(json.dumps({"built_index": str(out), "clips": clips, "seconds": round(time.perf_counter() - t0, 1)}),
           flush=True)
     return out
@@ -314,6 +319,9 @@ def _mask_of(name: str, shapes: dict) -> str:
 
 
 def _index_sizes(index: Path) -> dict:
+    from hci_atr.search.index import Index
+
+    index = Index.load(index).path  # the current version's files
     manifest = json.loads((index / "manifest.json").read_text())
     audio = {k: (index / f).stat().st_size for k, f in manifest["files"].items()}
     mb = 1024 * 1024
@@ -336,7 +344,8 @@ def bench_inprocess(model_dir: Path, index: Path, scans: list[str], threads: int
                     repeats: int = 40) -> list[dict]:
     """``Retriever.search_text`` in this process (no HTTP): stage medians per scan backend, and the recall@K of the
     approximate scans against the exact one on the same queries."""
-    from hci_atr.retriever import Retriever, set_threads
+    from hci_atr.search.retriever import Retriever
+    from hci_atr.search.scan import set_threads
 
     set_threads(threads)
     qs = _queries(repeats)

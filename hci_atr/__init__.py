@@ -19,7 +19,7 @@ _EXPORTS = {
     "HciAtrModel": "hci_atr.models.model",
     "read_dataset": "hci_atr.data.formats",
     "retrieval_metrics": "hci_atr.metrics",
-    "Retriever": "hci_atr.retriever",
+    "Retriever": "hci_atr.search.retriever",
 }
 
 __all__ = ["__version__", *_EXPORTS]

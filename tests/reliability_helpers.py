@@ -101,20 +101,22 @@ def tiny_model_and_index(demo_root: Path, text_dir: Path, work: Path) -> tuple[P
     import torch
 
     from hci_atr.data.formats import read_dataset
-    from hci_atr.index import embed_items, items_from_records, write_index
     from hci_atr.models.model import HciAtrModel
+    from hci_atr.search.embed import embed_items
+    from hci_atr.search.index import is_index, write_index
+    from hci_atr.search.items import items_from_records
     from tests.test_retriever import tiny_config
 
     model_dir, index_dir = work / "model", work / "index"
     records = read_dataset(demo_root)
-    if not (index_dir / "manifest.json").is_file():
+    if not is_index(index_dir):
         torch.manual_seed(0)
         HciAtrModel(tiny_config(text_dir, ac=True)).eval().save_pretrained(model_dir)
         model = HciAtrModel.from_pretrained(model_dir)
         items = items_from_records(records, {r.audio_id: r.captions[-1] for r in records})
-        spec, arrays, kept, errors = embed_items(model, items, batch_size=8)
-        assert not errors
-        write_index(index_dir, model, spec, arrays, kept, model_dir=str(model_dir))
+        emb = embed_items(model, items, batch_size=8)
+        assert not emb.errors
+        write_index(index_dir, model, emb.arrays, emb.items, model_dir=str(model_dir))
     return model_dir, index_dir, records
 
 

@@ -419,12 +419,12 @@ def test_killed_replica_under_load(ray_session, demo_root, tiny_text_dir, tmp_pa
         assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["n_clips"] == len(records)
         # health tells the truth: with the index gone from under the replicas /healthz says 503 (not a stale "ok"),
         # and 200 again once it is back
-        manifest = index_dir / "manifest.json"
-        manifest.rename(index_dir / "manifest.json.away")
+        manifest = index_dir / "CURRENT"  # the pointer to the index version in use
+        manifest.rename(index_dir / "CURRENT.away")
         try:
             sick = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
         finally:
-            (index_dir / "manifest.json.away").rename(manifest)
+            (index_dir / "CURRENT.away").rename(manifest)
         assert sick.status_code == 503 and "no longer readable" in sick.json()["error"], sick.text
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200, 120,
                    "/healthz 200 again", poll=0.2)

@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from workflows.settings import Settings
-from hci_atr.errors import ConfigError, DataError, ModelLoadError, RequestError
-from hci_atr.index import (Index, IndexWriter, embed_items, items_from_audio_dir, items_from_records, mel_from_wave,
-                           write_index)
-from hci_atr.retriever import Retriever, _Scanner, set_threads, top_k_exact
+from hci_atr.data.audio import wave_features
+from hci_atr.errors import ConfigError, DataError, ModelLoadError, QueryError, RequestError
+from hci_atr.search.embed import embed_items
+from hci_atr.search.index import Index, IndexWriter, write_index
+from hci_atr.search.items import items_from_audio_dir, items_from_records
+from hci_atr.search.retriever import Retriever
+from hci_atr.search.scan import Scanner, set_threads, top_k_exact
 
 
 def tiny_config(text_dir, ac: bool = True) -> Settings:
@@ -40,7 +43,7 @@ def build_trained_model(demo_root, text_dir, out_dir, steps: int = 50, ac: bool 
     torch.manual_seed(seed)
     cfg = tiny_config(text_dir, ac)
     train = [r for r in records if r.split == "train"]
-    mels, masks = zip(*(mel_from_wave(load_audio(r.audio_path, cfg.audio.sample_rate), cfg.audio) for r in train))
+    mels, masks = zip(*(wave_features(load_audio(r.audio_path, cfg.audio.sample_rate), cfg.audio) for r in train))
     mel, mask = torch.from_numpy(np.stack(mels)), torch.from_numpy(np.stack(masks))
     model = HciAtrModel(cfg)
     model.train()
@@ -70,9 +73,9 @@ def built(demo_root, tiny_text_dir, tmp_path_factory):
     model_dir, records, generated = build_trained_model(demo_root, tiny_text_dir, shared_model_dir(tmp_path_factory))
     model = HciAtrModel.from_pretrained(model_dir)
     items = items_from_records(records, generated)
-    spec, arrays, kept, errors = embed_items(model, items, batch_size=8)
-    assert not errors and len(kept) == len(items)
-    write_index(root / "index", model, spec, arrays, kept, model_dir=str(model_dir))
+    emb = embed_items(model, items, batch_size=8)
+    assert not emb.errors and len(emb.items) == len(items)
+    write_index(root / "index", model, emb.arrays, emb.items, model_dir=str(model_dir))
     return model_dir, root / "index", model, records, generated
 
 
@@ -82,14 +85,14 @@ def test_index_layout_and_round_trip(built):
     n = len(records)
     assert len(idx) == n and idx.clip.shape == (n, 32) and idx.clip.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(idx.clip, axis=1), 1.0, atol=1e-5)
-    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest = json.loads((idx.path / "manifest.json").read_text())
     assert manifest["n_captions"] == sum(len(r.captions) + 1 for r in records)
     assert idx.caption_emb.shape == (manifest["n_captions"], 32)
     assert set(idx.metadata.columns) >= {"id", "path", "duration", "captions", "generated_caption"}
     assert abs(float(idx.metadata["duration"].iloc[0]) - 2.0) < 1e-3
     # version 2: unit-level tensors (segments, frames) stored float16 by default, per-clip vectors float32
     assert manifest["version"] == 2 and manifest["unit_dtype"] == "float16"
-    stored = {k: np.load(index_dir / f, mmap_mode="r").dtype for k, f in manifest["files"].items()}
+    stored = {k: np.load(idx.path / f, mmap_mode="r").dtype for k, f in manifest["files"].items()}
     assert stored["frames"] == np.float16 and stored["segments"] == np.float16
     assert stored["clip"] == np.float32 and stored["aux_sentence"] == np.float32 and stored["frame_mask"] == bool
     # stored embeddings of 3 rows == the model's encode_audio on those files, computed now (float16 rounding:
@@ -167,9 +170,9 @@ def test_search_audio_finds_itself_and_its_captions(built):
 def test_errors(built, tmp_path):
     model_dir, index_dir, model, records, generated = built
     r = Retriever(model, Index.load(index_dir))
-    with pytest.raises(RequestError, match="empty"):
+    with pytest.raises(QueryError, match="empty"):
         r.search_text("   ", 5)
-    with pytest.raises(RequestError, match="top_k"):
+    with pytest.raises(QueryError, match="top_k"):
         r.search_text("a beep", 0)
     with pytest.raises(RequestError, match="not in the index") as e:
         r.clip_path("../../etc/passwd")
@@ -189,15 +192,16 @@ def test_batched_writer_and_float32_units(built, tmp_path):
     fewer frames is zero-padded with the padding masked out; a bad batch leaves nothing behind."""
     model_dir, index_dir, model, records, generated = built
     items = items_from_records(records, generated)
-    spec, arrays, kept, _ = embed_items(model, items, batch_size=8)
-    write_index(tmp_path / "one", model, spec, arrays, kept, unit_dtype="float32")
+    emb = embed_items(model, items, batch_size=8)
+    arrays, kept = emb.arrays, emb.items
+    write_index(tmp_path / "one", model, arrays, kept, unit_dtype="float32")
     cut = arrays["frames"].shape[1] - 3
     with IndexWriter(tmp_path / "many", model, unit_dtype="float32") as w:
         for lo, hi in ((0, 5), (5, 19), (19, len(kept))):
             part = {k: v[lo:hi] for k, v in arrays.items()}
             if lo == 5:  # this batch's clips have 3 frames fewer
                 part["frames"], part["frame_mask"] = part["frames"][:, :cut], part["frame_mask"][:, :cut]
-            w.add(spec, part, kept[lo:hi])
+            w.add(part, kept[lo:hi])
     one, many = Index.load(tmp_path / "one"), Index.load(tmp_path / "many")
     for k, v in arrays.items():
         np.testing.assert_array_equal(one.audio[k], v)  # float32: stored exactly
@@ -220,8 +224,8 @@ def test_batched_writer_and_float32_units(built, tmp_path):
         assert float(model.score(a, text).fused) == pytest.approx(float(model.score(cut_a, text).fused), abs=1e-6)
     with pytest.raises(DataError, match="different structure"):
         with IndexWriter(tmp_path / "bad", model) as w:
-            w.add(spec, arrays, kept)
-            w.add({**spec, "fields": {}}, arrays, kept)
+            w.add(arrays, kept)
+            w.add({k: v for k, v in arrays.items() if not k.startswith("aux")}, kept)
     with pytest.raises(ConfigError, match="float16 or float32"):
         IndexWriter(tmp_path / "bad", model, unit_dtype="int8")
     assert not (tmp_path / "bad").exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -250,7 +254,7 @@ def test_index_versions(built, tmp_path):
 
     model_dir, index_dir, model, records, generated = built
     v1 = tmp_path / "v1"
-    shutil.copytree(index_dir, v1)
+    shutil.copytree(Index.load(index_dir).path, v1)  # one version's files: the unversioned layout
     manifest = json.loads((v1 / "manifest.json").read_text())
     for f in manifest["files"].values():
         arr = np.load(v1 / f)
@@ -290,9 +294,9 @@ def test_search_text_batch_equals_per_query(built):
     same = r.search_text_batch(queries[:3], top_k=4)
     assert [len(x) for x in same] == [4, 4, 4] and len({x.timings["retrieve_ms"] for x in same}) == 1
     assert r.search_text_batch([]) == []
-    with pytest.raises(RequestError, match="2 values for 3 queries"):
+    with pytest.raises(QueryError, match="2 values for 3 queries"):
         r.search_text_batch(queries[:3], top_k=[1, 2])
-    with pytest.raises(RequestError, match="empty"):
+    with pytest.raises(QueryError, match="empty"):
         r.search_text_batch(["a beep", "  "])
 
 
@@ -305,12 +309,12 @@ def test_scan_backends():
     q = rng.standard_normal((5, 32)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     exact_rows, exact_scores = top_k_exact(m, q, 20)
-    assert _Scanner(m, "numpy").backend == "numpy"
+    assert Scanner(m, "numpy").backend == "numpy"
     with pytest.raises(ConfigError, match="serve.scan"):
-        _Scanner(m, "hnsw")
+        Scanner(m, "hnsw")
     pytest.importorskip("faiss")
-    flat = _Scanner(m, "faiss")
-    assert flat.backend == "faiss" and flat.exact and _Scanner(m, "auto").backend == "faiss"
+    flat = Scanner(m, "faiss")
+    assert flat.backend == "faiss" and flat.exact and Scanner(m, "auto").backend == "faiss"
     rows, scores = flat.search(q, 20)  # 5 queries: one BLAS product
     np.testing.assert_array_equal(rows, exact_rows)
     np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
@@ -318,22 +322,22 @@ def test_scan_backends():
         rows, scores = flat.search(q[i], 20)
         np.testing.assert_array_equal(rows[0], exact_rows[i])
         np.testing.assert_allclose(scores[0], exact_scores[i], atol=1e-5)
-    fp16 = _Scanner(m, "faiss-fp16")
+    fp16 = Scanner(m, "faiss-fp16")
     rows, scores = fp16.search(q, 20)
     assert not fp16.exact
     np.testing.assert_allclose(scores, exact_scores, atol=1e-3)
     true = np.take_along_axis(q @ m.T, rows, axis=1)
     np.testing.assert_allclose(np.sort(true, axis=1), np.sort(exact_scores, axis=1), atol=2e-3)
-    every = _Scanner(m, "ivf", nlist=16, nprobe=16)
+    every = Scanner(m, "ivf", nlist=16, nprobe=16)
     rows, scores = every.search(q, 20)
     np.testing.assert_array_equal(rows, exact_rows)
-    some = _Scanner(m, "ivf", nlist=16, nprobe=2)
+    some = Scanner(m, "ivf", nlist=16, nprobe=2)
     rows, scores = some.search(q, 20)
     assert some.backend == "ivf" and not some.exact and some.nlist == 16
     np.testing.assert_allclose(scores, np.take_along_axis(q @ m.T, rows, axis=1), atol=1e-5)  # true scores
     recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(rows, exact_rows)])
     assert 0.2 < recall < 1.0
-    few = _Scanner(m[:40], "ivf", nlist=8, nprobe=1)
+    few = Scanner(m[:40], "ivf", nlist=8, nprobe=1)
     rows, _ = few.search(q, 30)
     assert (rows == -1).any() and ((rows >= 0) & (rows < 40) | (rows == -1)).all()
 
@@ -375,3 +379,197 @@ def test_set_threads():
             torch.set_num_threads(before[0])
             if faiss:
                 faiss.omp_set_num_threads(before[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the index folder: refusing a wrong --out, versions and the atomic swap, concurrent writers, model binding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _versions(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("v-"))
+
+
+def test_index_out_that_is_not_an_index_is_refused_before_any_work(built, demo_root, tmp_path, capsys):
+    """`hci-atr index --out DIR` on a folder holding other files: one line naming it, exit 2, nothing deleted, no Ray
+    started (the old code replaced the folder)."""
+    from workflows.cli import main
+
+    model_dir = built[0]
+    out = tmp_path / "my_sounds"
+    out.mkdir()
+    (out / "birds.wav").write_bytes(b"RIFF....WAVE")
+    with pytest.raises(SystemExit) as e:
+        main(["index", "--model", str(model_dir), "--data", str(demo_root), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and str(out) in err[0] and "not an hci-atr index" in err[0], err
+    assert (out / "birds.wav").read_bytes() == b"RIFF....WAVE"
+    assert sorted(p.name for p in out.iterdir()) == ["birds.wav"]
+    with pytest.raises(DataError, match="not an hci-atr index"):
+        IndexWriter(out, built[2])
+    assert sorted(p.name for p in out.iterdir()) == ["birds.wav"]
+
+
+def test_versions_swap_atomically_and_a_retriever_reloads(built, tmp_path):
+    """Each write is a new version folder named by CURRENT; the version before stays (a server may still read it),
+    older ones go; a Retriever sees the change cheaply and swaps in the new index; an unversioned (older) index folder
+    still loads and is converted by the next write."""
+    import shutil
+
+    from hci_atr.search.index import current_version, is_index
+
+    model_dir, index_dir, model, records, generated = built
+    emb = embed_items(model, items_from_records(records, generated), batch_size=8)
+    out = tmp_path / "index"
+    assert current_version(out) is None and not is_index(out)
+    write_index(out, model, emb.arrays, emb.items)
+    first = current_version(out)
+    r = Retriever(model, Index.load(out))
+    assert r.index.version == first and r.index.root == out and r.reload_if_changed() is False
+    held = r.index  # a replica's mapped arrays, kept across the next writes
+    before = held.clip[:5].copy()
+    half = len(emb.items) // 2
+    write_index(out, model, {k: v[:half] for k, v in emb.arrays.items()}, emb.items[:half])
+    second = current_version(out)
+    assert second != first and _versions(out) == sorted([first, second])
+    assert (out / "CURRENT").read_text().strip() == second
+    assert r.reload_if_changed() is True and len(r.index) == half and r.index.version == second
+    assert r.reload_if_changed() is False
+    assert [h.id for h in r.search_text(records[0].captions[0], top_k=50)] and \
+        all(r.index.row_of[h.id] < half for h in r.search_text(records[0].captions[0], top_k=50))
+    write_index(out, model, emb.arrays, emb.items)
+    third = current_version(out)
+    assert _versions(out) == sorted([second, third])  # the first version is gone, the one before is kept
+    np.testing.assert_array_equal(held.clip[:5], before)  # an index loaded earlier still reads its (mapped) files
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # an unversioned index folder (the older layout): loads as it is, version ""; the next write adds a version and
+    # keeps the old files as the previous version, the one after removes them
+    legacy = tmp_path / "legacy"
+    shutil.copytree(Index.load(out).path, legacy)
+    assert Index.load(legacy).version == "" == current_version(legacy) and len(Index.load(legacy)) == len(records)
+    write_index(legacy, model, emb.arrays, emb.items)
+    assert current_version(legacy).startswith("v-") and (legacy / "clip.npy").is_file()
+    write_index(legacy, model, emb.arrays, emb.items)
+    assert not (legacy / "clip.npy").exists() and not (legacy / "manifest.json").exists()
+    assert len(_versions(legacy)) == 2 and len(Index.load(legacy)) == len(records)
+
+
+def test_concurrent_writers_leave_one_consistent_index(built, tmp_path):
+    """Two writers on the same folder at once: the second is refused in one line (or runs after the first); either
+    way one consistent index, no temporary folders left, and a killed run's temporary folder is cleaned up."""
+    import threading
+
+    from hci_atr.search.index import current_version
+
+    model_dir, index_dir, model, records, generated = built
+    emb = embed_items(model, items_from_records(records, generated), batch_size=8)
+    out = tmp_path / "index"
+    out.mkdir()
+    (out / ".v-20000101T000000-dead00.abc.tmp").mkdir()  # what a killed writer leaves
+    (out / ".v-20000101T000000-dead00.abc.tmp" / "clip.npy").write_bytes(b"partial")
+    barrier = threading.Barrier(2)
+    outcomes: list = [None, None]
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = write_index(out, model, emb.arrays, emb.items)
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertions
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [o for o in outcomes if not isinstance(o, BaseException)]
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert ok and all(isinstance(e, DataError) and "another run is writing" in str(e) for e in failed), outcomes
+    assert len(_versions(out)) == len(ok) and current_version(out) in _versions(out)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    idx = Index.load(out)
+    assert idx.ids == [it.audio_id for it in emb.items] and idx.clip.shape == (len(records), 32)
+    np.testing.assert_array_equal(idx.audio["frame_mask"], emb.arrays["frame_mask"])
+
+
+def test_index_is_bound_to_the_model_that_built_it(built, tiny_text_dir, tmp_path, caplog):
+    """Another model of the same width is refused (by the weights hash in the manifest), with the rebuild command;
+    an index without a hash (older) loads with a one-line warning; a reload to a foreign index keeps the old one."""
+    import logging
+    import shutil
+
+    from hci_atr.models.model import HciAtrModel
+    from hci_atr.search.index import weights_hash
+
+    model_dir, index_dir, model, records, generated = built
+    assert weights_hash(model) == weights_hash(HciAtrModel.from_pretrained(model_dir))
+    assert Index.load(index_dir).weights_hash == weights_hash(model)
+    torch.manual_seed(1)
+    other = HciAtrModel(tiny_config(tiny_text_dir)).eval()
+    assert other.cfg.model.embed_dim == model.cfg.model.embed_dim and weights_hash(other) != weights_hash(model)
+    with pytest.raises(ModelLoadError, match=r"built by another model.*hci-atr index --model"):
+        Retriever(other, Index.load(index_dir))
+    other.save_pretrained(tmp_path / "other_model")
+    with pytest.raises(ModelLoadError, match=f"hci-atr index --model {tmp_path / 'other_model'}"):
+        Retriever.from_pretrained(tmp_path / "other_model", index_dir)
+    # an index written before the hash was kept: loads, says once that it cannot be checked
+    old = tmp_path / "old"
+    shutil.copytree(Index.load(index_dir).path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["weights_hash"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="hci_atr.search.retriever"):
+        r = Retriever(other, Index.load(old))
+    warned = [rec.getMessage() for rec in caplog.records if "weights hash" in rec.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and len(r.search_text("a beep", top_k=3)) == 3
+    # a new version built by another model: the reload is refused and the version in use stays
+    out = tmp_path / "index"
+    emb = embed_items(model, items_from_records(records, generated), batch_size=8)
+    write_index(out, model, emb.arrays, emb.items)
+    r = Retriever(model, Index.load(out))
+    in_use = r.index.version
+    write_index(out, other, embed_items(other, emb.items, batch_size=8).arrays, emb.items)
+    for _ in range(2):  # refused again on the next call, without loading the version again
+        with pytest.raises(ModelLoadError, match="built by another model"):
+            r.reload_if_changed()
+        assert r.index.version == in_use and len(r.search_text("a beep", top_k=3)) == 3
+
+
+def test_tampered_index_files_are_refused(built, tmp_path):
+    """caption_emb.npy with the wrong number of rows, NaN/Inf in clip.npy, an array whose shape is not the manifest's:
+    each is refused at load with a one-line 'rebuild' error naming the file."""
+    import shutil
+
+    src = Index.load(built[1]).path
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        return d
+
+    d = copy("rows")
+    np.save(d / "caption_emb.npy", np.load(d / "caption_emb.npy")[:-2])
+    with pytest.raises(DataError, match=r"caption_emb\.npy.*rebuild"):
+        Index.load(d)
+    d = copy("rows_no_shapes")  # older manifests have no shapes: the row count is still checked against captions
+    np.save(d / "caption_emb.npy", np.load(d / "caption_emb.npy")[:-2])
+    m = json.loads((d / "manifest.json").read_text())
+    del m["shapes"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"caption_emb\.npy: has \d+ rows .* captions\.parquet"):
+        Index.load(d)
+    for bad in (np.nan, np.inf):
+        d = copy(f"nonfinite_{bad}")
+        clip = np.load(d / "clip.npy")
+        clip[3, 5] = bad
+        np.save(d / "clip.npy", clip)
+        with pytest.raises(DataError, match=r"clip\.npy: contains NaN or Inf"):
+            Index.load(d)
+    d = copy("shape")
+    m = json.loads((d / "manifest.json").read_text())
+    frames = np.load(d / m["files"]["frames"])
+    np.save(d / m["files"]["frames"], frames[:, :-1])
+    with pytest.raises(DataError, match=r"frames\.npy: has shape .* the manifest says"):
+        Index.load(d)

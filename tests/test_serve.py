@@ -43,7 +43,7 @@ def served(ray_session, demo_root, tiny_text_dir, tmp_path_factory):
                    caps / "part-00000.parquet")
     summary = build_index(model_dir, root / "index", data=demo_root, captions=caps, cfg=Settings(), num_workers=1,
                           batch_size=8)
-    assert summary["clips"] == len(records) and summary["failed"] == 0
+    assert summary.clips == len(records) and summary.failed == 0
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": str(model_dir), "index": str(root / "index")}
@@ -67,7 +67,7 @@ def test_text_search_beats_chance_and_reranks_by_full_score(served):
     import torch
 
     from hci_atr.models.model import HciAtrModel
-    from hci_atr.retriever import Retriever
+    from hci_atr.search.retriever import Retriever
 
     c, records = served["client"], served["records"]
     n = len(records)
@@ -95,7 +95,7 @@ def test_text_search_beats_chance_and_reranks_by_full_score(served):
     query = test[0].captions[0]
     body = c.post("/search/text", json={"query": query, "top_k": 8, "rerank": True}).json()
     model = HciAtrModel.from_pretrained(served["model_dir"])
-    r = Retriever(model, __import__("hci_atr.index", fromlist=["Index"]).Index.load(served["index"]))
+    r = Retriever(model, __import__("hci_atr.search.index", fromlist=["Index"]).Index.load(served["index"]))
     by_id = {x.audio_id: x for x in records}
     with torch.no_grad():
         t = model.encode_text(model.tokenize([query]))
@@ -109,9 +109,9 @@ def test_text_search_beats_chance_and_reranks_by_full_score(served):
 
 
 def test_audio_search_embed_and_clip_audio(served):
-    from hci_atr.index import Index
     from hci_atr.models.model import HciAtrModel
-    from hci_atr.retriever import Retriever
+    from hci_atr.search.index import Index
+    from hci_atr.search.retriever import Retriever
 
     c, records = served["client"], served["records"]
     rec = records[2]
@@ -145,7 +145,7 @@ def test_audio_search_embed_and_clip_audio(served):
 
 
 def test_index_workflow_streams_in_item_order(served):
-    from hci_atr.index import Index
+    from hci_atr.search.index import Index
 
     idx = Index.load(served["index"])
     assert idx.ids == [r.audio_id for r in served["records"]]  # item order kept through the reorder buffer

@@ -287,7 +287,7 @@ def index_cmd(model_dir, data, audio_dir, fmt, splits, captions, out, num_worker
     s = build_index(model_dir, out, data=data, audio_dir=audio_dir, captions=captions, fmt=fmt,
                     splits=_split_list(splits), cfg=load_settings(config), num_workers=num_workers,
                     batch_size=batch_size)
-    click.echo(f"index: {s['clips']} clips ({s['failed']} failed) -> {s['out']} in {s['seconds']:.1f} s")
+    click.echo(f"index: {s.clips} clips ({s.failed} failed) -> {s.out} (version {s.version}) in {s.seconds:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------------------------
