@@ -16,6 +16,11 @@ the texts of the whole global batch ``[b, B_t]``: the a2t side of a local row is
 each text's negatives over every worker's audio, i.e. a log-sum-exp over columns, which is the log-sum-exp of the
 workers' partial column log-sum-exps (one small all-gather). The workers' row losses add up to the global loss;
 nobody computes the global ``B_a x B_t`` matrix, so the scoring work is split, not repeated.
+
+Hard negatives (:func:`hard_negative_loss`): captions built from a clip's own caption with the order of its events
+swapped or an attribute flipped (:mod:`hci_atr.data.negatives`). Each clip's positive competes only with its own
+caption's hard negatives; they are never positives and never negatives of another clip (another clip may be exactly
+what the swapped caption says). Training adds ``w * L_hard`` to the contrastive loss (T-CLAP style).
 """
 
 from __future__ import annotations
@@ -104,23 +109,92 @@ def sharded_info_nce(levels: dict[str, torch.Tensor], pos: torch.Tensor, taus: d
             for k, n in enumerate(names)}
 
 
+def _level_taus(names, temps: LevelTemperatures, taus: dict[str, torch.Tensor | float] | None
+                ) -> dict[str, torch.Tensor | float]:
+    return {n: taus[n] if taus is not None and n in taus else temps.tau(n) for n in names}
+
+
 def hierarchical_loss(levels: dict[str, torch.Tensor], pos: torch.Tensor, temps: LevelTemperatures,
                       weights: dict[str, float | torch.Tensor], pair_weight: torch.Tensor | None = None,
-                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      taus: dict[str, torch.Tensor | float] | None = None) -> dict[str, torch.Tensor]:
     """InfoNCE per level score matrix; ``total`` = weighted sum (weights normalised to sum 1 over present levels).
 
     With ``gather`` the score matrices are this worker's rows against the global texts and each value is the
-    worker's share of the global loss scaled by the number of workers (:func:`sharded_info_nce`).
+    worker's share of the global loss scaled by the number of workers (:func:`sharded_info_nce`). ``taus``
+    replaces the learnt temperature of the levels it names (a calibrated fused score is already divided by the
+    levels' temperatures: it takes 1).
     """
     out: dict[str, torch.Tensor] = {}
     total = None
     wsum = sum(float(weights[k]) for k in levels)
+    level_tau = _level_taus(levels, temps, taus)
     if gather is not None:
         if pair_weight is None:
             pair_weight = torch.ones(pos.shape[1], device=pos.device)
-        per_level = sharded_info_nce(levels, pos, {n: temps.tau(n) for n in levels}, pair_weight, gather)
+        per_level = sharded_info_nce(levels, pos, level_tau, pair_weight, gather)
     for name, s in levels.items():
-        loss = per_level[name] if gather is not None else info_nce(s, pos, temps.tau(name), pair_weight)
+        loss = per_level[name] if gather is not None else info_nce(s, pos, level_tau[name], pair_weight)
+        out[name] = loss
+        term = weights[name] * loss / max(wsum, 1e-8)
+        total = term if total is None else total + term
+    out["total"] = total
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hard negatives
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def group_hard_negatives(source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """source [K] (the text each hard negative was built from) -> (texts [G] with at least one, index [G, M] of
+    their negatives into the K, mask [G, M]); groups in order of first appearance, negatives in given order."""
+    src = source.tolist()
+    groups: dict[int, list[int]] = {}
+    for k, j in enumerate(src):
+        groups.setdefault(int(j), []).append(k)
+    m = max((len(v) for v in groups.values()), default=0)
+    index = torch.zeros(len(groups), max(m, 1), dtype=torch.long)
+    mask = torch.zeros(len(groups), max(m, 1), dtype=torch.bool)
+    for g, ks in enumerate(groups.values()):
+        index[g, :len(ks)] = torch.tensor(ks)
+        mask[g, :len(ks)] = True
+    dev = source.device
+    return torch.tensor(list(groups), dtype=torch.long, device=dev), index.to(dev), mask.to(dev)
+
+
+def hard_negative_nce(pos: torch.Tensor, neg: torch.Tensor, neg_mask: torch.Tensor,
+                      tau: torch.Tensor | float) -> torch.Tensor:
+    """InfoNCE of each positive pair against its own hard negatives only.
+
+    pos [G]: score of (clip, its caption); neg [G, M]: scores of (the same clip, hard negatives of that caption),
+    neg_mask [G, M] -> mean over groups with a negative of ``-log(e^(pos/tau) / (e^(pos/tau) + sum e^(neg/tau)))``.
+    The negatives only ever appear in the denominator: they are never anybody's positive. 0 when there is none.
+    """
+    lp = pos / tau
+    ln = (neg / tau).masked_fill(~neg_mask, torch.finfo(lp.dtype).min)
+    per = torch.logaddexp(lp, torch.logsumexp(ln, dim=1)) - lp  # [G]
+    valid = neg_mask.any(1).to(per.dtype)
+    return (per * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def hard_negative_loss(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor], neg_mask: torch.Tensor,
+                       temps: LevelTemperatures, weights: dict[str, float | torch.Tensor],
+                       taus: dict[str, torch.Tensor | float] | None = None) -> dict[str, torch.Tensor]:
+    """:func:`hard_negative_nce` per level (pos[level] [G], neg[level] [G, M], each at the level's temperature or
+    ``taus``); ``total`` = weighted sum, weights normalised over the levels present as in :func:`hierarchical_loss`.
+
+    In training the term is added to the contrastive loss as ``L = L_contrastive + w * total`` (T-CLAP style). It is
+    a mean over this worker's hard-negative groups (no collective): across workers the mean of the workers' values
+    is the global mean when every worker holds as many groups.
+    """
+    level_tau = _level_taus(pos, temps, taus)
+    wsum = sum(float(weights[k]) for k in pos)
+    out: dict[str, torch.Tensor] = {}
+    total = None
+    for name in pos:
+        loss = hard_negative_nce(pos[name], neg[name], neg_mask, level_tau[name])
         out[name] = loss
         term = weights[name] * loss / max(wsum, 1e-8)
         total = term if total is None else total + term

@@ -1,11 +1,14 @@
-"""Contrastive loss: hand-computed value, multi-positive handling, pair weights, temperatures."""
+"""Contrastive loss: hand-computed value, multi-positive handling, pair weights, temperatures; hard-negative
+captions (order swapped, attribute flipped) and the hard-negative term."""
 
 import math
 
 import pytest
 import torch
 
-from hci_atr.losses import MAX_TAU, MIN_TAU, LevelTemperatures, hierarchical_loss, info_nce, positives_mask
+from hci_atr.data.negatives import attribute_flipped, hard_negative_texts, hard_negatives, order_swapped
+from hci_atr.losses import (MAX_TAU, MIN_TAU, LevelTemperatures, group_hard_negatives, hard_negative_loss,
+                            hard_negative_nce, hierarchical_loss, info_nce, positives_mask)
 
 
 def test_info_nce_matches_hand_computed_two_by_two():
@@ -56,3 +59,100 @@ def test_temperatures_are_clamped_and_loss_sums_levels():
     expected = 0.25 * info_nce(s, pos, MIN_TAU) + 0.75 * info_nce(s * 2, pos, MAX_TAU)
     assert out["total"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert set(out) == {"clip", "frame", "total"}
+
+
+def test_level_temperature_override():
+    temps = LevelTemperatures(("clip", "fused"), init=0.07)
+    s = torch.randn(3, 3)
+    pos = torch.eye(3, dtype=torch.bool)
+    out = hierarchical_loss({"clip": s, "fused": s}, pos, temps, {"clip": 1.0, "fused": 1.0}, taus={"fused": 1.0})
+    assert out["fused"].item() == pytest.approx(info_nce(s, pos, 1.0).item())
+    assert out["clip"].item() == pytest.approx(info_nce(s, pos, 0.07).item())
+
+
+# -- hard-negative captions ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("caption,swapped", [
+    ("A dog barks, then a car passes.", "a car passes then a dog barks"),
+    ("a dog barks and then a car passes", "a car passes and then a dog barks"),
+    ("A beep followed by a knock", "a knock followed by a beep"),
+    ("a dog barks after a car passes", "a car passes after a dog barks"),
+    ("After a car passes, a dog barks", "a car passes after a dog barks"),
+    ("A short beep is heard before a loud knock", "a loud knock before a short beep is heard"),
+    ("First a beep, then a knock, and finally a bell", "first a bell then a knock and finally a beep"),
+    ("A beep, followed by a knock and then a bell", "a bell followed by a knock and then a beep"),
+    ("A beep, then a knock while a hum continues in the background",
+     "a knock then a beep while a hum continues in the background"),
+    ("Over a hum, a beep, then a knock", "over a hum a knock then a beep"),
+    ("A high-pitched beep, then two knocks", "two knocks then a high pitched beep"),
+])
+def test_order_swapped_reverses_the_events(caption, swapped):
+    assert order_swapped(caption) == swapped
+    assert order_swapped(caption) == order_swapped(caption)  # deterministic
+
+
+@pytest.mark.parametrize("caption", ["a dog barks", "a dog barks while a car passes by", "a beep then a beep",
+                                     "then a knock", "A dog barks, a car passes", "", "rain with thunder"])
+def test_order_swapped_is_none_without_an_order(caption):
+    assert order_swapped(caption) is None
+
+
+def test_attribute_flipped():
+    assert attribute_flipped("A LOUD beep and a quiet knock.") == "A QUIET beep and a loud knock."
+    assert attribute_flipped("High-pitched beeps, two times") == "Low-pitched beeps, three times"
+    assert attribute_flipped("a fast ticking, slowly fading") == "a slow ticking, quickly fading"
+    assert attribute_flipped("a short beep then a long tone") == "a long beep then a short tone"
+    assert attribute_flipped("Faint rain") == "Loud rain"
+    assert attribute_flipped("a dog barks along the fence") is None  # "long" inside a word is no attribute
+    assert attribute_flipped("a dog barks") is None
+
+
+def test_hard_negative_texts_point_to_their_caption_and_never_repeat_a_positive():
+    caps = ["a loud beep then a knock", "rain", "a knock then a beep"]
+    texts, source = hard_negative_texts(caps, "both")
+    assert texts == ["a knock then a loud beep", "a quiet beep then a knock", "a beep then a knock"]
+    assert source == [0, 0, 2]
+    assert hard_negative_texts(caps, "order") == (["a knock then a loud beep", "a beep then a knock"], [0, 2])
+    assert hard_negative_texts(caps, "attribute") == (["a quiet beep then a knock"], [0])
+    assert hard_negative_texts(caps, "none") == ([], [])
+    # a negative that reads as one of the clip's own captions is dropped
+    assert hard_negatives("a beep then a knock", "order", exclude=["A knock, then a beep."]) == []
+    with pytest.raises(ValueError, match="unknown kind"):
+        hard_negatives("a beep", "orders")
+
+
+# -- the hard-negative term -------------------------------------------------------------------------------------------
+
+
+def test_group_hard_negatives():
+    sources, index, mask = group_hard_negatives(torch.tensor([2, 0, 2, 2]))
+    assert sources.tolist() == [2, 0]
+    assert index[mask].tolist() == [0, 2, 3, 1] and mask.sum(1).tolist() == [3, 1]
+    s, i, m = group_hard_negatives(torch.zeros(0, dtype=torch.long))
+    assert s.numel() == 0 and not m.any()
+
+
+def test_hard_negative_nce_hand_computed_and_negatives_are_never_positives():
+    pos = torch.tensor([1.0, 0.5])
+    neg = torch.tensor([[0.0, 0.2], [0.5, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    got = hard_negative_nce(pos, neg, mask, 0.5)
+    l0 = -math.log(math.exp(2) / (math.exp(2) + math.exp(0) + math.exp(0.4)))
+    l1 = -math.log(math.exp(1) / (math.exp(1) + math.exp(1)))  # a negative as good as the positive: log 2
+    assert got.item() == pytest.approx((l0 + l1) / 2)
+    # a group with no negative adds nothing; no negative at all gives 0
+    assert hard_negative_nce(pos, neg, torch.tensor([[True, True], [False, False]]), 0.5).item() == \
+        pytest.approx(l0)
+    assert hard_negative_nce(pos, neg, torch.zeros(2, 2, dtype=torch.bool), 0.5).item() == 0.0
+
+
+def test_scoring_the_true_caption_above_its_swap_lowers_the_hard_loss():
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    losses = [hard_negative_nce(torch.tensor([p]), torch.tensor([[0.5]]), mask, 0.1).item() for p in (0.3, 0.5, 0.7)]
+    assert losses[0] > losses[1] > losses[2]
+    temps = LevelTemperatures(("clip", "frame"), init=0.1)
+    out = hard_negative_loss({"clip": torch.tensor([0.7]), "frame": torch.tensor([0.3])},
+                             {"clip": torch.tensor([[0.5]]), "frame": torch.tensor([[0.5]])}, mask, temps,
+                             {"clip": 1.0, "frame": 3.0})
+    assert out["total"].item() == pytest.approx(0.25 * losses[2] + 0.75 * losses[0], rel=1e-5)
