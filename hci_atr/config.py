@@ -73,6 +73,29 @@ class ModelConfig:
     ac_augment: bool = False  # (audio, generated caption) pairs join training
     ac_branch_weight: float = 0.5
     ac_augment_weight: float = 0.5
+    # order and attributes (hci_atr.models.temporal / order / weighting, hci_atr.data.negatives); all off by default
+    temporal_context: str = "none"  # none | gru | transformer: a sequence model over the frames before any pooling
+    temporal_positions: str = "sinusoidal"  # sinusoidal | learned | none: frame positions added to its input
+    temporal_layers: int = 1
+    segment_order: str = "none"  # none | position_bias | soft_dtw: the segment-phrase score hears order
+    fusion: str = "sum"  # sum | calibrated: levels divided by their learnt temperatures before the weighted sum
+    unit_weights: bool = False  # learnt per-unit weights instead of plain means in the segment/frame set scores
+    hard_negatives: str = "none"  # none | order | attribute | both: hard-negative captions of each clip
+    hard_negative_weight: float = 0.0  # L = L_contrastive + w * L_hard (needs w > 0 when hard_negatives is set)
+
+    def __post_init__(self):
+        for name, allowed in (("temporal_context", ("none", "gru", "transformer")),
+                              ("temporal_positions", ("sinusoidal", "learned", "none")),
+                              ("segment_order", ("none", "position_bias", "soft_dtw")),
+                              ("fusion", ("sum", "calibrated")),
+                              ("hard_negatives", ("none", "order", "attribute", "both"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.temporal_layers < 1:
+            raise ConfigError(f"model.temporal_layers: expected >= 1, got {self.temporal_layers}")
+        if self.hard_negatives != "none" and self.hard_negative_weight <= 0:
+            raise ConfigError(f"model.hard_negatives={self.hard_negatives!r} needs model.hard_negative_weight > 0 "
+                              "(T-CLAP uses 0.5); set hard_negatives=none to train without them")
 
 
 @dataclass(frozen=True)

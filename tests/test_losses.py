@@ -1,5 +1,5 @@
 """Contrastive loss: hand-computed value, multi-positive handling, pair weights, temperatures; hard-negative
-captions (order swapped, attribute flipped) and the hard-negative term."""
+captions (order swapped, attribute flipped) and the hard-negative term, alone and in the model."""
 
 import math
 
@@ -9,6 +9,8 @@ import torch
 from hci_atr.data.negatives import attribute_flipped, hard_negative_texts, hard_negatives, order_swapped
 from hci_atr.losses import (MAX_TAU, MIN_TAU, LevelTemperatures, group_hard_negatives, hard_negative_loss,
                             hard_negative_nce, hierarchical_loss, info_nce, positives_mask)
+from hci_atr.models.model import HciAtrModel
+from model_helpers import tiny_cfg
 
 
 def test_info_nce_matches_hand_computed_two_by_two():
@@ -156,3 +158,82 @@ def test_scoring_the_true_caption_above_its_swap_lowers_the_hard_loss():
                              {"clip": torch.tensor([[0.5]]), "frame": torch.tensor([[0.5]])}, mask, temps,
                              {"clip": 1.0, "frame": 3.0})
     assert out["total"].item() == pytest.approx(0.25 * losses[2] + 0.75 * losses[0], rel=1e-5)
+
+
+# -- the hard-negative term in the model -------------------------------------------------------------------------------
+
+
+HN_CAPS = ["a loud beep, then a knock", "rain falls", "a dog barks after a car passes"]
+
+
+def _hn_batch(m):
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(3, 61, 16, generator=g)
+    keys = torch.tensor([11.0, 12.0, 13.0], dtype=torch.float64)
+    texts, source = hard_negative_texts(HN_CAPS, m.cfg.model.hard_negatives
+                                        if m.cfg.model.hard_negatives != "none" else "both")
+    return dict(mel=mel, mel_mask=torch.ones(3, 61, dtype=torch.bool), text=m.tokenize(HN_CAPS, pad_words_to=12),
+                audio_keys=keys, text_keys=keys), m.tokenize(texts, pad_words_to=12), torch.tensor(source)
+
+
+def _tiny_model(text_dir, **over):
+    torch.manual_seed(0)
+    return HciAtrModel(tiny_cfg(text_dir, **over)).eval()
+
+
+def test_hard_term_off_is_absent_and_changes_nothing(tiny_text_dir):
+    m = _tiny_model(tiny_text_dir)
+    kw, ht, hs = _hn_batch(m)
+    plain = m(**kw)
+    with_hard = m(**kw, hard_text=ht, hard_source=hs)
+    assert "hard" not in with_hard.losses and set(with_hard.losses) == set(plain.losses)
+    assert all(torch.equal(with_hard.losses[k], plain.losses[k]) for k in plain.losses)
+
+
+def test_hard_term_equals_hand_computation_and_never_touches_the_contrastive_loss(tiny_text_dir):
+    on = _tiny_model(tiny_text_dir, **{"model.hard_negatives": "both", "model.hard_negative_weight": 0.5})
+    off = _tiny_model(tiny_text_dir)
+    kw, ht, hs = _hn_batch(on)
+    assert hs.tolist() == [0, 0, 2]  # clip 0: order + attribute, clip 1: none, clip 2: order
+    out = on(**kw, hard_text=ht, hard_source=hs)
+    base = off(**kw)
+    for k in base.losses:  # the hard texts are in no contrastive matrix: every level's loss is unchanged
+        if k != "total":
+            assert torch.equal(out.losses[k], base.losses[k])
+    assert out.losses["total"].item() == pytest.approx(base.losses["total"].item() + 0.5 * out.losses["hard"].item(),
+                                                       rel=1e-6)
+    # by hand: each clip against its own caption and that caption's negatives only, per level, weights normalised
+    with torch.no_grad():
+        a = on.encode_audio(kw["mel"], kw["mel_mask"])
+        s_pos = on.score(a, on.encode_text(kw["text"]))
+        s_neg = on.score(a, on.encode_text(ht))
+    expected = 0.0
+    for level in ("clip", "segment", "frame"):
+        tau = on.temps.tau(level).item()
+        g0 = -s_pos.levels[level][0, 0] / tau + torch.logsumexp(
+            torch.stack([s_pos.levels[level][0, 0], s_neg.levels[level][0, 0], s_neg.levels[level][0, 1]]) / tau, 0)
+        g2 = -s_pos.levels[level][2, 2] / tau + torch.logsumexp(
+            torch.stack([s_pos.levels[level][2, 2], s_neg.levels[level][2, 2]]) / tau, 0)
+        expected += (g0 + g2).item() / 2 / 3
+    assert out.losses["hard"].item() == pytest.approx(expected, rel=1e-5)
+    # gradients flow from the hard term alone
+    on.zero_grad()
+    out.losses["hard"].backward()
+    assert on.clip_head.weight.grad is not None and on.clip_head.weight.grad.abs().sum() > 0
+
+
+def test_hard_term_without_negatives_is_zero_and_bad_sources_are_refused(tiny_text_dir):
+    on = _tiny_model(tiny_text_dir, **{"model.hard_negatives": "order", "model.hard_negative_weight": 0.5})
+    kw, ht, hs = _hn_batch(on)
+    out = on(**kw)  # e.g. evaluation batches: no hard texts
+    assert out.losses["hard"].item() == 0.0 and not out.losses["hard"].requires_grad
+    torch.testing.assert_close(out.losses["total"], on(**kw).losses["total"])
+    # a negative whose caption is a weight-0 placeholder counts for nothing
+    w = torch.tensor([1.0, 1.0, 0.0])
+    only2 = on(**kw, pair_weight=w, hard_text=on.tokenize(["a car passes after a dog barks"]),
+               hard_source=torch.tensor([2]))
+    assert only2.losses["hard"].item() == 0.0
+    with pytest.raises(ValueError, match="hard_source"):
+        on(**kw, hard_text=ht, hard_source=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="point into"):
+        on(**kw, hard_text=on.tokenize(["a car passes after a dog barks"]), hard_source=torch.tensor([7]))

@@ -9,9 +9,16 @@ s = model.score(a, t)                                  # Scores: levels dict + f
 model.save_pretrained(d); HciAtrModel.from_pretrained(d)
 ```
 
-Every module exists whatever the switches say (so a checkpoint's keys do not depend on the ablation and the same seed
-gives the same weights); switches only decide what is computed. Parameters of switched-off parts are frozen
-(``requires_grad=False``) so DistributedDataParallel sees no unused trainable parameter.
+Every module of the paper's method exists whatever the switches say (so a checkpoint's keys do not depend on the
+ablation and the same seed gives the same weights); switches only decide what is computed. Parameters of switched-off
+parts are frozen (``requires_grad=False``) so DistributedDataParallel sees no unused trainable parameter.
+
+The order-aware parts (``model.temporal_context``, ``segment_order``, ``unit_weights``: :mod:`hci_atr.models.temporal`,
+:mod:`hci_atr.models.order`, :mod:`hci_atr.models.weighting`) exist only when switched on, and are initialised from a
+forked random stream: a model with them off is exactly the model before they existed (same weights for the same seed,
+same random numbers drawn afterwards, same checkpoint keys, so older checkpoints load), and one with them on has the
+same weights everywhere else. ``model.fusion = "calibrated"`` divides each level by its learnt temperature before the
+weighted sum; ``model.hard_negatives`` adds a hard-negative term to the loss (:meth:`HciAtrModel.forward`).
 """
 
 from __future__ import annotations
@@ -29,11 +36,15 @@ from torch import nn
 from hci_atr.config import Config, read_yaml
 from hci_atr.files import atomic_write_bytes
 from hci_atr.errors import ModelLoadError
-from hci_atr.losses import LevelTemperatures, hierarchical_loss, positives_mask
+from hci_atr.losses import (LevelTemperatures, group_hard_negatives, hard_negative_loss, hierarchical_loss,
+                            positives_mask)
 from hci_atr.models.ac import CaptionFusion, branch_similarity
 from hci_atr.models.audio_encoder import AudioEncoder, load_panns_checkpoint
 from hci_atr.models.hci import LEVELS, clip_similarity, fuse, masked_mean, segment_pool, set_similarity
+from hci_atr.models.order import ConcurrencyTagger, SegmentOrder, unit_set_similarity
+from hci_atr.models.temporal import TemporalContext
 from hci_atr.models.text_encoder import TextBatch, TextEncoder
+from hci_atr.models.weighting import UnitWeights, calibrated_fuse
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -73,20 +84,24 @@ class AudioEmbeddings:
 @dataclass
 class TextEmbeddings:
     """L2-normalised text embeddings: sentence [B, D]; phrases [B, P, D] + phrase_mask [B, P];
-    words [B, L, D] + word_mask [B, L]."""
+    words [B, L, D] + word_mask [B, L]; phrase_concurrent [B, P] (phrases whose events are concurrent, so their
+    place in the caption is no order: set when ``model.segment_order`` is on) or None."""
 
     sentence: torch.Tensor
     phrases: torch.Tensor
     phrase_mask: torch.Tensor
     words: torch.Tensor
     word_mask: torch.Tensor
+    phrase_concurrent: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sentence.shape[0]
 
     def select(self, idx) -> "TextEmbeddings":
-        return TextEmbeddings(self.sentence[idx], self.phrases[idx], self.phrase_mask[idx], self.words[idx],
-                              self.word_mask[idx])
+        return TextEmbeddings(*(None if v is None else v[idx] for v in self._values()))
+
+    def _values(self):
+        return (self.sentence, self.phrases, self.phrase_mask, self.words, self.word_mask, self.phrase_concurrent)
 
 
 @dataclass
@@ -137,6 +152,18 @@ class HciAtrModel(nn.Module):
         self.level_logits = nn.Parameter(w.log())  # softmax over enabled levels when learn_level_weights
         self.temps = LevelTemperatures(LOSS_LEVELS, m.init_temperature)
         self._freeze_unused()
+        # order-aware parts: only when switched on, each from its own forked random stream (see the module docstring)
+        self.temporal = self.segment_order = self.unit_weight_heads = None
+        self._tagger = None
+        if m.temporal_context != "none":
+            self.temporal = _isolated(1, lambda: TemporalContext(d, m.temporal_context, m.temporal_positions,
+                                                                 m.temporal_layers))
+        if m.segment_order != "none" and m.use_segment:
+            self.segment_order = _isolated(2, lambda: SegmentOrder(m.segment_order))
+            self._tagger = ConcurrencyTagger(self.text.tokenizer)
+        if m.unit_weights and (m.use_segment or m.use_frame):
+            names = (("segment", "phrase") if m.use_segment else ()) + (("frame", "word") if m.use_frame else ())
+            self.unit_weight_heads = _isolated(3, lambda: nn.ModuleDict({n: UnitWeights(d) for n in names}))
 
     # -- switches -------------------------------------------------------------------------------------------------
     @property
@@ -179,6 +206,16 @@ class HciAtrModel(nn.Module):
         return out
 
     @property
+    def hard_negatives_on(self) -> bool:
+        """Whether :meth:`forward` adds the hard-negative term (``model.hard_negatives`` set, weight > 0)."""
+        m = self.cfg.model
+        return m.hard_negatives != "none" and m.hard_negative_weight > 0
+
+    def fused_taus(self) -> dict[str, torch.Tensor | float] | None:
+        """Temperatures the losses use instead of the learnt ones: a calibrated fused score takes 1."""
+        return {"fused": 1.0} if self.cfg.model.fusion == "calibrated" else None
+
+    @property
     def device(self) -> torch.device:
         return self.audio_proj.weight.device
 
@@ -201,6 +238,7 @@ class HciAtrModel(nn.Module):
             phrase_mask=pm,
             words=_norm(self.word_head(words)) * wm[..., None].to(words.dtype),
             word_mask=wm,
+            phrase_concurrent=None if self._tagger is None else self._tagger(batch),
         )
 
     @torch.no_grad()
@@ -224,6 +262,8 @@ class HciAtrModel(nn.Module):
         """
         feats, fmask = self.audio(mel, mel_mask)  # [B, T', C], [B, T']
         h = self.audio_proj(feats) * fmask[..., None].to(feats.dtype)
+        if self.temporal is not None:  # frames see the clip around them, in order, before any pooling
+            h = self.temporal(h, fmask)
         aux_sentence = has_aux = None
         if self.uses_aux and aux is not None:
             has_aux = (torch.ones(len(aux), dtype=torch.bool, device=h.device) if aux_mask is None
@@ -256,12 +296,26 @@ class HciAtrModel(nn.Module):
         Fine-grained levels are computed in blocks of at most ``max_elems`` unit pairs (bounded memory).
         """
         levels: dict[str, torch.Tensor] = {}
+        uw = self.unit_weight_heads
         if self.cfg.model.use_clip:
             levels["clip"] = clip_similarity(a.clip, t.sentence)
         if self.cfg.model.use_segment:
-            levels["segment"] = set_similarity(a.segments, a.segment_mask, t.phrases, t.phrase_mask, max_elems)
+            if self.segment_order is None and uw is None:
+                levels["segment"] = set_similarity(a.segments, a.segment_mask, t.phrases, t.phrase_mask, max_elems)
+            else:
+                levels["segment"] = unit_set_similarity(
+                    a.segments, a.segment_mask, t.phrases, t.phrase_mask,
+                    a_weight=None if uw is None else uw["segment"](a.segments, a.segment_mask),
+                    t_weight=None if uw is None else uw["phrase"](t.phrases, t.phrase_mask),
+                    concurrent=t.phrase_concurrent,
+                    order=None if self.segment_order is None else self.segment_order.terms(), max_elems=max_elems)
         if self.cfg.model.use_frame:
-            levels["frame"] = set_similarity(a.frames, a.frame_mask, t.words, t.word_mask, max_elems)
+            if uw is None:
+                levels["frame"] = set_similarity(a.frames, a.frame_mask, t.words, t.word_mask, max_elems)
+            else:
+                levels["frame"] = unit_set_similarity(
+                    a.frames, a.frame_mask, t.words, t.word_mask, a_weight=uw["frame"](a.frames, a.frame_mask),
+                    t_weight=uw["word"](t.words, t.word_mask), max_elems=max_elems)
         if self.cfg.model.ac_branch:
             if a.aux_sentence is None:
                 cap = torch.zeros_like(a.clip)
@@ -269,12 +323,17 @@ class HciAtrModel(nn.Module):
             else:
                 cap, has = a.aux_sentence, a.aux_mask
             levels["ac_branch"] = branch_similarity(t.sentence, cap, has)
-        return Scores(levels, fuse(levels, self.level_weights()))
+        if self.cfg.model.fusion == "calibrated":
+            fused = calibrated_fuse(levels, self.level_weights(), {n: self.temps.tau(n) for n in levels})
+        else:
+            fused = fuse(levels, self.level_weights())
+        return Scores(levels, fused)
 
     # -- training forward -----------------------------------------------------------------------------------------
     def forward(self, mel: torch.Tensor, mel_mask: torch.Tensor, text: TextBatch, audio_keys: torch.Tensor,
                 text_keys: torch.Tensor, pair_weight: torch.Tensor | None = None, aux: TextBatch | None = None,
-                aux_mask: torch.Tensor | None = None, gather: Gather | None = None) -> LossOutput:
+                aux_mask: torch.Tensor | None = None, gather: Gather | None = None, hard_text: TextBatch | None = None,
+                hard_source: torch.Tensor | None = None) -> LossOutput:
         """Contrastive losses of a batch (a DDP-wrapped model calls this through ``__call__``).
 
         mel [B_a, T, M], mel_mask [B_a, T]; text: B_t captions; audio_keys [B_a], text_keys [B_t] (float64 clip
@@ -283,11 +342,19 @@ class HciAtrModel(nn.Module):
         and the losses are this worker's share of the global-batch loss times the number of workers (their mean
         over workers is the global loss; see :func:`hci_atr.losses.sharded_info_nce`). ``scores`` are then
         ``[B_a local, B_t global]``.
+
+        Hard negatives (used when ``model.hard_negatives`` is set; ignored otherwise): ``hard_text`` holds K captions
+        (:func:`hci_atr.data.negatives.hard_negative_texts`) and ``hard_source`` [K] (long) the index in ``text`` of
+        the caption each was built from. Each is a negative of that caption's clip only, against that caption
+        (:func:`hci_atr.losses.hard_negative_loss`); they never enter the contrastive loss, are never gathered
+        and are nobody's positive. ``losses["hard"]`` is the term (0 for a batch without any), and ``total`` gains
+        ``model.hard_negative_weight * hard``.
         """
         a = self.encode_audio(mel, mel_mask, aux, aux_mask)
         t = self.encode_text(text)
         if pair_weight is None:
             pair_weight = torch.ones(len(t), device=t.sentence.device)
+        t_local, weight_local, keys_local = t, pair_weight, text_keys
         if gather is not None:
             t, pair_weight, text_keys = _gather_text(t, pair_weight, text_keys, gather)
         scores = self.score(a, t)
@@ -300,7 +367,42 @@ class HciAtrModel(nn.Module):
         if self.cfg.model.learn_level_weights:  # the learnt mixture is trained through the fused score
             levels["fused"] = scores.fused
             weights["fused"] = 1.0
-        return LossOutput(hierarchical_loss(levels, pos, self.temps, weights, pair_weight, gather), scores)
+        losses = hierarchical_loss(levels, pos, self.temps, weights, pair_weight, gather, taus=self.fused_taus())
+        if self.hard_negatives_on:
+            local = scores if gather is None else self.score(a, t_local)
+            hard = self._hard_loss(a, local, audio_keys, keys_local, weight_local, hard_text, hard_source, weights)
+            losses["hard"] = hard
+            losses["total"] = losses["total"] + self.cfg.model.hard_negative_weight * hard
+        return LossOutput(losses, scores)
+
+    def _hard_loss(self, a: AudioEmbeddings, local: Scores, audio_keys: torch.Tensor, text_keys: torch.Tensor,
+                   pair_weight: torch.Tensor, hard_text: TextBatch | None, hard_source: torch.Tensor | None,
+                   weights: dict[str, float | torch.Tensor]) -> torch.Tensor:
+        """The hard-negative term of :meth:`forward`; ``local``: this worker's audio x its own texts."""
+        zero = torch.zeros((), device=a.clip.device)
+        if hard_text is None or hard_source is None or len(hard_text) == 0:
+            return zero
+        src = hard_source.to(device=a.clip.device, dtype=torch.long).reshape(-1)
+        if src.numel() != len(hard_text):
+            raise ValueError(f"hard_source has {src.numel()} entries for {len(hard_text)} hard-negative texts")
+        n_text = len(text_keys)
+        if bool(((src < 0) | (src >= n_text)).any()):
+            raise ValueError(f"hard_source: indices must point into the batch's {n_text} texts")
+        pos = positives_mask(audio_keys, text_keys)  # [B_a, B_t] local
+        usable = pos[:, src].any(0) & (pair_weight[src] > 0)  # its caption's clip is here and the caption is real
+        if not bool(usable.any()):
+            return zero
+        keep = usable.nonzero().squeeze(1)
+        sources, index, mask = group_hard_negatives(src[keep])  # [G], [G, M] into keep, [G, M]
+        owner = pos[:, sources].to(torch.int8).argmax(0)  # [G] the clip of each source caption
+        negs = self.score(a, self.encode_text(hard_text).select(keep))  # [B_a, K']
+        pos_levels, neg_levels = {}, {}
+        for name in weights:
+            p = local.fused if name == "fused" else local.levels[name]
+            n = negs.fused if name == "fused" else negs.levels[name]
+            pos_levels[name] = p[owner, sources]
+            neg_levels[name] = n[owner[:, None], index]
+        return hard_negative_loss(pos_levels, neg_levels, mask, self.temps, weights, self.fused_taus())["total"]
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
@@ -356,6 +458,14 @@ class HciAtrModel(nn.Module):
         return model.to(map_location).eval()
 
 
+def _isolated(k: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """Build an optional module from a forked random stream seeded from the current seed and ``k``: the global
+    stream continues as if nothing was built (the other weights and everything drawn later stay the same)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((torch.initial_seed() + 7919 * k) % (2**63 - 1))
+        return make()
+
+
 def _gather_packed(gather: Gather, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """All-gather several ``[B, ...]`` tensors (same B) in ONE collective: flatten each to ``[B, k]`` float32,
     concatenate, gather ``[world * B, sum k]``, split back. One call instead of one per tensor matters: on CPU each
@@ -386,7 +496,10 @@ def _join_key(halves: torch.Tensor) -> torch.Tensor:
 
 def _gather_text(t: TextEmbeddings, pair_weight: torch.Tensor, keys: torch.Tensor, gather: Gather
                  ) -> tuple[TextEmbeddings, torch.Tensor, torch.Tensor]:
-    """Every worker's texts (embeddings, masks, pair weights, clip keys) in rank order: one collective."""
-    *fields, weight, halves = _gather_packed(gather, [t.sentence, t.phrases, t.phrase_mask.to(torch.bool), t.words,
-                                                      t.word_mask.to(torch.bool), pair_weight, _split_key(keys)])
+    """Every worker's texts (embeddings, masks, concurrent phrases, pair weights, clip keys) in rank order: one
+    collective."""
+    parts = [t.sentence, t.phrases, t.phrase_mask.to(torch.bool), t.words, t.word_mask.to(torch.bool)]
+    if t.phrase_concurrent is not None:
+        parts.append(t.phrase_concurrent.to(torch.bool))
+    *fields, weight, halves = _gather_packed(gather, parts + [pair_weight, _split_key(keys)])
     return TextEmbeddings(*fields), weight, _join_key(halves)
