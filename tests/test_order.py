@@ -341,3 +341,38 @@ def test_calibrated_fused_loss_uses_temperature_one(tiny_text_dir):
     out = m(_mel(), torch.ones(3, 61, dtype=torch.bool), m.tokenize(CAPS), keys, keys)
     expected = info_nce(out.scores.fused, positives_mask(keys, keys), 1.0)
     torch.testing.assert_close(out.losses["fused"], expected)
+
+
+# -- across workers ---------------------------------------------------------------------------------------------------
+
+
+def test_sharded_loss_with_every_switch_is_the_global_batch_loss(tiny_text_dir):
+    """Two simulated workers gathering each other's texts (concurrency tags travel with them): the mean of their
+    losses is the whole batch's at every level; the hard term (local) too when the workers hold as many groups."""
+    from hci_atr.data.negatives import hard_negative_texts
+    from model_helpers import ThreadGather
+
+    m = _model(tiny_text_dir, **{**ORDER_SWITCHES, "model.fusion": "calibrated", "model.learn_level_weights": True,
+                                 "model.hard_negatives": "both", "model.hard_negative_weight": 0.5})
+    caps = ["a loud beep, then a knock", "rain while a dog barks", "a dog barks after a car passes",
+            "a bell rings before a man speaks", "a hum with birds over it", "a fast ticking then a slow drip"]
+    mel = _mel(6)
+    keys = torch.arange(6, dtype=torch.float64) + 100
+
+    def batch(sl):
+        cs = caps[sl]
+        texts, source = hard_negative_texts(cs, "both")
+        return dict(mel=mel[sl], mel_mask=torch.ones(len(cs), 61, dtype=torch.bool),
+                    text=m.tokenize(cs, pad_words_to=12), audio_keys=keys[sl], text_keys=keys[sl],
+                    hard_text=m.tokenize(texts, pad_words_to=12), hard_source=torch.tensor(source))
+
+    whole = batch(slice(0, 6))
+    halves = [batch(slice(0, 3)), batch(slice(3, 6))]
+    assert len(halves[0]["hard_source"]) == len(halves[1]["hard_source"])
+    assert len(set(halves[0]["hard_source"].tolist())) == len(set(halves[1]["hard_source"].tolist()))
+    assert m.encode_text(whole["text"]).phrase_concurrent.any()
+    ref = m(**whole).losses
+    outs = ThreadGather(2).run(lambda r, g: m(**halves[r], gather=g))
+    assert set(outs[0].losses) == set(ref) and "hard" in ref
+    for name, value in ref.items():
+        torch.testing.assert_close((outs[0].losses[name] + outs[1].losses[name]) / 2, value, atol=1e-5, rtol=1e-5)
