@@ -394,7 +394,7 @@ class HciAtrModel(nn.Module):
             return zero
         keep = usable.nonzero().squeeze(1)
         sources, index, mask = group_hard_negatives(src[keep])  # [G], [G, M] into keep, [G, M]
-        owner = pos[:, sources].to(torch.int8).argmax(0)  # [G] the clip of each source caption
+        owner = pos[:, sources].to(torch.float32).argmax(0)  # [G] the clip of each source caption
         negs = self.score(a, self.encode_text(hard_text).select(keep))  # [B_a, K']
         pos_levels, neg_levels = {}, {}
         for name in weights:

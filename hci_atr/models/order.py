@@ -60,7 +60,7 @@ def words_matching(input_ids: torch.Tensor, word_ids: torch.Tensor, n_words: int
     b, n = input_ids.shape
     onehot = word_ids[..., None] == torch.arange(n_words, device=word_ids.device)  # [B, N, L]
     count = onehot.sum(1)  # [B, L] pieces per word
-    first = onehot.to(torch.int8).argmax(1)  # [B, L] position of each word's first piece
+    first = onehot.to(torch.float32).argmax(1)  # [B, L] position of each word's first piece
     out = torch.zeros(b, n_words, dtype=torch.bool, device=input_ids.device)
     for seq in seqs:
         ok = count == len(seq)
@@ -81,7 +81,7 @@ def concurrent_phrases(phrase_matrix: torch.Tensor, phrase_mask: torch.Tensor, c
     """
     member = phrase_matrix > 0  # [B, P, L]
     has_conc = (member & concurrency_word[:, None, :]).any(-1)
-    first = member.to(torch.int8).argmax(-1)  # [B, P] first word of each phrase
+    first = member.to(torch.float32).argmax(-1)  # [B, P] first word of each phrase
     stop = sequence_word if clause_start is None else sequence_word | clause_start
     starts_seq = stop.gather(1, first)
     out = torch.zeros_like(phrase_mask, dtype=torch.bool)

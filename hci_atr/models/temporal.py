@@ -89,7 +89,7 @@ class TemporalContext(nn.Module):
 
     def _gru(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # valid frames moved to the front (stable: their order is kept), run packed, moved back
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # [B, T]
+        order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)  # [B, T]
         idx = order[..., None].expand_as(x)
         packed_in = x.gather(1, idx)
         lengths = mask.sum(1).clamp(min=1).cpu()
