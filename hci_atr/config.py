@@ -50,6 +50,15 @@ class ModelConfig:
     audio_encoder: str = "cnn-small"  # "cnn-small" (trains in minutes on CPU) | "cnn14" (PANNs size)
     audio_width: int = 32  # channels of the first conv block of cnn-small (doubles per block)
     audio_checkpoint: str | None = None  # path to a PANNs Cnn14 .pth ({"model": state_dict}); cnn14 only
+    audio_clip_pooling: str = "frames"  # "frames": mean + max of the projected frames | "panns": PANNs' own path
+    #                                     (max + mean over time of the conv features, then fc1), as CNN14 was trained
+    audio_spec_augment: bool = False  # SpecAugment (time / frequency masks after bn0), training only
+    audio_time_masks: int = 2
+    audio_time_mask_width: int = 64  # frames (10 ms each)
+    audio_freq_masks: int = 2
+    audio_freq_mask_width: int = 8  # mel bins
+    audio_dropout: float = 0.0  # after each conv block (PANNs: 0.2)
+    audio_fc_dropout: float = 0.0  # on fc1's input (PANNs: 0.5)
     # text encoder
     text_encoder: str = "minilm"  # "minilm" = the packaged all-MiniLM-L6-v2; else an HF id or local path
     freeze_text: bool = True
@@ -88,6 +97,7 @@ class ModelConfig:
                               ("temporal_positions", ("sinusoidal", "learned", "none")),
                               ("segment_order", ("none", "position_bias", "soft_dtw")),
                               ("fusion", ("sum", "calibrated")),
+                              ("audio_clip_pooling", ("frames", "panns")),
                               ("hard_negatives", ("none", "order", "attribute", "both"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -376,3 +376,33 @@ def test_sharded_loss_with_every_switch_is_the_global_batch_loss(tiny_text_dir):
     assert set(outs[0].losses) == set(ref) and "hard" in ref
     for name, value in ref.items():
         torch.testing.assert_close((outs[0].losses[name] + outs[1].losses[name]) / 2, value, atol=1e-5, rtol=1e-5)
+
+
+def test_audio_encoder_switches_reach_the_model(tiny_text_dir):
+    """The PANNs clip path, SpecAugment and dropout are ModelConfig switches; off, the clip is today's mean + max."""
+    import torch
+
+    from hci_atr.config import Config
+    from hci_atr.models.model import HciAtrModel
+
+    def model(**m):
+        torch.manual_seed(0)
+        cfg = Config().override({"model.text_encoder": str(tiny_text_dir), "model.audio_width": 4,
+                                 **{f"model.{k}": v for k, v in m.items()}})
+        return HciAtrModel(cfg).eval()
+
+    mel = torch.randn(2, 101, 64)
+    mask = torch.ones(2, 101, dtype=torch.bool)
+    base, panns = model(), model(audio_clip_pooling="panns")
+    panns.load_state_dict(base.state_dict())  # the same weights: only the pooling path differs
+    a, b = base.encode_audio(mel, mask), panns.encode_audio(mel, mask)
+    assert torch.equal(a.frames, b.frames) and not torch.allclose(a.clip, b.clip)
+    conv, fmask = panns.audio.conv_frames(mel, mask)
+    want = torch.nn.functional.normalize(panns.clip_head(panns.audio_proj(panns.audio.clip_embedding(conv, fmask))),
+                                         dim=-1)
+    torch.testing.assert_close(b.clip, want)
+    aug = model(audio_spec_augment=True, audio_dropout=0.2)
+    aug.load_state_dict(base.state_dict())
+    torch.testing.assert_close(aug.encode_audio(mel, mask).clip, a.clip)  # eval mode: no masking, no dropout
+    aug.train()
+    assert not torch.allclose(aug.encode_audio(mel, mask).clip, a.clip)

@@ -139,7 +139,10 @@ class HciAtrModel(nn.Module):
         d = m.embed_dim
         self.text = TextEncoder(str(text_source or m.text_encoder), freeze=m.freeze_text, max_words=m.max_words,
                                 out_dim=d, pretrained=pretrained, phrase_mode=m.phrase_mode, phrase_n=m.phrase_n)
-        self.audio = AudioEncoder(m.audio_encoder, cfg.audio.n_mels, m.audio_width)
+        self.audio = AudioEncoder(m.audio_encoder, cfg.audio.n_mels, m.audio_width, spec_augment=m.audio_spec_augment,
+                                  time_masks=m.audio_time_masks, time_mask_width=m.audio_time_mask_width,
+                                  freq_masks=m.audio_freq_masks, freq_mask_width=m.audio_freq_mask_width,
+                                  dropout=m.audio_dropout, fc_dropout=m.audio_fc_dropout)
         self.audio_checkpoint_report = None
         if pretrained and m.audio_checkpoint:
             self.audio_checkpoint_report = load_panns_checkpoint(self.audio, m.audio_checkpoint)
@@ -260,7 +263,8 @@ class HciAtrModel(nn.Module):
 
         Returns AudioEmbeddings: clip [B, D], segments [B, S, D], frames [B, T', D] (+ masks), aux sentence.
         """
-        feats, fmask = self.audio(mel, mel_mask)  # [B, T', C], [B, T']
+        conv, fmask = self.audio.conv_frames(mel, mel_mask)  # [B, T', C_conv], [B, T']
+        feats = self.audio.frame_embedding(conv, fmask)  # [B, T', C]
         h = self.audio_proj(feats) * fmask[..., None].to(feats.dtype)
         if self.temporal is not None:  # frames see the clip around them, in order, before any pooling
             h = self.temporal(h, fmask)
@@ -273,11 +277,15 @@ class HciAtrModel(nn.Module):
                 h = self.fusion(h, aux_words, aux.word_mask, has_aux) * fmask[..., None].to(h.dtype)
             if self.cfg.model.ac_branch:
                 aux_sentence = _norm(self.sentence_head(aux_sent)) * has_aux[:, None].to(h.dtype)
-        # clip: PANNs-style mean + max over valid frames
-        neg = torch.finfo(h.dtype).min
-        hmax = h.masked_fill(~fmask[..., None], neg).amax(1)
-        hmax = torch.where(fmask.any(1, keepdim=True), hmax, torch.zeros_like(hmax))
-        clip = masked_mean(h, fmask[..., None], 1) + hmax
+        if self.cfg.model.audio_clip_pooling == "panns":
+            # PANNs' clip path: pool the conv features over time first, then fc1 (what a CNN14 checkpoint expects)
+            clip = self.audio_proj(self.audio.clip_embedding(conv, fmask))
+        else:
+            # mean + max over the valid projected frames (they carry temporal context and AC fusion when on)
+            neg = torch.finfo(h.dtype).min
+            hmax = h.masked_fill(~fmask[..., None], neg).amax(1)
+            hmax = torch.where(fmask.any(1, keepdim=True), hmax, torch.zeros_like(hmax))
+            clip = masked_mean(h, fmask[..., None], 1) + hmax
         seg, smask = segment_pool(h, fmask, self.cfg.model.segment_size, self.cfg.model.segment_stride)
         return AudioEmbeddings(
             clip=_norm(self.clip_head(clip)),
