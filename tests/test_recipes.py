@@ -110,6 +110,9 @@ def test_recipes_load_and_say_what_they_promise():
         assert cfg.train.lr == pytest.approx(lr) and cfg.train.warmup_epochs > 0 and cfg.run.use_gpu
         assert cfg.model.use_clip and cfg.model.use_segment and cfg.model.use_frame
         assert cfg.model.ac_fusion and cfg.model.ac_branch and cfg.model.ac_augment
+        # CNN14 sees exactly what PANNs was trained on, and trains as the Mei et al. / WavCaps recipes do
+        assert cfg.audio.frontend == "panns" and cfg.model.audio_clip_pooling == "panns"
+        assert cfg.model.audio_spec_augment and cfg.model.audio_dropout > 0 and cfg.model.audio_fc_dropout > 0
 
 
 @pytest.mark.ray
