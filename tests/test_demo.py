@@ -356,3 +356,23 @@ def test_cli_bad_arguments_give_short_errors(tmp_path):
     assert proc.returncode == 2
     assert "Invalid value for '--size'" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x").exists()
+
+
+def test_pairs_in_split_keeps_the_audio_and_the_split_sizes_and_fills_every_split(tmp_path):
+    import json
+
+    from hci_atr.data.demo import make_demo
+
+    make_demo(tmp_path / "a", seed=3, size=120, duration=1.0, sample_rate=8000, progress=False)
+    make_demo(tmp_path / "b", seed=3, size=120, duration=1.0, sample_rate=8000, progress=False, pairs_in_split=True)
+    ma = json.loads((tmp_path / "a" / "demo_metadata.json").read_text())["clips"]
+    mb = json.loads((tmp_path / "b" / "demo_metadata.json").read_text())["clips"]
+    assert [c["events"] for c in ma] == [c["events"] for c in mb]  # same scenes, same captions
+    assert [c["captions"] for c in ma] == [c["captions"] for c in mb]
+    count = lambda m, s: sum(c["split"] == s for c in m)  # noqa: E731
+    assert all(count(ma, s) == count(mb, s) for s in ("train", "val", "test"))
+    pairs_a = json.loads((tmp_path / "a" / "demo_pairs.json").read_text())
+    pairs_b = json.loads((tmp_path / "b" / "demo_pairs.json").read_text())
+    variations = sum(c["variant_of"] is not None for c in mb)
+    assert len(pairs_b) > len(pairs_a) and len(pairs_b) >= 0.8 * variations
+    assert {p["split"] for p in pairs_b} == {"train", "val", "test"}

@@ -472,8 +472,12 @@ def _split_sizes(size: int) -> dict[str, int]:
 
 
 def make_demo(out_dir: str | os.PathLike, seed: int = 0, size: int = 240, duration: float = 5.0,
-              sample_rate: int = 32000, progress: bool = True) -> str:
-    """Write the demo dataset to ``out_dir`` (Clotho layout) and return a one-paragraph summary."""
+              sample_rate: int = 32000, progress: bool = True, pairs_in_split: bool = False) -> str:
+    """Write the demo dataset to ``out_dir`` (Clotho layout) and return a one-paragraph summary.
+
+    ``pairs_in_split``: a variation goes to the split of the clip it varies (the split sizes stay the same: it swaps
+    splits with the next clip that holds the wanted one), so every split, the test split too, holds about a third of
+    its clips in pairs: the compositional benchmark. The audio and captions are the same for the same seed."""
     if size < 6:
         raise ConfigError(f"demo size must be at least 6 clips (got {size})")
     if not 1.0 <= duration <= 30.0:
@@ -489,7 +493,7 @@ def make_demo(out_dir: str | os.PathLike, seed: int = 0, size: int = 240, durati
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        summary = _write(tmp, out, seed, size, duration, sample_rate, progress)
+        summary = _write(tmp, out, seed, size, duration, sample_rate, progress, pairs_in_split)
         replace_dir(tmp, out)  # an older demo is moved aside first, so no mixed folder is ever visible
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -497,7 +501,8 @@ def make_demo(out_dir: str | os.PathLike, seed: int = 0, size: int = 240, durati
     return summary
 
 
-def _write(tmp: Path, out: Path, seed: int, size: int, duration: float, sr: int, progress: bool) -> str:
+def _write(tmp: Path, out: Path, seed: int, size: int, duration: float, sr: int, progress: bool,
+           pairs_in_split: bool = False) -> str:
     rng = np.random.default_rng(seed)
     sizes = _split_sizes(size)
     splits = np.array(["train"] * sizes["train"] + ["val"] * sizes["val"] + ["test"] * sizes["test"])
@@ -525,6 +530,11 @@ def _write(tmp: Path, out: Path, seed: int, size: int, duration: float, sr: int,
         events = ([bg] if bg else []) + fg
         wave = _render(rng, events, duration, sr)
         captions, named = _captions(rng, fg, bg)
+        if pairs_in_split and change is not None and splits[i] != splits[i - 1]:
+            later = np.nonzero(splits[i + 1:] == splits[i - 1])[0]
+            if len(later):  # swap with the next clip of the wanted split: the sizes stay as they were
+                j = i + 1 + int(later[0])
+                splits[i], splits[j] = splits[j], splits[i]
         split = str(splits[i])
         name = f"demo_{i:04d}.wav"
         if change is not None and splits[i - 1] == split:  # a pair is scored within one split
