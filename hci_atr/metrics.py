@@ -197,3 +197,32 @@ def pair_accuracy(sim, text_to_audio, pairs: Sequence[Sequence]) -> dict[str, fl
             out[f"{name}_acc"] = float(correct[idx].sum() / n)
         out[f"{name}_n"] = float(len(idx))
     return out
+
+
+def per_query_hits(sim, text_to_audio, k: int = 1) -> dict[str, np.ndarray]:
+    """Per-query outcomes behind R@k: ``t2a`` [n_text] (1 when a caption's clip ranks within k) and ``a2t``
+    [n_audio with captions] (1 when a clip's best caption ranks within k), float64 0/1. What a paired comparison of
+    two models on the same queries resamples."""
+    sim = _as_np(sim).astype(np.float64)
+    t2a = _as_np(text_to_audio).astype(np.int64)
+    n_audio = sim.shape[0]
+    r = t2a_ranks(sim, t2a)
+    pos = a2t_positions(sim, t2a)
+    best = np.full(n_audio, np.iinfo(np.int64).max)
+    np.minimum.at(best, t2a, pos)
+    has = np.bincount(t2a, minlength=n_audio) > 0
+    return {"t2a": (r <= k).astype(np.float64), "a2t": (best[has] <= k).astype(np.float64)}
+
+
+def paired_bootstrap(a, b, n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean difference ``mean(b - a)`` of paired per-query outcomes (two models on the same queries) and its
+    percentile bootstrap interval: ``{"diff", "lo", "hi", "n"}``, in the units of the inputs (x100 for percent)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired_bootstrap: expected two equal 1-d arrays, got {a.shape} and {b.shape}")
+    d = b - a
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n_resamples, len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": float(len(d))}

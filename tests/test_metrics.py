@@ -250,3 +250,34 @@ def test_read_pairs_malformed_file_is_one_line_data_error(tmp_path, content, mes
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     with pytest.raises(DataError, match="not found"):
         read_pairs(tmp_path / "missing.json", ["x"])
+
+
+def test_per_query_hits_average_to_recall_at_k():
+    rng = np.random.default_rng(4)
+    sim = rng.standard_normal((30, 150))
+    t2a = np.repeat(np.arange(30), 5)
+    from hci_atr.metrics import per_query_hits
+
+    m = retrieval_metrics(sim, t2a)
+    for k in (1, 5):
+        h = per_query_hits(sim, t2a, k)
+        assert h["t2a"].mean() * 100 == pytest.approx(m[f"t2a_R{k}"])
+        assert h["a2t"].mean() * 100 == pytest.approx(m[f"a2t_R{k}"])
+
+
+def test_paired_bootstrap_interval_covers_the_difference_and_resolves_a_real_gap():
+    from hci_atr.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = (rng.random(1500) < 0.40).astype(float)
+    b = np.where(rng.random(1500) < 0.15, 1.0, a)  # b = a plus extra hits on ~15% of the queries
+    r = paired_bootstrap(a, b, seed=1)
+    assert r["lo"] < r["diff"] < r["hi"] and r["lo"] > 0 and r["n"] == 1500
+    assert r["diff"] == pytest.approx((b - a).mean())
+    same = paired_bootstrap(a, a.copy())
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0
+    noise = paired_bootstrap(a, rng.permutation(a), seed=2)  # same rate, unpaired noise: the interval spans 0
+    assert noise["lo"] < 0 < noise["hi"]
+    assert paired_bootstrap(a, b, seed=1) == r  # seeded
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:10])
