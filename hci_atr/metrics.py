@@ -37,6 +37,20 @@ def _as_np(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _checked(sim, text_to_audio) -> tuple[np.ndarray, np.ndarray]:
+    """(sim float64 [n_audio, n_text], text_to_audio int64 [n_text]), checked for shape, range and NaN."""
+    sim = _as_np(sim).astype(np.float64)
+    t2a = _as_np(text_to_audio).astype(np.int64)
+    n_audio, n_text = sim.shape
+    if t2a.shape != (n_text,):
+        raise ValueError(f"text_to_audio has shape {t2a.shape}, expected ({n_text},)")
+    if n_text and (t2a.min() < 0 or t2a.max() >= n_audio):
+        raise ValueError("text_to_audio holds an index outside the audio set")
+    if np.isnan(sim).any():
+        raise ValueError("similarity matrix contains NaN")
+    return sim, t2a
+
+
 def t2a_ranks(sim: np.ndarray, text_to_audio: np.ndarray) -> np.ndarray:
     """[n_text] 1-based rank of each caption's clip (pessimistic ties)."""
     n_text = sim.shape[1]
@@ -84,15 +98,8 @@ def a2t_positions(sim: np.ndarray, text_to_audio: np.ndarray) -> np.ndarray:
 
 def retrieval_metrics(sim, text_to_audio) -> dict[str, float]:
     """sim [n_audio, n_text], text_to_audio [n_text] -> T2A/A2T R@1/5/10, mAP@10, median/mean rank, rsum."""
-    sim = _as_np(sim).astype(np.float64)
-    t2a = _as_np(text_to_audio).astype(np.int64)
+    sim, t2a = _checked(sim, text_to_audio)
     n_audio, n_text = sim.shape
-    if t2a.shape != (n_text,):
-        raise ValueError(f"text_to_audio has shape {t2a.shape}, expected ({n_text},)")
-    if n_text and (t2a.min() < 0 or t2a.max() >= n_audio):
-        raise ValueError("text_to_audio holds an index outside the audio set")
-    if np.isnan(sim).any():
-        raise ValueError("similarity matrix contains NaN")
     out: dict[str, float] = {}
     r = t2a_ranks(sim, t2a)
     for k in (1, 5, 10):
@@ -139,15 +146,8 @@ def pair_accuracy(sim, text_to_audio, pairs: Sequence[Sequence]) -> dict[str, fl
     ``pairs_<type>_<attribute>_acc`` / ``_n`` where the attribute is known (e.g. ``pairs_attribute_loudness_acc``).
     ``_n`` counts pairs; a group without trials has no ``_acc`` key.
     """
-    sim = _as_np(sim).astype(np.float64)
-    t2a = _as_np(text_to_audio).astype(np.int64)
+    sim, t2a = _checked(sim, text_to_audio)
     n_audio, n_text = sim.shape
-    if t2a.shape != (n_text,):
-        raise ValueError(f"text_to_audio has shape {t2a.shape}, expected ({n_text},)")
-    if n_text and (t2a.min() < 0 or t2a.max() >= n_audio):
-        raise ValueError("text_to_audio holds an index outside the audio set")
-    if np.isnan(sim).any():
-        raise ValueError("similarity matrix contains NaN")
     n_pairs = len(pairs)
     if not n_pairs:
         return {"pairs_n": 0.0}
@@ -203,8 +203,7 @@ def per_query_hits(sim, text_to_audio, k: int = 1) -> dict[str, np.ndarray]:
     """Per-query outcomes behind R@k: ``t2a`` [n_text] (1 when a caption's clip ranks within k) and ``a2t``
     [n_audio with captions] (1 when a clip's best caption ranks within k), float64 0/1. What a paired comparison of
     two models on the same queries resamples."""
-    sim = _as_np(sim).astype(np.float64)
-    t2a = _as_np(text_to_audio).astype(np.int64)
+    sim, t2a = _checked(sim, text_to_audio)
     n_audio = sim.shape[0]
     r = t2a_ranks(sim, t2a)
     pos = a2t_positions(sim, t2a)

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from hci_atr.data.text import check_query
 from hci_atr.errors import AudioError, HciAtrError, ModelLoadError, QueryError, RequestError
 from hci_atr.search.embed import embed_audio_batch, l2_normalize, model_config, to_device
 from hci_atr.search.index import Index, current_version, weights_hash
@@ -255,14 +256,7 @@ class Retriever:
     # -- checks --------------------------------------------------------------------------------------------------
     @staticmethod
     def _check_query(query: Any, max_chars: int | None = None) -> str:
-        if not isinstance(query, str):
-            raise QueryError("query: expected a string")
-        q = query.strip()
-        if not q:
-            raise QueryError("query: empty; type some words describing the sound")
-        if max_chars is not None and len(q) > max_chars:
-            raise QueryError(f"query: {len(q)} characters is longer than the limit of {max_chars}")
-        return q
+        return check_query(query, max_chars)
 
     @staticmethod
     def _check_k(top_k: Any) -> int:
