@@ -31,6 +31,10 @@ class CaptionerError(HciAtrError):
     """A captioner backend failed for a clip or could not be set up."""
 
 
+class NotFoundError(HciAtrError):
+    """A named item (e.g. a clip id) is not in the collection."""
+
+
 class QueryError(HciAtrError):
     """A search query or its options are unusable (empty text, top_k out of range, nothing to search)."""
 

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from hci_atr.data.text import check_query
-from hci_atr.errors import AudioError, HciAtrError, ModelLoadError, QueryError, RequestError
+from hci_atr.errors import AudioError, HciAtrError, ModelLoadError, NotFoundError, QueryError
 from hci_atr.search.embed import embed_audio_batch, l2_normalize, model_config, to_device
 from hci_atr.search.index import Index, current_version, weights_hash
 from hci_atr.search.scan import Scanner, found
@@ -405,7 +405,7 @@ class Retriever:
         index = self.index
         row = index.row_of.get(clip_id)
         if row is None:
-            raise RequestError(f"clip id {clip_id!r} is not in the index", status_code=404)
+            raise NotFoundError(f"clip id {clip_id!r} is not in the index")
         return Path(str(index.metadata["path"].iloc[row]))
 
     def self_check(self) -> SelfCheck:
