@@ -432,6 +432,14 @@ def _http_cases() -> list[tuple]:
         ("static-traversal", "GET", "/static/..%2Fapp.py", lambda s: {}, 404, ""),
         ("unknown-route", "GET", "/nope", lambda s: {}, 404, ""),
         ("wrong-method", "GET", "/search/text", lambda s: {}, 405, ""),
+        ("zero-width-query", "POST", "/search/text", lambda s: {"json": {"query": "\u200b\u200b"}}, 422, "no words"),
+        ("control-char-query", "POST", "/search/text", lambda s: {"json": {"query": "\x00\x07"}}, 422, "no words"),
+        ("json-100KiB", "POST", "/search/text",
+         lambda s: {"content": b'{"query": "' + b"a" * 100 * 1024 + b'"}',
+                    "headers": {"content-type": "application/json"}}, 413, "exceeds the limit of 65536"),
+        ("json-chunked-100KiB", "POST", "/search/text",
+         lambda s: {"content": (b" " * 1024 for _ in range(100)), "headers": {"content-type": "application/json"}},
+         413, "exceeds the limit of 65536"),
     ]
     for name, (_, status, words) in AUDIO_CASES.items():
         cases.append((f"upload-{name}", "POST", "/search/audio",

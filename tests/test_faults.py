@@ -418,18 +418,22 @@ def test_killed_replica_under_load(ray_session, demo_root, tiny_text_dir, tmp_pa
         h = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
         assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["n_clips"] == len(records)
         # health tells the truth: with the index gone from under the replicas /healthz says 503 (not a stale "ok"),
-        # and 200 again once it is back
+        # a bare {"error": "unhealthy"} (the reason goes to the replica log, not the body), and 200 again once it is
+        # back
         manifest = index_dir / "CURRENT"  # the pointer to the index version in use
         manifest.rename(index_dir / "CURRENT.away")
         try:
             sick = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
         finally:
             (index_dir / "CURRENT.away").rename(manifest)
-        assert sick.status_code == 503 and "no longer readable" in sick.json()["error"], sick.text
+        assert sick.status_code == 503 and sick.json() == {"error": "unhealthy"}, sick.text
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200, 120,
                    "/healthz 200 again", poll=0.2)
         failed_during = sum(c != 200 for c in during)
-        assert all(c in (200, 500, 503, -1) for c in during)
+        # RELIABILITY.md: only the requests in flight on the killed replica fail, as HTTP 500 from Serve's proxy (no
+        # dropped connection, no 503: 4 clients are far from the queue bound), so at most one per client
+        assert set(during) <= {200, 500}, sorted(Counter(during).items())
+        assert failed_during <= len(threads), sorted(Counter(during).items())
         print(f"\nserve: replica killed under load (4 clients); {len(during)} requests while it was replaced, "
               f"{failed_during} failed (status {sorted(Counter(during).items())}); {len(after)} after recovery, all 200; status showed fewer than 2 running replicas "
               f"while replacing: {any(saw_degraded)}")

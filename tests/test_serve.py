@@ -1,12 +1,24 @@
-"""The Ray Serve app end to end on 127.0.0.1: index built with the Ray Data workflow, the real app deployed with
+"""The serving app.
+
+In process, without Ray (fast): the FastAPI app of :func:`serve.app.create_app` over a :class:`SearchService` with a
+stub retriever, driven through httpx's ASGI transport: work off the event loop, auth before the body, body caps,
+cheap and quiet health, generic 5xx, security headers, the page script under node, no import-time side effects.
+
+End to end on 127.0.0.1 (marked ``ray``): index built with the Ray Data workflow, the real app deployed with
 serve.run, every endpoint over HTTP, every documented 4xx, auth on/off, and the web page in headless Chromium."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import shutil
 import socket
 import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import numpy as np
@@ -14,7 +26,7 @@ import pytest
 
 from tests.test_retriever import build_trained_model, shared_model_dir
 
-pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -45,7 +57,11 @@ def served(ray_session, demo_root, tiny_text_dir, tmp_path_factory):
                           batch_size=8)
     assert summary.clips == len(records) and summary.failed == 0
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serve.app import http_options
+    from workflows.settings import ServeSettings
+
+    serve.shutdown()  # Serve keeps the HTTP options it first started with
+    serve.start(http_options=http_options(ServeSettings(), port=port))
     args = {"model": str(model_dir), "index": str(root / "index")}
     serve.run(build(args), name="hci-atr", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -55,14 +71,19 @@ def served(ray_session, demo_root, tiny_text_dir, tmp_path_factory):
     serve.delete("hci-atr")
 
 
+@pytest.mark.ray
 def test_healthz_and_openapi(served):
     c = served["client"]
-    h = c.get("/healthz").json()
+    r = c.get("/healthz")
+    h = r.json()
     assert h["status"] == "ok" and h["n_clips"] == len(served["records"]) and h["auth"] is False
+    assert set(h) == {"status", "n_clips", "auth", "max_top_k"}  # no server paths
+    assert r.headers["x-content-type-options"] == "nosniff"
     spec = c.get("/openapi.json").json()
     assert {"/search/text", "/search/audio", "/embed/text", "/embed/audio", "/healthz"} <= set(spec["paths"])
 
 
+@pytest.mark.ray
 def test_text_search_beats_chance_and_reranks_by_full_score(served):
     import torch
 
@@ -108,6 +129,7 @@ def test_text_search_beats_chance_and_reranks_by_full_score(served):
     np.testing.assert_allclose(stored, direct, atol=2e-3)
 
 
+@pytest.mark.ray
 def test_audio_search_embed_and_clip_audio(served):
     from hci_atr.models.model import HciAtrModel
     from hci_atr.search.index import Index
@@ -144,6 +166,7 @@ def test_audio_search_embed_and_clip_audio(served):
     assert got.headers["content-type"].startswith("audio/")
 
 
+@pytest.mark.ray
 def test_index_workflow_streams_in_item_order(served):
     from hci_atr.search.index import Index
 
@@ -163,6 +186,7 @@ def _search(port: int, query: str, k: int = 5) -> dict:
         return r.json()
 
 
+@pytest.mark.ray
 def test_concurrent_text_searches_share_a_batch_and_equal_one_by_one(served):
     """serve.batch_search (default): concurrent queries are answered by one Retriever.search_text_batch call, and
     each gets what it gets alone."""
@@ -180,6 +204,7 @@ def test_concurrent_text_searches_share_a_batch_and_equal_one_by_one(served):
     assert max(b["timings"]["batch_size"] for b in together) >= 2
 
 
+@pytest.mark.ray
 def test_serve_scan_options_give_the_same_hits(served, tmp_path):
     """The unbatched path with the numpy scan, one thread and a 5 ms batch wait answers like the defaults."""
     from ray import serve
@@ -209,6 +234,7 @@ def _wav_bytes(seconds: float, sr: int = 16000) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.ray
 def test_bad_requests_are_4xx_json(served):
     c = served["client"]
     cases = [
@@ -243,6 +269,7 @@ def test_bad_requests_are_4xx_json(served):
             assert words in body["error"], (i, body)
 
 
+@pytest.mark.ray
 def test_web_page_and_assets(served):
     c = served["client"]
     page = c.get("/")
@@ -251,6 +278,7 @@ def test_web_page_and_assets(served):
     assert js.status_code == 200 and "/search/text" in js.text and "/search/audio" in js.text
 
 
+@pytest.mark.ray
 @pytest.mark.browser
 def test_web_page_in_headless_chromium(served, tmp_path):
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -274,6 +302,7 @@ def test_web_page_in_headless_chromium(served, tmp_path):
     assert dom.count("<audio") == 5 and f'src="/clips/{quote(api[0]["id"])}/audio"' in dom
 
 
+@pytest.mark.ray
 def test_auth_on(served):
     from ray import serve
 
@@ -297,6 +326,7 @@ def test_auth_on(served):
         serve.run(build(served["args"]), name="hci-atr", route_prefix="/")
 
 
+@pytest.mark.ray
 def test_requests_beyond_the_queue_bound_get_503_at_once(served, tmp_path):
     """Overload: with one replica admitting 2 requests and each caller queueing 1 more, a burst of 16 concurrent
     uploads gets some HTTP 503s from Serve (back-pressure) instead of all queueing; the rest are answered normally,
@@ -359,3 +389,308 @@ def test_evaluate_use_gpu_without_cuda_is_a_one_line_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --use-gpu: no CUDA device")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in process, no Ray: the app over a SearchService with a stub retriever
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Hit:
+    def __init__(self, rank, id_):
+        self.rank, self.id = rank, id_
+
+    def to_dict(self):
+        return {"rank": self.rank, "id": self.id, "score": 0.5, "clip_score": 0.5, "kind": "clip"}
+
+
+class _Result(list):
+    def __init__(self, hits):
+        super().__init__(hits)
+        self.timings, self.reranked = {"total_ms": 1.0}, True
+
+
+class _StubIndex:
+    def __init__(self, root):
+        self.root = self.path = root
+        self.row_of = {"c1": 0}
+
+    def __len__(self):
+        return 1
+
+
+class StubRetriever:
+    """What SearchService calls on a Retriever, with counters; ``fail`` makes searches raise that exception."""
+
+    cfg = SimpleNamespace(audio=SimpleNamespace(sample_rate=16000))
+
+    def __init__(self, index_root):
+        self.index = _StubIndex(index_root)
+        self.self_checks = 0
+        self.fail = None
+
+    def self_check(self):
+        self.self_checks += 1
+
+    def search_text_batch(self, queries, top_k, rerank):
+        if self.fail is not None:
+            raise self.fail
+        return [_Result([_Hit(1, "c1")]) for _ in queries]
+
+    def search_audio(self, wave, top_k, target="clips", rerank=True):
+        return _Result([_Hit(1, "c1")])
+
+    def embed_audio(self, wave):
+        return np.ones(4, np.float32) / 2
+
+
+@pytest.fixture
+def stub_app(tmp_path, monkeypatch):
+    """make(**serve_settings, token=None) -> (app, service, stub); @serve.batch works outside a replica."""
+    from ray import serve
+
+    from serve.app import SearchService, create_app
+    from workflows.settings import ServeSettings
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(
+        _deployment_config=SimpleNamespace(max_ongoing_requests=64)))
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "manifest.json").write_text("{}")
+
+    def make(token=None, **over):
+        stub = StubRetriever(index)
+        service = SearchService(stub, ServeSettings(**over), api_token=token)
+        return create_app(service), service, stub
+
+    return make
+
+
+def _client(app):
+    import httpx
+
+    # the app re-raises an unexpected error after its 500 reply (for the server log): not the client's business
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test")
+
+
+def _wav(seconds=0.5):
+    return _wav_bytes(seconds)
+
+
+def test_slow_upload_decode_does_not_stall_the_replica(stub_app, monkeypatch):
+    """While one upload's decode is blocked (on a compute thread), /healthz and /search/text on the same replica are
+    answered; the upload then completes. (Decoding on the event loop, as before, answered nothing meanwhile.)"""
+    import serve.app as app_mod
+
+    entered, release = threading.Event(), threading.Event()
+    real = app_mod._decode
+
+    def slow_decode(data, sr, **kw):
+        entered.set()
+        release.wait(30)  # only the failing (blocking) case ever waits this out
+        return real(data, sr, **kw)
+
+    monkeypatch.setattr(app_mod, "_decode", slow_decode)
+    app, _, _ = stub_app()
+
+    async def scenario():
+        async with _client(app) as c:
+            upload = asyncio.create_task(c.post("/search/audio", files={"file": ("a.wav", _wav(), "audio/wav")}))
+            assert await asyncio.to_thread(entered.wait, 30)
+            health = await c.get("/healthz")
+            text = await c.post("/search/text", json={"query": "a dog barks", "top_k": 1})
+            still_decoding = not upload.done()
+            release.set()
+            return health, text, still_decoding, await upload
+
+    health, text, still_decoding, upload = asyncio.run(scenario())
+    assert health.status_code == 200 and text.status_code == 200
+    assert still_decoding  # both were answered while the decode was blocked
+    assert upload.status_code == 200 and upload.json()["hits"][0]["id"] == "c1"
+
+
+def _counting_body(chunks: int, size: int, seen: list):
+    async def gen():
+        for _ in range(chunks):
+            seen.append(size)
+            yield b" " * size
+    return gen()
+
+
+def test_token_is_checked_before_any_body_byte_is_read(stub_app):
+    app, _, _ = stub_app(token="s3cret")
+
+    async def scenario():
+        seen: list = []
+        async with _client(app) as c:
+            r = await c.post("/search/text", content=_counting_body(16, 4096, seen),
+                             headers={"content-type": "application/json"})
+            ok = await c.post("/search/text", json={"query": "a dog"}, headers={"Authorization": "Bearer s3cret"})
+            clip = await c.get("/clips/c1/audio?token=wrong")
+            return r, seen, ok, clip
+
+    r, seen, ok, clip = asyncio.run(scenario())
+    assert r.status_code == 401 and "bearer" in r.json()["error"] and seen == []
+    assert ok.status_code == 200 and clip.status_code == 401
+
+
+def test_json_bodies_are_capped_far_below_the_upload_limit(stub_app):
+    """serve.max_json_bytes: 413 for a declared length over it at once, and for a chunked body (no length) as soon
+    as the bytes streamed in pass it; uploads keep their own (larger) limit."""
+    app, _, _ = stub_app(max_json_bytes=8192)
+
+    async def scenario():
+        seen: list = []
+        async with _client(app) as c:
+            declared = await c.post("/search/text", content=b" " * 20000, headers={"content-type": "application/json"})
+            chunked = await c.post("/search/text", content=_counting_body(100, 1024, seen),
+                                   headers={"content-type": "application/json"})
+            upload = await c.post("/embed/audio", files={"file": ("a.wav", _wav(1.0), "audio/wav")})
+            return declared, chunked, seen, upload
+
+    declared, chunked, seen, upload = asyncio.run(scenario())
+    assert declared.status_code == 413 and "20000 bytes exceeds the limit of 8192" in declared.json()["error"]
+    assert chunked.status_code == 413 and "exceeds the limit of 8192" in chunked.json()["error"]
+    assert sum(seen) <= 8192 + 1024  # stopped reading right after the cap
+    assert upload.status_code == 200  # 32 KB: over the JSON cap, within the upload limit
+
+
+def test_query_without_words_is_a_422_and_non_latin_queries_search(stub_app):
+    app, _, _ = stub_app()
+
+    async def scenario():
+        async with _client(app) as c:
+            return [await c.post("/search/text", json={"query": q}) for q in
+                    ("\u200b\u200b", "\x00\x01", "собака лает", "犬が吠える", "café")]
+
+    zw, ctrl, *ok = asyncio.run(scenario())
+    assert zw.status_code == 422 and "no words" in zw.json()["error"]
+    assert ctrl.status_code == 422 and "no words" in ctrl.json()["error"]
+    assert all(r.status_code == 200 for r in ok)
+
+
+def test_healthz_is_cheap_and_reveals_nothing(stub_app, caplog):
+    """No forward pass per call (the warm-up ran once at start), no paths in the body; with the index gone a bare
+    503 whose reason is in the server log only."""
+    app, service, stub = stub_app(token="t")
+
+    async def get():
+        async with _client(app) as c:
+            return [await c.get("/healthz") for _ in range(3)]
+
+    assert stub.self_checks == 1 and service.ready
+    oks = asyncio.run(get())
+    assert stub.self_checks == 1
+    assert all(r.status_code == 200 for r in oks)
+    assert oks[0].json() == {"status": "ok", "n_clips": 1, "auth": True, "max_top_k": 100}
+    (service.index_root / "manifest.json").rename(service.index_root / "gone.json")
+    with caplog.at_level("WARNING", logger="hci_atr.serve"):
+        sick = asyncio.run(get())[0]
+    assert sick.status_code == 503 and sick.json() == {"error": "unhealthy"}
+    assert "no longer readable" in caplog.text and str(service.index_root) in caplog.text
+
+
+def test_server_errors_have_generic_bodies(stub_app, caplog):
+    from hci_atr.errors import ModelLoadError
+
+    app, _, stub = stub_app()
+    cases = [(RuntimeError("/srv/secret/model.bin: boom"), 500), (ModelLoadError("/srv/secret/index: broken"), 503)]
+
+    async def scenario():  # one event loop: the service's batch queue lives on the first loop that used it
+        out = []
+        async with _client(app) as c:
+            for exc, _ in cases:
+                stub.fail = exc
+                out.append(await c.post("/search/text", json={"query": "a dog"}))
+        return out
+
+    with caplog.at_level("ERROR", logger="hci_atr.serve"):
+        got = asyncio.run(scenario())
+    for r, (_, status) in zip(got, cases):
+        assert r.status_code == status and set(r.json()) == {"error"}, r.text
+        assert "secret" not in r.text and "boom" not in r.text and "Error" not in r.text
+    assert "/srv/secret/model.bin: boom" in caplog.text and "/srv/secret/index: broken" in caplog.text
+
+
+def test_security_headers_on_every_response_and_csp_on_the_page(stub_app):
+    app, _, _ = stub_app()
+
+    async def scenario():
+        async with _client(app) as c:
+            return {p: await c.get(p) for p in ("/", "/static/app.js", "/healthz", "/nope")}
+
+    got = asyncio.run(scenario())
+    assert all(r.headers["x-content-type-options"] == "nosniff" for r in got.values())
+    for page in ("/", "/static/app.js"):
+        csp = got[page].headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "default-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "content-security-policy" not in got["/healthz"].headers  # /docs keeps working: CSP only on the page
+    html = got["/"].text
+    import re
+
+    assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == []  # no inline script under script-src 'self'
+    assert not re.search(r"\son[a-z]+=", html) and "style=" not in html
+
+
+_PAGE_HARNESS = r"""
+const fs = require("fs");
+const elements = {};
+function el(id) {
+  if (!elements[id]) elements[id] = { id, value: "", textContent: "", className: "", checked: true, dataset: {},
+    files: [], listeners: {}, addEventListener(t, f) { this.listeners[t] = f; }, append() {} };
+  return elements[id];
+}
+const body = { dataset: {} };
+global.document = { getElementById: el, body, createElement: () => el("x" + Math.random()) };
+global.sessionStorage = { getItem: () => "", setItem() {} };
+global.window = { location: { search: "?q=a%20dog" } };
+const reply = JSON.parse(process.argv[3]);
+global.fetch = async () => ({ ok: reply.status < 400, status: reply.status,
+  headers: { get: (k) => k.toLowerCase() === "content-type" ? reply.type : null },
+  text: async () => reply.body, json: async () => JSON.parse(reply.body) });
+eval(fs.readFileSync(process.argv[2], "utf8"));
+setTimeout(() => console.log(JSON.stringify({ status: el("status").textContent, state: body.dataset.state })), 50);
+"""
+
+
+@pytest.mark.parametrize("status,ctype,body,want", [
+    (503, "text/plain; charset=utf-8", "Request dropped due to backpressure (num_queued_requests=1)", "busy, try again"),
+    (408, "text/plain; charset=utf-8", "Request 1234 timed out after 30.0s.", "timed out, try again"),
+    (500, "text/plain", "Internal Server Error", "error: HTTP 500"),
+    (422, "application/json", '{"error": "query: no words"}', "error: query: no words"),
+])
+def test_page_script_handles_plain_text_errors(tmp_path, status, ctype, body, want):
+    """serve/static/app.js run under node with a minimal DOM: Serve's plain-text 503/408 (not JSON) show a short
+    message instead of a JSON parse error; the app's own JSON errors show their text."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed (apt-get install -y nodejs): runs the page script without a browser")
+    harness = tmp_path / "harness.js"
+    harness.write_text(_PAGE_HARNESS)
+    out = subprocess.run([node, str(harness), str(ROOT / "serve" / "static" / "app.js"),
+                          json.dumps({"status": status, "type": ctype, "body": body})],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"status": want, "state": "error"}, got
+
+
+def test_importing_the_serve_module_loads_no_model_and_queries_no_tracking():
+    """`serve run serve.app:...` imports the module on the driver and in every replica: nothing heavy may happen
+    there (the model, the index and MLflow belong to the replica's __init__, or to nobody)."""
+    code = ("import sys, serve.app; "
+            "print(sorted(m for m in ('torch', 'transformers', 'mlflow', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_http_options_carry_the_request_timeout():
+    from hci_atr.errors import ConfigError
+    from serve.app import http_options
+    from workflows.settings import ServeSettings
+
+    assert http_options(ServeSettings(), port=8123) == {"host": "127.0.0.1", "port": 8123, "request_timeout_s": 30.0}
+    assert http_options(ServeSettings(request_timeout_s=5))["request_timeout_s"] == 5.0
+    with pytest.raises(ConfigError, match="request_timeout_s"):
+        http_options(ServeSettings(request_timeout_s=0))

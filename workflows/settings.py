@@ -65,6 +65,11 @@ class ServeSettings:
     warm_index: bool = True  # replicas ask the OS to page the index files in at start (rerank rows then come from RAM)
     max_top_k: int = 100
     max_upload_bytes: int = 10 * 1024 * 1024
+    max_json_bytes: int = 64 * 1024  # JSON request bodies (queries, texts to embed); 413 past it, even chunked
+    # Serve's end-to-end HTTP timeout (its proxy answers 408 past it); applied where this project starts Serve
+    # (serve.app.http_options) or by a Serve config file's http_options.request_timeout_s
+    request_timeout_s: float = 30.0
+    compute_threads: int = 2  # threads of a replica that decode uploads and run the model, off its event loop
     max_audio_seconds: float = 60.0
     max_query_chars: int = 1000
     batch_max_size: int = 16

@@ -58,13 +58,27 @@
     document.body.dataset.state = "done";
   }
 
+  // Serve's own proxy answers overload (503) and timeouts (408) in plain text, not the app's {"error": ...} JSON
+  function failure(status, data) {
+    if (status === 503 || status === 429) return "busy, try again";
+    if (status === 408 || status === 504) return "timed out, try again";
+    return "error: " + ((data && data.error) || ("HTTP " + status));
+  }
+
   async function call(url, options) {
     document.body.dataset.state = "loading";
     status("searching\u2026", false);
     try {
       const resp = await fetch(url, options);
-      const data = await resp.json();
-      if (!resp.ok) throw new Error(data.error || ("HTTP " + resp.status));
+      const text = await resp.text();
+      let data = null;
+      try { data = JSON.parse(text); } catch (e) { data = null; }
+      if (!resp.ok || data === null) {
+        $("results").textContent = "";
+        status(resp.ok ? "error: the server sent no JSON" : failure(resp.status, data), true);
+        document.body.dataset.state = "error";
+        return;
+      }
       render(data);
     } catch (err) {
       $("results").textContent = "";
