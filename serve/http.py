@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hci_atr.errors import AudioError, HciAtrError, QueryError, one_line
+from hci_atr.errors import AudioError, HciAtrError, NotFoundError, QueryError, one_line
 
 log = logging.getLogger("hci_atr.serve")
 
@@ -48,6 +48,8 @@ def status_of(exc: HciAtrError) -> int:
     """HTTP status of a project error: what the client sent (4xx) or the server's state (503)."""
     if isinstance(getattr(exc, "status_code", None), int):  # RequestError (and the library's, while it has one)
         return exc.status_code
+    if isinstance(exc, NotFoundError):
+        return 404
     if isinstance(exc, QueryError):
         return 422  # like the schema's own validation errors
     if isinstance(exc, AudioError):

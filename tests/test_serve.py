@@ -694,3 +694,11 @@ def test_http_options_carry_the_request_timeout():
     assert http_options(ServeSettings(request_timeout_s=5))["request_timeout_s"] == 5.0
     with pytest.raises(ConfigError, match="request_timeout_s"):
         http_options(ServeSettings(request_timeout_s=0))
+
+
+def test_project_errors_map_to_statuses():
+    from hci_atr.errors import AudioError, ConfigError, ModelLoadError, NotFoundError, QueryError
+    from serve.http import RequestError, status_of
+
+    assert [status_of(e) for e in (QueryError("q"), NotFoundError("n"), AudioError("a"), RequestError("r", 415),
+                                   ModelLoadError("m"), ConfigError("c"))] == [422, 404, 400, 415, 503, 503]
