@@ -39,13 +39,6 @@ class QueryError(HciAtrError):
     """A search query or its options are unusable (empty text, top_k out of range, nothing to search)."""
 
 
-class RequestError(HciAtrError):
-    """A request to the serving app is invalid (maps to HTTP 4xx)."""
-
-    def __init__(self, message: str, status_code: int = 400):
-        super().__init__(message)
-        self.status_code = status_code
-
 
 def one_line(exc: BaseException | str, limit: int = 500) -> str:
     """One line for a person: a project error's message or a string as it is, another exception as
