@@ -47,7 +47,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 
 from hci_atr.data.text import check_query
-from hci_atr.errors import ConfigError, HciAtrError, QueryError
+from hci_atr.errors import ConfigError, HciAtrError, QueryError, one_line
 from serve.http import Guard, Policy, RequestError, error, install_error_handlers, log
 from serve.schemas import (ERROR_RESPONSES, EmbedResponse, EmbedTextRequest, ErrorOut, HealthOut, SearchResponse,
                            TextSearchRequest)
@@ -129,12 +129,31 @@ class SearchService:
 
     # -- health --------------------------------------------------------------------------------------------------
     def unhealthy(self) -> str | None:
-        """Why this replica cannot answer now (for the server log), or None. Reads a flag and stats the index."""
+        """Why this replica cannot answer now (for the server log), or None. Reads a flag and stats the index, and
+        switches to a newer index version when one was written since (Serve calls this every few seconds)."""
         if not self.ready:
             return "warming up"
+        self.refresh_index()
         if not _index_readable(self.index_root):
             return f"index {self.index_root} is no longer readable"
         return None
+
+    def refresh_index(self) -> bool:
+        """Serve the index folder's current version (`hci-atr index --out` on the same folder writes a new one and
+        moves its pointer); a new version that cannot be used is logged and the one in use kept. Returns whether it
+        switched."""
+        reload = getattr(self.retriever, "reload_if_changed", None)
+        if reload is None:
+            return False
+        try:
+            switched = bool(reload())
+        except HciAtrError as e:
+            log.warning("index %s: a new version is not usable (%s); still serving the one loaded",
+                        self.index_root, one_line(e))
+            return False
+        if switched:
+            log.info("index %s: now serving version %s", self.index_root, getattr(self.retriever.index, "version", "?"))
+        return switched
 
     def health(self) -> dict:
         return {"status": "ok", "n_clips": len(self.retriever.index), "auth": bool(self.api_token),

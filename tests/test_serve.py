@@ -702,3 +702,27 @@ def test_project_errors_map_to_statuses():
 
     assert [status_of(e) for e in (QueryError("q"), NotFoundError("n"), AudioError("a"), RequestError("r", 415),
                                    ModelLoadError("m"), ConfigError("c"))] == [422, 404, 400, 415, 503, 503]
+
+
+def test_health_check_switches_to_a_new_index_version_and_keeps_a_bad_one_out(stub_app):
+    """A replica sees that its index changed (Serve's periodic health check), and a new version that cannot be used
+    is logged while the loaded one keeps serving."""
+    from hci_atr.errors import DataError
+
+    _app, service, stub = stub_app()
+    calls = []
+
+    def reload_ok():
+        calls.append("ok")
+        return len(calls) == 1  # the first check finds a new version, the next ones nothing new
+
+    stub.reload_if_changed = reload_ok
+    assert service.unhealthy() is None and service.unhealthy() is None
+    assert calls == ["ok", "ok"]
+
+    def reload_bad():
+        raise DataError("index v-2: caption_emb.npy has 3 rows, captions.parquet 4")
+
+    stub.reload_if_changed = reload_bad
+    assert service.unhealthy() is None  # still healthy: the version in use is fine
+    assert service.refresh_index() is False
