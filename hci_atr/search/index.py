@@ -95,7 +95,7 @@ def _read_current(root: Path) -> str | None:
     """The version ``root/CURRENT`` names, or None when there is no CURRENT."""
     try:
         name = (root / CURRENT_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{root / CURRENT_FILE}: unreadable ({e}); rebuild the index with `hci-atr index --out "
