@@ -118,7 +118,13 @@ CLI_CASES = [
     CliCase("level-weights-not-numbers", lambda e: ["train", "--features", str(e["feats"]), "--level-weights", "a,b"],
             "expected a number"),
     CliCase("out-dir-of-another-tool", lambda e: ["extract-features", "--data", str(e["demo"]), "--out",
-                                                  str(e["foreign"])], "not written by this pipeline"),
+                                                  str(e["foreign"])], "not an output of this pipeline"),
+    # an --out pointed at a folder of the user's own files: refused before anything in it is touched
+    CliCase("out-is-a-folder-of-audio", lambda e: ["extract-features", "--data", str(e["demo"]), "--out",
+                                                   str(e["audio_folder"])], "not an output of this pipeline",
+            "audio_folder"),
+    CliCase("make-demo-out-is-a-folder-of-audio", lambda e: ["make-demo", "--out", str(e["audio_folder"])],
+            "not a demo dataset", "audio_folder"),
     # models and feature directories
     CliCase("captioner-bad-model-path", lambda e: ["caption-all", "--data", str(e["demo"]), "--out", str(e["out"]),
                                                    "--captioner", "blip", "--model", str(e["tmp"] / "nomodel")],
@@ -165,6 +171,9 @@ def env(demo_root, tmp_path_factory):
     e["foreign"] = tmp / "foreign"
     e["foreign"].mkdir()
     pq.write_table(pa.table({"x": [1]}), e["foreign"] / "part-00000.parquet")
+    e["audio_folder"] = tmp / "my_recordings"
+    e["audio_folder"].mkdir()
+    (e["audio_folder"] / "take1.wav").write_bytes(Path(e["good"]).read_bytes())
     e["clotho_bad"] = tmp / "clotho_bad"
     e["clotho_bad"].mkdir()
     (e["clotho_bad"] / "clotho_captions_development.csv").write_text("name,caption_1\na.wav,x\n")
@@ -216,6 +225,9 @@ def test_cli_bad_input(case: CliCase, env, capsys, request):
     assert code != 0
     line = _check_one_line(err, case.words, case.ray)
     _no_output(Path(e[case.out]) if case.out else None, before)
+    if "folder-of-audio" in case.id:  # the user's file is still there, byte for byte, and nothing was added
+        assert (env["audio_folder"] / "take1.wav").read_bytes() == Path(env["good"]).read_bytes()
+        assert [p.name for p in env["audio_folder"].iterdir()] == ["take1.wav"]
     if "foreign" in case.id:
         assert {p.name for p in env["foreign"].iterdir()} <= {"part-00000.parquet", ".lock"}
     RESULTS.append(("CLI", case.id, f"exit {code}", line))

@@ -225,6 +225,7 @@ class ShardedOutput:
     def open(self) -> list[Shard]:
         """Lock the directory, remove a killed run's temp files, check the plan, and list the shards still to do."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._check_own()  # before the lock file: nothing is written into a folder that is not ours
         self._lock_fh = open(self.dir / LOCK_FILE, "w")
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -232,7 +233,6 @@ class ShardedOutput:
             self._lock_fh.close()
             self._lock_fh = None
             raise DataError(f"{self.dir}: another run is writing this directory; wait for it or use another --out")
-        self._check_own()
         self.stale_removed = self.remove_temp_files()
         self._check_plan()
         (self.dir / SUCCESS_FILE).unlink(missing_ok=True)  # not complete until this run says so
