@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def _gather_loop(config):
     import ray.train
 
     from hci_atr.losses import sharded_info_nce
-    from workflows.train import GatherWithGrad
+    from hci_atr.training.distributed import GatherWithGrad
 
     rank = ray.train.get_context().get_world_rank()
     a_all, t_all = torch.tensor(config["a"]), torch.tensor(config["t"])
@@ -202,11 +203,11 @@ def test_evaluate_prints_table_and_rerank_all_equals_full(main_run, feats, work,
     from workflows.cli import main
     from workflows.evaluate import evaluate
 
-    full = evaluate(main_run.model_dir, feats, "test")
+    full = evaluate(main_run.model_dir, feats, "test").metrics
     assert full["n_audio"] == 7 and full["n_text"] == 35
     assert full["rsum"] == pytest.approx(full["t2a_R1"] + full["t2a_R5"] + full["t2a_R10"])
     # reranking every candidate (all 7 clips per caption, all 35 captions per clip) is exactly full scoring
-    rr = evaluate(main_run.model_dir, feats, "test", rerank_k=35)
+    rr = evaluate(main_run.model_dir, feats, "test", rerank_k=35).metrics
     for k in ("t2a_R1", "t2a_R5", "t2a_mAP10", "a2t_R1", "a2t_mAP10", "t2a_medr", "a2t_meanr"):
         assert rr[k] == pytest.approx(full[k]), k
     main(["evaluate", "--model", "models:/tiny-hci@champion", "--features", str(feats), "--split", "test",
@@ -247,3 +248,60 @@ def test_rerun_with_other_settings_is_refused(main_run, feats, work, tiny_text_d
 
     with pytest.raises(ConfigError, match="model.embed_dim"):
         train(_cfg(tiny_text_dir, work, "main", **{"model.embed_dim": 16}), feats, tracking_uri=_uri(work))
+
+
+# -- one worker: the in-process loop's numbers; a broken latest checkpoint --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def solo_run(feats, work, tiny_text_dir):
+    """2 epochs on ONE worker (1 torch thread, as the ablation's tasks run)."""
+    from workflows.train import train
+
+    lines: list[str] = []
+    res = train(_cfg(tiny_text_dir, work, "solo", epochs=2, **{"run.num_workers": 1}), feats,
+                tracking_uri=_uri(work), register=False, log_examples=False, torch_threads=1, echo=lines.append)
+    return res, lines
+
+
+def test_one_worker_matches_the_in_process_loop(solo_run, feats, work, tiny_text_dir):
+    """The ablation path (in-process fit loop over read_split_rows) and `hci-atr train`'s worker path (the same loop
+    over its Ray Data split) give the same first epoch for the same seed: the same rows in the same order, batches,
+    crops, losses and validation."""
+    from hci_atr.data.shards import read_split_rows
+    from workflows.ablation import train_and_evaluate
+
+    res, _ = solo_run
+    rows = {s: read_split_rows(feats, s) for s in ("train", "val", "test")}
+    abl = train_and_evaluate(_cfg(tiny_text_dir, work, "solo", epochs=1, **{"run.num_workers": 1}), rows["train"],
+                             rows["val"], rows["test"], threads=1)
+    a, t = abl["history"][0], res.history[0]
+    assert t["batches"] == a["batches"] == 34 // BATCH
+    for k in ("loss_total", "loss_clip", "loss_segment", "loss_frame"):
+        assert t[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), k
+    assert t["val_rsum"] == pytest.approx(a["val_rsum"], abs=1e-6)
+
+
+def test_broken_latest_checkpoint_resumes_from_the_previous_one(solo_run, feats, work, tiny_text_dir):
+    """The latest checkpoint's train_state.pt truncated: a re-run with more epochs says so in one line, resumes from
+    the previous checkpoint (epoch 0), trains epochs 1-2 again and finishes with the same numbers."""
+    from workflows.train import checkpoint_dirs, checkpoint_epoch, train
+
+    first, lines = solo_run
+    assert not any("unreadable" in line for line in lines)
+    run_dir = work / "ray_results" / "solo"
+    dirs = checkpoint_dirs(run_dir)
+    assert [checkpoint_epoch(d) for d in dirs] == [0, 1]
+    state = dirs[-1] / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    lines = []
+    second = train(_cfg(tiny_text_dir, work, "solo", epochs=3, **{"run.num_workers": 1}), feats,
+                   tracking_uri=_uri(work), register=False, log_examples=False, torch_threads=1, echo=lines.append)
+    notes = [line for line in lines if "unreadable" in line]
+    assert len(notes) == 1 and dirs[-1].name in notes[0] and f"{dirs[0].name} (epoch 0)" in notes[0]
+    assert "train_state.pt does not match its checksum" in notes[0]
+    assert [int(h["epoch"]) for h in second.history] == [0, 1, 2]
+    assert [int(h["start_epoch"]) for h in second.history] == [0, 1, 1]
+    assert second.history[1]["loss_total"] == pytest.approx(first.history[1]["loss_total"], rel=1e-6)
+    assert second.mlflow_run_id == first.mlflow_run_id and math.isfinite(second.metrics["val_rsum"])
+    assert (Path(second.best_checkpoint_dir) / "train_state.pt").stat().st_size > 100  # never the broken one

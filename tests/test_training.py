@@ -5,7 +5,8 @@ import torch
 
 from hci_atr.metrics import retrieval_metrics
 from hci_atr.models.model import HciAtrModel
-from hci_atr.training import audio_key, embed_split, evaluate, iter_batches, make_batch, n_target_frames, train_epoch
+from hci_atr.data.audio import n_frames
+from hci_atr.training import audio_key, embed_split, evaluate, iter_batches, make_batch, train_epoch
 from model_helpers import tiny_cfg, tiny_rows
 
 
@@ -20,7 +21,7 @@ def _setup(text_dir, **over):
 def test_make_batch_crops_and_picks_captions(tiny_text_dir):
     cfg, model, _ = _setup(tiny_text_dir, **{"model.ac_augment": True, "model.ac_fusion": True})
     rows = tiny_rows(4, n_frames=80, generated=True)
-    n = n_target_frames(cfg)
+    n = n_frames(cfg.audio)
     assert n == 65
     b = make_batch(rows, cfg, model, train=True, generator=torch.Generator().manual_seed(0))
     assert b.mel.shape == (4, 65, 16) and bool(b.mel_mask.all())
@@ -77,7 +78,7 @@ def test_sharded_loss_is_the_global_batch_loss(tiny_text_dir, over):
     cfg, model, _ = _setup(tiny_text_dir, **over)
     model.eval()  # no dropout: the two computations must see the same network
     # one caption per clip and exactly the target frames: training batches without any random choice
-    rows = tiny_rows(6, n_frames=n_target_frames(cfg), captions_per_clip=1, generated=True)
+    rows = tiny_rows(6, n_frames=n_frames(cfg.audio), captions_per_clip=1, generated=True)
     whole = make_batch(rows, cfg, model, train=True, generator=torch.Generator())
     halves = [make_batch(rows[:3], cfg, model, train=True, generator=torch.Generator()),
               make_batch(rows[3:], cfg, model, train=True, generator=torch.Generator())]
@@ -168,3 +169,113 @@ def test_restore_optimizer_state_or_say_why_not():
     (a.sum() + b.sum()).backward()
     fewer.step()
     assert set(fewer.state_dict()["state"]) == {0, 1}
+
+
+# -- the fit loop -------------------------------------------------------------------------------------------------
+
+
+def _fit(text_dir, epochs, resume=None, model=None, **over):
+    from hci_atr.training import InProcess, fit, seeded_model
+
+    cfg = tiny_cfg(text_dir, **{"train.batch_size": 4, "train.epochs": epochs, "train.warmup_epochs": 2, **over})
+    rows, val = tiny_rows(8, generated=True), tiny_rows(4, seed=1)
+    model = model or seeded_model(cfg)
+    hooks = InProcess(cfg, rows, val)
+    ends = []
+    hooks.on_epoch_end = lambda end, keep=hooks.on_epoch_end: (keep(end), ends.append(
+        {"optimizer": end.optimizer.state_dict(), "state": end.state.to_dict(),
+         "weights": {k: v.clone() for k, v in end.model.state_dict().items()}}))
+    return fit(model, cfg, hooks, resume=resume), ends, hooks, model, cfg
+
+
+def test_fit_resumed_replays_the_uninterrupted_run(tiny_text_dir):
+    """Same seed: 3 epochs in one go == 1 epoch, then a fresh process resuming from that epoch's state (weights,
+    optimizer, FitState) for 2 more: the same losses and the warm-up's learning rate decided by the epoch alone."""
+    import copy
+
+    from hci_atr.training import FitState, Resume, seeded_model
+
+    whole, _, _, _, cfg = _fit(tiny_text_dir, 3)
+    lrs = [h["lr"] for h in whole.state.history]
+    assert lrs == pytest.approx([cfg.train.lr * 0.5, cfg.train.lr, cfg.train.lr])
+    first, ends, _, _, _ = _fit(tiny_text_dir, 1)
+    saved = copy.deepcopy(ends[-1])
+    model = seeded_model(cfg)
+    model.load_state_dict(saved["weights"])
+    resume = Resume(FitState.from_dict(saved["state"]), saved["optimizer"])
+    rest, _, _, _, _ = _fit(tiny_text_dir, 3, resume=resume, model=model)
+    assert rest.start_epoch == 1 and [int(h["epoch"]) for h in rest.state.history] == [0, 1, 2]
+    assert [h["start_epoch"] for h in rest.state.history] == [0, 1, 1]
+    for a, b in zip(rest.state.history, whole.state.history):
+        assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-6) and a["lr"] == b["lr"]
+        assert a["val_rsum"] == pytest.approx(b["val_rsum"])
+    # an optimizer state that does not fit: the weights resume, AdamW restarts, and the lr is still the epoch's
+    resume = Resume(FitState.from_dict(saved["state"]), {"state": {}, "param_groups": []})
+    odd, _, _, _, _ = _fit(tiny_text_dir, 2, resume=resume, model=model)
+    assert odd.state.history[-1]["lr"] == pytest.approx(cfg.train.lr)
+
+
+def test_fit_keeps_the_best_epoch_and_stops_early(tiny_text_dir):
+    from hci_atr.training import InProcess, fit, seeded_model
+
+    cfg = tiny_cfg(tiny_text_dir, **{"train.epochs": 10, "train.early_stopping_patience": 2})
+    scores = iter([10.0, 30.0, 20.0, 25.0, 40.0])
+
+    class Scripted(InProcess):
+        def validate(self, model):
+            return {"rsum": next(scores)}
+
+    model = seeded_model(cfg)
+    hooks = Scripted(cfg, tiny_rows(8), [])
+    res = fit(model, cfg, hooks)
+    assert [h["val_rsum"] for h in res.state.history] == [10.0, 30.0, 20.0, 25.0]  # 2 epochs without a better one
+    assert res.stopped_early and res.state.best_epoch == 1 and res.state.bad_epochs == 2
+    assert [h["early_stopped"] for h in res.state.history] == [0, 0, 0, 1]
+    hooks.restore_best(model)  # the epoch-1 weights again (trainable ones; frozen ones never changed)
+    assert hooks.best_state and all(torch.equal(model.state_dict()[k], v) for k, v in hooks.best_state.items())
+
+
+def test_checkpoint_round_trip_checksums_and_weights_only(tiny_text_dir, tmp_path):
+    """A checkpoint written by the train workflow loads back with torch.load(weights_only=True); a truncated file
+    fails its checksum; a train_state.pt that pickles code (an old, checksum-less checkpoint) is refused without
+    running it; a resume passes over the broken newest checkpoint to the previous one."""
+    import json
+    import pickle
+
+    from workflows.train import (checkpoint_problem, read_checkpoint, resume_checkpoint, resume_note,
+                                 write_checkpoint)
+
+    res, ends, _, model, cfg = _fit(tiny_text_dir, 2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    opt.load_state_dict(ends[-1]["optimizer"])
+    run = tmp_path / "run"
+    old, new = run / "checkpoint_2020-01-01_00-00-00.000000", run / "checkpoint_2020-01-01_00-00-01.000000"
+    for d, e in ((old, 0), (new, 1)):
+        write_checkpoint(d, model, opt, res.state, {"epoch": e, "val_rsum": 1.0, "mlflow_run_id": "r"})
+    state = torch.load(new / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["history"] == res.state.history
+    weights, resume = read_checkpoint(new)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert resume.state == res.state and resume.optimizer["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]
+    assert resume_checkpoint(new, run) == (new, [])
+
+    data = (new / "train_state.pt").read_bytes()
+    (new / "train_state.pt").write_bytes(data[:len(data) // 2])  # truncated
+    assert checkpoint_problem(new) == "train_state.pt does not match its checksum"
+    chosen, skipped = resume_checkpoint(new, run)
+    assert chosen == old and [p for p, _ in skipped] == [new]
+    note = resume_note(chosen, skipped)
+    assert "\n" not in note and new.name in note and f"{old.name} (epoch 0)" in note
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))  # older format
+    (old / "train_state.pt").write_bytes(pickle.dumps({"epoch": 0, "x": Payload()}, protocol=2))
+    why = checkpoint_problem(old)
+    assert why is not None and why.startswith("train_state.pt:") and not marker.exists()
+    assert resume_checkpoint(new, run) == (None, [(new, "train_state.pt does not match its checksum"), (old, why)])

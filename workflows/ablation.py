@@ -12,9 +12,11 @@ data (demo, made on request | any dataset reader path)
   -> MLflow: one parent run (the table, plot, settings) with one child run per variant x seed
 ```
 
-Every task runs the library's training core in-process (``hci_atr.training``: ``iter_batches``, ``train_epoch``,
-``evaluate``): AdamW on the trainable parameters, ``train.epochs`` epochs, best epoch by validation R-sum (as
-``hci-atr train`` picks its best checkpoint), then the test split is evaluated once with that epoch's weights.
+Every task runs the library's fit loop in-process (:func:`hci_atr.training.fit` with
+:class:`hci_atr.training.InProcess` hooks; every ``hci-atr train`` worker runs the same loop): AdamW on the trainable
+parameters, ``train.epochs`` epochs (early stopping when ``train.early_stopping_patience`` is set), best epoch by
+validation R-sum (as ``hci-atr train`` picks its best checkpoint), then the test split is evaluated once with that
+epoch's weights.
 Only the switches of :data:`VARIANTS` differ between variants; data, epochs, batch size, encoders and seeds are equal.
 
 Auxiliary captions. The AC variants need a generated caption per clip. Per seed ``s``, the ``nearest`` captioner
@@ -31,7 +33,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -96,9 +97,15 @@ def variant_config(base: Settings, variant: Variant, seed: int) -> Settings:
     return base.override({**variant.switches, "train.seed": seed}, f"ablation variant {variant.name}")
 
 
+# The fit loop's rules (seeding, warm-up; hci_atr/training/loop.py) decide the numbers too: results of older rules are
+# recomputed, not resumed.
+LOOP_RULES = 2
+
+
 def config_key(cfg: Settings, extra: dict[str, Any] | None = None) -> str:
-    """A short hash of everything that decides a run's numbers (resolved config + data + caption source)."""
-    blob = json.dumps({"config": cfg.to_dict(), **(extra or {})}, sort_keys=True, default=str)
+    """A short hash of everything that decides a run's numbers (resolved config + data + caption source + the fit
+    loop's rules)."""
+    blob = json.dumps({"config": cfg.to_dict(), "loop": LOOP_RULES, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -115,17 +122,18 @@ def with_captions(rows: list[dict], captions: dict[str, str] | None) -> list[dic
 def train_and_evaluate(cfg: Settings, train_rows: list[dict], val_rows: list[dict], test_rows: list[dict], *,
                        captions: dict[str, str] | None = None, model_dir: str | os.PathLike | None = None,
                        threads: int = 1) -> dict[str, Any]:
-    """Train ``HciAtrModel(cfg)`` for ``cfg.train.epochs`` epochs, keep the epoch with the best validation R-sum,
-    evaluate it on ``test_rows``. Returns ``{"test": metrics, "val": metrics, "best_epoch", "history", "seconds"}``
-    (metrics as :func:`hci_atr.training.evaluate` gives them, in percent). ``model_dir``: save the best model there.
+    """Train ``HciAtrModel(cfg)`` with the library's fit loop (:func:`hci_atr.training.fit`, in-process hooks: the
+    same seeding, warm-up, best epoch and early stopping as each ``hci-atr train`` worker), put back the epoch with
+    the best validation R-sum, evaluate it on ``test_rows``. Returns ``{"test": metrics, "val": metrics,
+    "best_epoch", "history", "seconds", "threads"}`` (metrics as :func:`hci_atr.training.evaluate` gives them, in
+    percent). ``model_dir``: save the best model there.
 
-    Seeds: the model's initial weights come from ``cfg.train.seed``; epoch ``e``'s shuffles, crops and caption picks
-    from ``seed * 1000 + e``, so the same seed gives the same numbers on CPU.
+    The training rows are batched in audio_id order (as :func:`hci_atr.data.shards.read_split_rows` returns them),
+    the order a single ``hci-atr train`` worker sees its split in, so one worker and this loop give the same numbers.
     """
     import torch
 
-    from hci_atr import training
-    from hci_atr.models.model import HciAtrModel
+    from hci_atr.training import InProcess, evaluate, fit, seeded_model
 
     torch.set_num_threads(max(1, int(threads)))
     t0 = time.perf_counter()
@@ -134,45 +142,16 @@ def train_and_evaluate(cfg: Settings, train_rows: list[dict], val_rows: list[dic
     if len(train_rows) < 2 or not val_rows or not test_rows:
         raise ConfigError(f"ablation needs >= 2 training rows and non-empty validation/test splits (got "
                           f"{len(train_rows)}/{len(val_rows)}/{len(test_rows)}); use a larger dataset or --size")
-    torch.manual_seed(tc.seed)
-    model = HciAtrModel(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    batch_size = min(tc.batch_size, len(train_rows))
-    steps_per_epoch = max(1, len(train_rows) // batch_size)
-    # linear warm-up over warmup_epochs, per step, then constant (warmup_epochs = 0: constant from the start);
-    # after step k, (k + 1) / steps_per_epoch epochs are done: factor (k + 1) / (warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: training.warmup_factor((step + 1) / steps_per_epoch - 1, tc.warmup_epochs))
-
-    class _Stepper:  # steps the schedule once per batch without touching the training core
-        def __init__(self, batches):
-            self.batches = batches
-
-        def __iter__(self):
-            for b in self.batches:
-                yield b
-                sched.step()
-
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # e.g. the frozen text transformer
-    history: list[dict[str, float]] = []
-    best_rsum, best_epoch, best_state = -math.inf, -1, None
-    for epoch in range(tc.epochs):
-        torch.manual_seed(tc.seed * 1000 + epoch)
-        gen = torch.Generator().manual_seed(tc.seed * 1000 + epoch)
-        batches = training.iter_batches(train_rows, cfg, model, True, gen, batch_size=batch_size, drop_last=True)
-        losses = training.train_epoch(model, optimizer, _Stepper(batches), cfg)
-        val = training.evaluate(model, val_rows, cfg)
-        history.append({"epoch": float(epoch), **losses, **{f"val_{k}": v for k, v in val.items()}})
-        if val["rsum"] > best_rsum:
-            best_rsum, best_epoch = val["rsum"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
-    model.load_state_dict(best_state, strict=False)  # frozen parameters never changed, so they need no copy
-    val = training.evaluate(model, val_rows, cfg)
-    test = training.evaluate(model, test_rows, cfg)
+    train_rows = sorted(train_rows, key=lambda r: str(r["audio_id"]))
+    model = seeded_model(cfg)
+    hooks = InProcess(cfg, train_rows, val_rows, batch_size=min(tc.batch_size, len(train_rows)))
+    state = fit(model, cfg, hooks).state
+    hooks.restore_best(model)
+    val = evaluate(model, val_rows, cfg)
+    test = evaluate(model, test_rows, cfg)
     if model_dir is not None:
         model.save_pretrained(model_dir)
-    return {"test": test, "val": val, "best_epoch": best_epoch, "history": history,
+    return {"test": test, "val": val, "best_epoch": state.best_epoch, "history": state.history,
             "seconds": round(time.perf_counter() - t0, 2), "threads": torch.get_num_threads()}
 
 
@@ -295,6 +274,9 @@ def plot_ablation(rows: list[dict[str, Any]], path: str | os.PathLike, title: st
 
 @dataclass
 class AblationResult:
+    """What :func:`run_ablation` returns: the aggregate table's rows, every variant x seed result and where they
+    were written."""
+
     out_dir: str
     rows: list[dict[str, Any]]  # aggregate() output
     results: dict[tuple[str, int], dict] = field(repr=False)  # (variant, seed) -> run JSON

@@ -262,7 +262,8 @@ def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tra
             raise ConfigError("--use-gpu: no CUDA device is visible here; drop the flag to evaluate on the CPU")
     m = evaluate(model_ref, features, split, captions_dir=captions, rerank_k=rerank_k, log_mlflow=log_mlflow,
                  tracking_uri=tracking_uri, device="cuda" if use_gpu else "cpu")
-    click.echo(_json.dumps(m, indent=1, sort_keys=True) if as_json else format_table(m, title=f"{model_ref} on {split}"))
+    click.echo(_json.dumps(m.to_dict(), indent=1, sort_keys=True) if as_json
+               else format_table(m.metrics, title=f"{model_ref} on {split}"))
 
 
 @cli.command("index")

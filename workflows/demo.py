@@ -159,7 +159,8 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
     for name, _label, _ in VARIANTS:
         done = stages.done(f"eval_{name}")
         if done is None:
-            metrics = evaluate(models[name], feat_dir, "test", captions_dir=cap_dir if name == "hci_ac" else None)
+            metrics = evaluate(models[name], feat_dir, "test",
+                               captions_dir=cap_dir if name == "hci_ac" else None).metrics
             tracking.log_metrics(uri, runs[name], {f"test_{k}": v for k, v in metrics.items()}, step=0)
             done = stages.mark(f"eval_{name}", metrics)
         results[name] = done

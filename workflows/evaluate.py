@@ -2,7 +2,7 @@
 
 The model is a ``save_pretrained`` directory or ``models:/name@alias`` (``models:/name/version``) resolved through the
 MLflow registry. The split is small enough for one process (no Ray needed): every clip and caption is embedded once
-(``hci_atr.training.embed_split``) and scored all-against-all with the full fused HCI(+AC) score.
+(:func:`hci_atr.training.embed_split`) and scored all-against-all with the full fused HCI(+AC) score.
 
 ``rerank_k`` gives the two-stage search the serving app uses, measured offline: rank by the clip level alone (a dot
 product of pooled embeddings), then rescore only the top K candidates with the full score. It is an *approximation*
@@ -13,6 +13,7 @@ so recall at ranks <= K can only be lost, never gained, relative to what the cli
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,22 @@ from hci_atr.errors import ConfigError
 # Rows of the printed table: (label, metric suffix, format)
 TABLE_ROWS = [("R@1", "R1", "{:.2f}"), ("R@5", "R5", "{:.2f}"), ("R@10", "R10", "{:.2f}"),
               ("mAP@10", "mAP10", "{:.2f}"), ("median rank", "medr", "{:.1f}"), ("mean rank", "meanr", "{:.2f}")]
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` returns: ``metrics`` (``t2a_R1 .. a2t_meanr``, ``rsum``, per-level ``<level>_rsum``,
+    ``n_audio``, ``n_text``; ``rerank_k`` when reranked), what was evaluated, and the MLflow run it was logged to."""
+
+    metrics: dict[str, float]
+    model_ref: str
+    split: str
+    rerank_k: int | None = None
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics, plus ``mlflow_run_id`` when logged (what ``hci-atr evaluate --json`` prints)."""
+        return {**self.metrics, **({"mlflow_run_id": self.mlflow_run_id} if self.mlflow_run_id else {})}
 
 
 def _rerank_matrix(clip: torch.Tensor, full_of, k: int, dim: int) -> torch.Tensor:
@@ -53,15 +70,15 @@ def _rerank_matrix(clip: torch.Tensor, full_of, k: int, dim: int) -> torch.Tenso
 def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, split: str = "test",
              cfg: Settings | None = None, *, captions_dir: str | os.PathLike | None = None, rerank_k: int | None = None,
              log_mlflow: bool = False, tracking_uri: str | None = None, batch_size: int | None = None,
-             experiment: str = "hci-atr-eval", device: str = "cpu") -> dict[str, Any]:
-    """Metrics dict (``t2a_R1 .. a2t_meanr``, ``rsum``, per-level ``<level>_rsum``, ``n_audio``, ``n_text``).
+             experiment: str = "hci-atr-eval", device: str = "cpu") -> EvaluationResult:
+    """An :class:`EvaluationResult` of ``model_ref`` on the ``split`` rows of ``features_dir``.
 
     ``cfg``: only ``train.batch_size`` is used from it (the model brings its own config). ``device``: "cpu" or
     "cuda" (embedding and scoring run there; metrics are computed on the CPU). With ``log_mlflow`` a new
     run in ``experiment`` gets the metrics (prefixed ``<split>_``) and the model reference as params.
     """
-    from hci_atr import training
     from hci_atr.metrics import retrieval_metrics
+    from hci_atr.training import embed_split
     from hci_atr.models.model import HciAtrModel
     from workflows import tracking
     from hci_atr.data.shards import read_captions, read_split_rows
@@ -77,7 +94,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
         raise ConfigError(f"{features_dir}: no rows with split '{split}'; pick one of the extracted splits")
     bs = batch_size or (cfg.train.batch_size if cfg else mcfg.train.batch_size)
     with torch.no_grad():
-        emb = training.embed_split(model, rows, mcfg, batch_size=bs)
+        emb = embed_split(model, rows, mcfg, batch_size=bs)
         scores = model.score(emb.audio, emb.text)
         if rerank_k:
             from hci_atr.models.hci import clip_similarity
@@ -100,6 +117,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
     out["n_audio"] = float(len(emb.audio_ids))
     out["n_text"] = float(len(emb.captions))
     out = {k: float(v) for k, v in out.items()}
+    run_id = None
     if log_mlflow:
         uri = tracking.resolve_tracking_uri(tracking_uri)
         run_id = tracking.start_or_resume_run(uri, experiment, f"eval-{Path(str(model_ref)).name or 'model'}-{split}")
@@ -108,12 +126,13 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
                                           "data.fingerprint": tracking.data_fingerprint(features_dir)})
         tracking.log_metrics(uri, run_id, {f"{split}_{k}": v for k, v in out.items()}, step=0)
         tracking.end_run(uri, run_id)
-        out["mlflow_run_id"] = run_id  # type: ignore[assignment]
-    return out
+    return EvaluationResult(out, str(model_ref), split, rerank_k, run_id)
 
 
-def format_table(m: dict[str, Any], title: str | None = None) -> str:
+def format_table(m: dict[str, Any] | EvaluationResult, title: str | None = None) -> str:
     """Plain-text table: rows R@1/5/10, mAP@10, median/mean rank; columns text->audio and audio->text."""
+    if isinstance(m, EvaluationResult):
+        m = m.metrics
     w0, w = 13, 14
     lines = []
     if title:

@@ -1,53 +1,58 @@
-"""hci-atr train: Ray Train (V2) TorchTrainer over the feature shards, MLflow tracking, checkpoints, resume.
+"""hci-atr train: Ray Train (V2) hooks around the library's fit loop (:func:`hci_atr.training.fit`): the workers'
+dataset shards, DDP, checkpoints and their resume, MLflow on rank 0.
 
 Driver                                                     Workers (N, one TorchTrainer worker group)
 -------------------------------------------------------    ---------------------------------------------------------
-read train split through Ray Data (+ captions joined by    get_dataset_shard("train").iter_batches() -> its own split
-audio_id), materialize, split equally (split_data_config)  make_batch -> train_epoch(gather=all_gather with grads)
-create / resume the MLflow run, log config + fingerprint   DDP (prepare_model) averages the gradients
-TorchTrainer.fit()  --------------------------------->     rank 0: validation, MLflow epoch metrics, checkpoint
-best checkpoint -> <run_dir>/best_model (atomic)           all ranks: ray.train.report(...) every epoch
+read train split through Ray Data (+ captions joined by    hci_atr.training.fit(model, cfg, RayTrainHooks):
+audio_id), materialize, split equally (split_data_config)    batches: its own split (shard_rows) -> iter_batches
+create / resume the MLflow run, log config + fingerprint     loss: all-gathered texts (GatherWithGrad); DDP
+check the checkpoints a resume would use                     rank 0: validation, MLflow epoch metrics, checkpoint
+TorchTrainer.fit()  --------------------------------->       all ranks: ray.train.report(...) every epoch
+best checkpoint -> <run_dir>/best_model (atomic)
 curve plot, examples, model artifacts, registry alias
 
 Run directory ``<storage_path>/<run_name>/`` (``run_dir``):
   config.yaml            the resolved config of the run
   hci_atr_run.json       {"mlflow_run_id", "tracking_uri", "data_fingerprint"}: what a re-run resumes
   checkpoint_*/          Ray Train checkpoints (best ``num_to_keep`` by val_rsum + the latest), each holding
-                           model/ (HciAtrModel.save_pretrained), train_state.pt (optimizer, epoch, history,
-                           early-stopping state), meta.json (epoch, val_rsum, mlflow_run_id)
+                           model/ (HciAtrModel.save_pretrained), train_state.pt (FitState: epoch, history, best and
+                           early-stopping state; optimizer state; loads with ``torch.load(weights_only=True)``),
+                           meta.json (epoch, val_rsum, mlflow_run_id, sha256 of every other file; written last)
+                         copied in under a temporary name, fsync'd and renamed (a crash leaves whole ones only)
   best_model/            the best checkpoint's model/ directory, exported after fit (load with from_pretrained)
 
 Resume: running the same command again (same storage path and run name) makes Ray Train V2 restore its checkpoint
 manager from the run directory; the loop starts after the checkpoint's epoch and the driver keeps logging into the
 MLflow run named in ``hci_atr_run.json``. A worker that dies mid-epoch is restarted (``FailureConfig.max_failures``)
-from the latest checkpoint the same way.
+from the latest checkpoint the same way. A checkpoint that does not check out (checksum, truncated or foreign
+train_state.pt) is passed over for the newest older one that does, with one line saying so.
 
-Determinism: the model is initialised from ``seed`` on every rank (identical replicas), and each epoch re-seeds torch
-and the crop generator from (seed, epoch, rank); the shard split keeps block order (``preserve_order``), so the same
-seed and worker count give the same CPU numbers, also across a resume.
+Determinism: the fit loop's rules (hci_atr/training/loop.py: initial weights from ``seed`` on every rank, each epoch
+re-seeded from (seed, epoch, rank)), and a fixed split per worker in block order (``preserve_order``), shuffled per
+epoch by the same function as in-process training: the same seed and worker count give the same CPU numbers, also
+across a resume, and with one worker the numbers of ``hci-atr ablate``'s in-process loop.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-import shutil
 import signal
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
-
-from hci_atr.files import atomic_write_text, replace_dir
+from hci_atr.data.shards import feature_files, read_captions, read_split_rows, split_counts
+from hci_atr.errors import ConfigError, DataError, HciAtrError, ModelLoadError, one_line
+from hci_atr.files import atomic_write_bytes, atomic_write_text, copy_dir_atomic, fsync_tree
+from hci_atr.training import FitHooks, evaluate, fit, iter_batches, seeded_model
+from hci_atr.training.distributed import GatherWithGrad, broadcast_value, mean_over_workers
 from workflows.settings import Settings
-from hci_atr.data.shards import feature_files, read_captions, read_split_rows, split_counts, table_to_rows
-from hci_atr.errors import ConfigError, DataError, HciAtrError
 
 RUN_FILE = "hci_atr_run.json"
-# columns training reads from a feature shard (the extract-features schema, docs/architecture.md)
 BEST_MODEL = "best_model"
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "train_state.pt"
@@ -110,38 +115,8 @@ def train_dataset(features_dir: str | os.PathLike, split: str, captions: dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# distributed pieces used inside the per-worker loop
+# the worker's split, per epoch
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class GatherWithGrad:
-    """``gather(x [B, ...]) -> [world * B, ...]``: every worker's rows, in rank order, gradients kept.
-
-    Built on ``torch.distributed.nn.functional.all_gather``, whose backward sends each worker the gradient of its own
-    rows from every worker's loss, so contrastive losses see the negatives of the global batch. ``rows_seen`` records
-    the largest gathered batch (what a worker reports as its number of contrastive candidates).
-    """
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.world = dist.get_world_size()
-        self.rows_seen = 0
-
-    def __call__(self, x):
-        import torch
-        from torch.distributed.nn.functional import all_gather
-
-        if not torch.is_floating_point(x):  # ids / keys: no gradient, plain collective
-            import torch.distributed as dist
-
-            parts = [torch.empty_like(x) for _ in range(self.world)]
-            dist.all_gather(parts, x.contiguous())
-        else:
-            parts = all_gather(x.contiguous())
-        out = torch.cat(list(parts), dim=0)
-        self.rows_seen = max(self.rows_seen, int(out.shape[0]))
-        return out
 
 
 def split_data_config(ds, world_size: int):
@@ -171,9 +146,27 @@ def split_data_config(ds, world_size: int):
     return SplitMaterialized(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True))
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Per (seed, epoch, rank) seed: resuming at epoch e replays exactly what an uninterrupted run did at e."""
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2**31 - 1)
+def shard_rows(shard):
+    """A worker's split of the training rows for one epoch, as :class:`hci_atr.training.ArrowRows` in audio_id order.
+
+    The split's blocks are read whole (zero-copy Arrow) and cut into batches by :func:`hci_atr.training.iter_batches`
+    over this order, the function ``hci-atr ablate`` uses over ``read_split_rows`` (also audio_id order): with one
+    worker both see the same rows in the same order, so the same seed gives the same batches.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from hci_atr.training import ArrowRows
+
+    tables = [t for t in shard.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    if not tables:
+        raise DataError("this training worker's split of the feature rows is empty; lower run.num_workers")
+    table = pa.concat_tables(tables, promote_options="default")
+    ids = table.column("audio_id")
+    order = pc.sort_indices(ids)
+    if order.to_pylist() != list(range(table.num_rows)):  # the feature shards are in audio_id order already
+        table = table.take(order)
+    return ArrowRows(table)
 
 
 def _fault_point(fault: dict | None, epoch: int, rank: int, batch_index: int) -> None:
@@ -196,130 +189,250 @@ def _fault_point(fault: dict | None, epoch: int, rank: int, batch_index: int) ->
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _batch_rows(shard_iter) -> Iterator[list[dict[str, Any]]]:
-    for table in shard_iter:
-        yield table_to_rows(table)
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints: write (checksummed, fsync'd), check, pick the one to resume from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint(d: str | os.PathLike, model, optimizer, state, meta: dict) -> Path:
+    """Fill the folder ``d``: model/ (save_pretrained), train_state.pt (:class:`hci_atr.training.FitState` +
+    optimizer state: tensors, numbers, lists and dicts only, so it loads with ``weights_only=True``), and last
+    meta.json (``meta`` + the sha256 of every other file); everything fsync'd."""
+    import torch
+
+    d = Path(d)
+    model.save_pretrained(d / CHECKPOINT_MODEL)
+    buf = io.BytesIO()
+    torch.save({**state.to_dict(), "optimizer": optimizer.state_dict()}, buf)
+    atomic_write_bytes(d / CHECKPOINT_STATE, buf.getvalue())
+    files = {p.relative_to(d).as_posix(): _sha256(p) for p in sorted(d.rglob("*"))
+             if p.is_file() and p.name != CHECKPOINT_META}
+    atomic_write_text(d / CHECKPOINT_META, json.dumps({**meta, "files": files}, indent=1))
+    fsync_tree(d)
+    return d
+
+
+def _read_meta(d: Path) -> dict:
+    doc = json.loads((d / CHECKPOINT_META).read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"{CHECKPOINT_META} is not a JSON object")
+    return doc
+
+
+def _load_state(d: Path) -> dict:
+    import torch
+
+    # weights_only: a checkpoint is data; unpickling arbitrary objects from it would run their code
+    state = torch.load(d / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{CHECKPOINT_STATE} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def checkpoint_problem(d: str | os.PathLike) -> str | None:
+    """Why the checkpoint folder ``d`` cannot be resumed from (one line), or None when it can.
+
+    Checked against the checksums in its meta.json; a checkpoint written before they were recorded must at least
+    have a train_state.pt that loads."""
+    d = Path(d)
+    try:
+        meta = _read_meta(d)
+    except (OSError, ValueError) as e:
+        return f"{CHECKPOINT_META}: {one_line(e)}"
+    files = meta.get("files")
+    if isinstance(files, dict) and files:
+        for rel, digest in sorted(files.items()):
+            p = d / rel
+            if not p.is_file():
+                return f"{rel} is missing"
+            if _sha256(p) != digest:
+                return f"{rel} does not match its checksum"
+        return None
+    try:
+        _load_state(d)
+    except Exception as e:  # noqa: BLE001 - truncated file, foreign pickle, ...
+        return f"{CHECKPOINT_STATE}: {one_line(e)}"
+    return None
+
+
+def checkpoint_epoch(d: str | os.PathLike) -> int | None:
+    try:
+        return int(_read_meta(Path(d))["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_checkpoint(d: str | os.PathLike):
+    """``(model state_dict, hci_atr.training.Resume)`` of a checkpoint folder; a ModelLoadError when it does not
+    load (checksum, truncated file, a pickle that is not plain data)."""
+    from hci_atr.models.model import HciAtrModel
+    from hci_atr.training import FitState, Resume
+
+    d = Path(d)
+    why = checkpoint_problem(d)
+    if why is None:
+        try:
+            state = _load_state(d)
+            weights = HciAtrModel.from_pretrained(d / CHECKPOINT_MODEL).state_dict()
+            fit_state = FitState.from_dict(state)
+        except Exception as e:  # noqa: BLE001
+            why = one_line(e)
+    if why is not None:
+        raise ModelLoadError(f"{d}: {why}")
+    return weights, Resume(fit_state, state.get("optimizer"))
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's Ray Train checkpoint folders, oldest first (Ray names them by time)."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+
+
+def resume_checkpoint(latest: str | os.PathLike | None,
+                      run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint to resume from: ``latest`` (what Ray Train hands the workers) when it checks out, else the
+    newest older one of the run that does (Ray keeps ``num_to_keep`` of them). Returns it (None: none checks out)
+    and the (folder, why) of each newer one passed over."""
+    if latest is None:
+        return None, []
+    latest = Path(latest)
+    candidates = [latest] + [p for p in reversed(checkpoint_dirs(run_dir)) if p.name < latest.name]
+    skipped: list[tuple[Path, str]] = []
+    for p in candidates:
+        why = checkpoint_problem(p)
+        if why is None:
+            return p, skipped
+        skipped.append((p, why))
+    return None, skipped
+
+
+def resume_note(chosen: Path, skipped: list[tuple[Path, str]]) -> str:
+    """The one line that says a resume passes over unreadable checkpoints."""
+    bad = ", ".join(p.name for p, _ in skipped)
+    e = checkpoint_epoch(chosen)
+    return (f"resume: checkpoint {bad} is unreadable ({skipped[0][1]}); resuming from the previous one, "
+            f"{chosen.name} (epoch {e}); the epochs after it are trained again")
+
+
+def _no_checkpoint_loads(run_dir: Path, skipped: list[tuple[Path, str]]) -> ModelLoadError:
+    return ModelLoadError(f"{run_dir}: no checkpoint of this run loads ({skipped[0][0].name}: {skipped[0][1]}); "
+                           f"pass a new --run-name to train afresh")
+
+
+def _upload_fsynced(run_dir: Path):
+    """A ``ray.train.report`` upload: the checkpoint folder is copied into the run directory under a temporary name,
+    fsync'd and renamed into place, so a crash leaves a whole checkpoint or none."""
+    def upload(checkpoint, dir_name: str):
+        import ray.train
+
+        return ray.train.Checkpoint.from_directory(str(copy_dir_atomic(checkpoint.path, run_dir / dir_name)))
+    return upload
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the per-worker loop
+# the per-worker loop: hci_atr.training.fit with Ray Train hooks
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class RayTrainHooks(FitHooks):
+    """The fit loop's hooks in a Ray Train worker: batches from this worker's dataset shard (:func:`shard_rows`,
+    fault injection), metrics averaged over workers, rank 0 validates, logs to MLflow and writes the checkpoint,
+    every rank reports each epoch (Ray Train's barrier)."""
+
+    def __init__(self, cfg: Settings, config: dict[str, Any], rank: int, world: int, gather=None,
+                 resumed: bool = False):
+        import ray.train
+
+        from workflows import tracking
+
+        self.cfg, self.config = cfg, config
+        self.rank, self.world, self.gather = rank, world, gather
+        self.shard = ray.train.get_dataset_shard("train")
+        self.run_dir = Path(config["run_dir"])
+        self.val_rows = read_split_rows(config["features_dir"], cfg.run.val_split,
+                                        config.get("captions") or {}) if rank == 0 else []
+        # a resumed run may re-train an epoch whose metrics reached MLflow before its checkpoint was registered (the
+        # driver died in between): same seed, same numbers, so the first record stands and the step is not logged
+        self.logged = tracking.logged_steps(config["tracking_uri"], config["run_id"], "val_rsum") \
+            if rank == 0 and resumed else set()
+
+    def batches(self, model, epoch, generator):
+        rows = shard_rows(self.shard)
+        batches = iter_batches(rows, self.cfg, model, True, generator, batch_size=self.cfg.train.batch_size,
+                               drop_last=True)
+        for i, batch in enumerate(batches):
+            _fault_point(self.config.get("fault"), epoch, self.rank, i)
+            yield batch
+
+    def reduce(self, metrics):
+        out = mean_over_workers(metrics)  # identical on every rank
+        out.update(world_size=float(self.world),
+                   gathered_rows=float(self.gather.rows_seen if self.gather is not None else 0))
+        return out
+
+    def validate(self, model):
+        return evaluate(model, self.val_rows, self.cfg) if self.rank == 0 else {}
+
+    def share(self, value):
+        return broadcast_value(value)  # every rank takes the same best / early-stopping decision
+
+    def on_epoch_end(self, end):
+        import ray.train
+
+        from workflows import tracking
+
+        if self.rank != 0:
+            ray.train.report(end.metrics, checkpoint=None)
+            return
+        if end.epoch not in self.logged:
+            log = {k: v for k, v in end.metrics.items() if k not in ("epoch", "world_size", "start_epoch")}
+            tracking.log_metrics(self.config["tracking_uri"], self.config["run_id"], log, step=end.epoch)
+        with tempfile.TemporaryDirectory(prefix="hci_atr_ckpt_") as tmp:
+            write_checkpoint(tmp, end.model, end.optimizer, end.state,
+                             {"epoch": end.epoch, "val_rsum": end.metrics["val_rsum"],
+                              "mlflow_run_id": self.config["run_id"]})
+            ray.train.report(end.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_upload_fn=_upload_fsynced(self.run_dir))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config``: cfg (dict), features_dir, captions (dict), tracking_uri, run_id,
-    torch_threads, fault (dict | None)."""
+    run_dir, torch_threads, fault (dict | None), announced (checkpoint names the driver already reported as
+    unreadable)."""
     import torch
     import ray.train
     import ray.train.torch
 
-    from hci_atr import training
-    from hci_atr.models.model import HciAtrModel
-    from workflows import tracking
-
     cfg = Settings.from_dict(config["cfg"])
-    tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config.get("torch_threads") or 1))
 
-    torch.manual_seed(tc.seed)  # identical initial replicas on every rank
-    model = HciAtrModel(cfg)
-    start_epoch, history, best_rsum, bad_epochs = 0, [], float("-inf"), 0
-    opt_state = None
+    model = seeded_model(cfg)
+    resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            loaded = HciAtrModel.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
-            model.load_state_dict(loaded.state_dict())
-            state = torch.load(os.path.join(d, CHECKPOINT_STATE), map_location="cpu", weights_only=False)
-        start_epoch = int(state["epoch"]) + 1
-        history, best_rsum, bad_epochs = state["history"], float(state["best_rsum"]), int(state["bad_epochs"])
-        opt_state = state["optimizer"]
-    core = model
+        chosen, skipped = resume_checkpoint(ckpt.path, config["run_dir"])
+        if chosen is None:
+            raise _no_checkpoint_loads(Path(config["run_dir"]), skipped)
+        if skipped and rank == 0 and any(p.name not in (config.get("announced") or []) for p, _ in skipped):
+            print(resume_note(chosen, skipped), flush=True)
+        weights, resume = read_checkpoint(chosen)
+        model.load_state_dict(weights)
     # DDP (world > 1): gradients averaged over workers during backward; the model calls forward() through it.
     # No find_unused_parameters search: every parameter a config leaves trainable gets a gradient each step (the
     # model freezes switched-off parts and the text pooler; tests/test_training.py checks every switch).
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    params = [p for p in core.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    if opt_state is not None:
-        why = training.restore_optimizer(optimizer, opt_state)
-        if why and rank == 0:
-            print(f"resume from epoch {start_epoch}: {why}; the weights resume, AdamW restarts its moments",
-                  flush=True)
-    gather = GatherWithGrad() if (world > 1 and tc.all_gather) else None
-
-    captions = config.get("captions") or {}
-    val_rows = read_split_rows(config["features_dir"], cfg.run.val_split, captions) if rank == 0 else []
-    # a resumed run may re-train an epoch whose metrics reached MLflow before its checkpoint was registered (the
-    # driver died in between): same seed, same numbers, so the first record stands and the step is not logged again
-    logged = tracking.logged_steps(config["tracking_uri"], config["run_id"], "val_rsum") \
-        if rank == 0 and ckpt is not None else set()
-    shard = ray.train.get_dataset_shard("train")
-    stop = False
-
-    for epoch in range(start_epoch, tc.epochs):
-        s = epoch_seed(tc.seed, epoch, rank)
-        torch.manual_seed(s)
-        gen = torch.Generator().manual_seed(s)
-        model.train()
-
-        def batches(epoch=epoch, gen=gen):
-            it = shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow", drop_last=True,
-                                    local_shuffle_buffer_size=max(2 * tc.batch_size, 64),
-                                    local_shuffle_seed=s)
-            for i, rows in enumerate(_batch_rows(it)):
-                _fault_point(config.get("fault"), epoch, rank, i)
-                yield training.make_batch(rows, cfg, model, True, gen)
-
-        for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run gets the same lr
-            group["lr"] = tc.lr * training.warmup_factor(epoch, tc.warmup_epochs)
-        t0 = time.perf_counter()
-        losses = training.train_epoch(model, optimizer, batches(), cfg, gather=gather)
-        seconds = time.perf_counter() - t0
-        metrics = {k: float(v) for k, v in losses.items() if isinstance(v, (int, float))}
-        if world > 1:  # report the mean over workers, identical on every rank
-            keys = sorted(metrics)
-            t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-            torch.distributed.all_reduce(t)
-            metrics = {k: float(v) / world for k, v in zip(keys, t.tolist())}
-        metrics.update(epoch=epoch, epoch_seconds=seconds, world_size=world, start_epoch=start_epoch,
-                       gathered_rows=float(gather.rows_seen if gather is not None else 0))
-
-        val = {}
-        if rank == 0:
-            with torch.no_grad():
-                val = training.evaluate(core, val_rows, cfg)
-        rsum = torch.tensor([float(val.get("rsum", 0.0))], dtype=torch.float64)
-        if world > 1:  # every rank takes the same early-stopping decision
-            torch.distributed.broadcast(rsum, src=0)
-        rsum_v = float(rsum.item())
-        metrics.update({f"val_{k}": float(v) for k, v in val.items()})
-        metrics["val_rsum"] = rsum_v
-        if rsum_v > best_rsum:
-            best_rsum, bad_epochs = rsum_v, 0
-        else:
-            bad_epochs += 1
-        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        stop = tc.early_stopping_patience > 0 and bad_epochs >= tc.early_stopping_patience
-        metrics["early_stopped"] = float(stop)
-
-        if rank == 0:
-            log = {k: v for k, v in metrics.items() if k not in ("epoch", "world_size", "start_epoch")}
-            if epoch not in logged:
-                tracking.log_metrics(config["tracking_uri"], config["run_id"], log, step=epoch)
-            with tempfile.TemporaryDirectory(prefix="hci_atr_ckpt_") as tmp:
-                core.save_pretrained(os.path.join(tmp, CHECKPOINT_MODEL))
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                            "best_rsum": best_rsum, "bad_epochs": bad_epochs}, os.path.join(tmp, CHECKPOINT_STATE))
-                Path(tmp, CHECKPOINT_META).write_text(json.dumps(
-                    {"epoch": epoch, "val_rsum": rsum_v, "mlflow_run_id": config["run_id"]}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics, checkpoint=None)
-        if stop:
-            break
+    gather = GatherWithGrad() if (world > 1 and cfg.train.all_gather) else None
+    hooks = RayTrainHooks(cfg, config, rank, world, gather, resumed=ckpt is not None)
+    fit(model, cfg, hooks, resume=resume, gather=gather)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,11 +473,34 @@ def _check_resume_config(run_dir: Path, cfg: Settings) -> None:
 
 def export_model_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a model directory to ``dst`` atomically: copy to a temp sibling, then swap it into place."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    return replace_dir(tmp, dst)
+    return copy_dir_atomic(src, dst)
+
+
+def _precheck_resume(run_dir: Path, say: Callable[[str], None]) -> list[str]:
+    """Before the workers start: when the run's newest checkpoint does not check out, say (one line) which older one
+    the resume falls back to, and refuse when none does. Returns the names passed over (the workers do not repeat
+    the line)."""
+    dirs = checkpoint_dirs(run_dir)
+    if not dirs:
+        return []
+    chosen, skipped = resume_checkpoint(dirs[-1], run_dir)
+    if chosen is None:
+        raise _no_checkpoint_loads(run_dir, skipped)
+    if skipped:
+        say(resume_note(chosen, skipped))
+    return [p.name for p, _ in skipped]
+
+
+def _best_checkpoint(result) -> tuple[Path | None, dict]:
+    """The reported checkpoint with the best val_rsum that checks out, and its metrics."""
+    ranked = sorted(result.best_checkpoints or [], key=lambda cm: float(cm[1].get("val_rsum", float("-inf"))),
+                    reverse=True)
+    for c, m in ranked:
+        if checkpoint_problem(c.path) is None:
+            return Path(c.path), dict(m)
+    if result.checkpoint is not None and checkpoint_problem(result.checkpoint.path) is None:
+        return Path(result.checkpoint.path), {}
+    return None, {}
 
 
 def default_torch_threads(num_workers: int, cpus: int | None = None) -> int:
@@ -441,11 +577,13 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     tracking.log_artifact(uri, run_id, run_dir / "config.yaml")
     say(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; run dir {run_dir}")
 
+    announced = _precheck_resume(run_dir, say)
     ensure_ray(ray_address)
     ds = train_dataset(features_dir, cfg.run.train_split, captions)
 
     loop_config = {"cfg": cfg.to_dict(), "features_dir": str(features_dir), "captions": captions,
-                   "tracking_uri": uri, "run_id": run_id, "fault": fault,
+                   "tracking_uri": uri, "run_id": run_id, "fault": fault, "run_dir": str(run_dir),
+                   "announced": announced,
                    "torch_threads": torch_threads or default_torch_threads(cfg.run.num_workers)}
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
@@ -465,22 +603,19 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         tracking.end_run(uri, run_id, "FAILED")
-        raise HciAtrError(f"training failed after {cfg.run.max_failures} restarts ({str(e).strip().splitlines()[0]}); "
+        raise HciAtrError(f"training failed after {cfg.run.max_failures} restarts ({one_line(e)}); "
                           f"fix the cause and re-run the same command to resume from {run_dir}") from e
-    best = result.get_best_checkpoint(metric="val_rsum", mode="max") or result.checkpoint
-    if best is None:
+    best_dir, best_metrics = _best_checkpoint(result)
+    if best_dir is None:
         raise HciAtrError(f"{run_dir}: training produced no checkpoint (epochs={tc.epochs}); raise --epochs")
-    best_dir = Path(best.path)
     model_dir = export_model_dir(best_dir / CHECKPOINT_MODEL, run_dir / BEST_MODEL)
-    best_metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), None) or {}
-    latest = result.checkpoint or best
-    import torch
-
-    state = torch.load(Path(latest.path) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
-    history = state["history"]
+    latest, skipped = resume_checkpoint(result.checkpoint.path if result.checkpoint else best_dir, run_dir)
+    if latest is None:
+        raise _no_checkpoint_loads(run_dir, skipped)
+    history = read_checkpoint(latest)[1].state.history
     if not best_metrics:
-        meta = json.loads((best_dir / CHECKPOINT_META).read_text())
-        best_metrics = next((h for h in history if int(h["epoch"]) == int(meta["epoch"])), {})
+        best_epoch = checkpoint_epoch(best_dir)
+        best_metrics = next((h for h in history if int(h["epoch"]) == best_epoch), {})
 
     with tempfile.TemporaryDirectory(prefix="hci_atr_artifacts_") as tmp:
         tracking.plot_training_curve(history, Path(tmp) / "training_curve.png")
@@ -510,14 +645,14 @@ def retrieval_examples(model_dir: str | os.PathLike, features_dir: str | os.Path
     """Text query -> top clips for the first ``n_queries`` clips' first captions (fused HCI score)."""
     import torch
 
-    from hci_atr import training
     from hci_atr.models.model import HciAtrModel
+    from hci_atr.training import embed_split
     from workflows import tracking
 
     model = HciAtrModel.from_pretrained(model_dir).eval()
     rows = rows if rows is not None else read_split_rows(features_dir, split, captions)
     with torch.no_grad():
-        emb = training.embed_split(model, rows, model.cfg)
+        emb = embed_split(model, rows, model.cfg)
         sim = model.score(emb.audio, emb.text).fused.float()  # [n_audio, n_text]
     text_to_audio, texts, ids = emb.text_to_audio, emb.captions, emb.audio_ids
     # one query per clip (its first caption), the first n_queries clips

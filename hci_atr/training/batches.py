@@ -1,0 +1,160 @@
+"""Feature rows -> training / evaluation batches.
+
+Rows are dicts with the feature-shard columns (``audio_id, captions, mel, n_frames, n_mels`` ...) and optionally
+``generated_caption`` (str or None); :class:`ArrowRows` gives a pyarrow table of them the same face without decoding
+every row up front. All randomness goes through the ``generator`` passed in, so a seed fixes every shuffle, crop and
+caption choice: an epoch's batches are ``randperm(len(rows), generator)`` cut into ``batch_size`` chunks of the rows
+in the order given, each chunk made into a :class:`Batch` with the same generator (:func:`iter_batches`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from hci_atr.config import Config
+from hci_atr.data.audio import crop_frames, n_frames
+from hci_atr.data.shards import row_mel, table_to_rows
+from hci_atr.errors import DataError
+from hci_atr.models.model import HciAtrModel
+from hci_atr.models.text_encoder import TextBatch
+
+
+def audio_key(audio_id: str) -> float:
+    """A float64-exact (48-bit) identity for a clip, so positives can be matched after an all-gather."""
+    return float(int.from_bytes(hashlib.blake2b(str(audio_id).encode(), digest_size=6).digest(), "big"))
+
+
+@dataclass
+class Batch:
+    """One training/eval batch.
+
+    mel [B_a, T, M], mel_mask [B_a, T]; text: B_t captions; audio_keys [B_a], text_keys [B_t] float64 identities;
+    pair_weight [B_t] (1 real caption, ac_augment_weight generated caption, 0 placeholder); aux: generated captions
+    (one per clip) + aux_mask [B_a], or None; audio_ids [B_a]; text_to_audio [B_t] (row index of each text).
+    """
+
+    mel: torch.Tensor
+    mel_mask: torch.Tensor
+    text: TextBatch
+    audio_keys: torch.Tensor
+    text_keys: torch.Tensor
+    pair_weight: torch.Tensor
+    aux: TextBatch | None
+    aux_mask: torch.Tensor | None
+    audio_ids: list[str]
+    text_to_audio: torch.Tensor
+
+    def forward_kwargs(self) -> dict:
+        return dict(mel=self.mel, mel_mask=self.mel_mask, text=self.text, audio_keys=self.audio_keys,
+                    text_keys=self.text_keys, pair_weight=self.pair_weight, aux=self.aux, aux_mask=self.aux_mask)
+
+
+class Rows(Protocol):
+    """What :func:`iter_batches` reads: a length and the rows at some positions (a list of dicts, or ArrowRows)."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, positions: list[int]) -> list[dict]: ...
+
+
+class ArrowRows:
+    """A pyarrow table of feature rows as :class:`Rows`: a batch's rows are decoded (:func:`table_to_rows`) when
+    taken, so an epoch over a worker's shard holds Arrow columns, not one Python dict per clip."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def take(self, positions: list[int]) -> list[dict]:
+        return table_to_rows(self.table.take(positions))
+
+    def audio_ids(self) -> list[str]:
+        return [str(a) for a in self.table.column("audio_id").to_pylist()]
+
+
+def _take(rows: Sequence[dict] | Rows, positions: list[int]) -> list[dict]:
+    return rows.take(positions) if hasattr(rows, "take") else [rows[i] for i in positions]
+
+
+def generated_caption(row: dict) -> str:
+    """The row's generated (auxiliary) caption, stripped; "" when it has none."""
+    g = row.get("generated_caption")
+    return g.strip() if isinstance(g, str) else ""
+
+
+def _crop_mode(cfg: Config, train: bool) -> str:
+    return "random" if train and cfg.train.random_crop else "start"
+
+
+def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
+               generator: torch.Generator | None = None) -> Batch:
+    """Rows -> Batch. Training: a random caption per clip and a random crop of ``cfg.audio.duration`` (the start when
+    ``train.random_crop`` is off); eval: the first caption and the start. With ``model.ac_augment`` in training,
+    every clip adds its generated caption as an extra text (weight ``ac_augment_weight``; weight 0 placeholder when
+    it has none, so shapes stay equal across workers).
+    """
+    if not rows:
+        raise DataError("make_batch: no rows")
+    core: HciAtrModel = getattr(model, "module", model)
+    n = n_frames(cfg.audio)
+    mode = _crop_mode(cfg, train)
+    mels, masks, texts, ids = [], [], [], []
+    for row in rows:
+        mel, mask = crop_frames(row_mel(row), n, mode, generator)
+        mels.append(mel)
+        masks.append(mask)
+        caps = [c for c in (row.get("captions") or []) if isinstance(c, str) and c.strip()]
+        if not caps:
+            raise DataError(f"feature row {row.get('audio_id', '?')!r}: no caption")
+        k = int(torch.randint(0, len(caps), (1,), generator=generator)) if train and len(caps) > 1 else 0
+        texts.append(caps[k])
+        ids.append(str(row["audio_id"]))
+    keys = torch.tensor([audio_key(i) for i in ids], dtype=torch.float64)
+    text_keys, weights, t2a = keys.clone(), torch.ones(len(rows)), torch.arange(len(rows))
+    gens = [generated_caption(r) for r in rows]
+    if train and cfg.model.ac_augment:
+        has = torch.tensor([bool(g) for g in gens])
+        texts = texts + gens
+        text_keys = torch.cat([keys, keys])
+        weights = torch.cat([weights, has.float() * cfg.model.ac_augment_weight])
+        t2a = torch.cat([t2a, t2a])
+    pad = cfg.model.max_words if train else None
+    text = core.tokenize(texts, pad_words_to=pad)
+    aux = aux_mask = None
+    if core.uses_aux:
+        aux = core.tokenize(gens, pad_words_to=pad)
+        aux_mask = torch.tensor([bool(g) for g in gens], device=core.device)
+    dev = core.device
+    return Batch(torch.from_numpy(np.stack(mels)).to(dev), torch.from_numpy(np.stack(masks)).to(dev), text,
+                 keys.to(dev), text_keys.to(dev), weights.to(dev), aux, aux_mask, ids, t2a)
+
+
+def eval_audio(rows: list[dict], cfg: Config, model: HciAtrModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation audio input of ``rows``: start crops of ``cfg.audio.duration``, ``(mel [B, T, M],
+    mel_mask [B, T])`` on the model's device."""
+    core: HciAtrModel = getattr(model, "module", model)
+    crops = [crop_frames(row_mel(r), n_frames(cfg.audio), "start") for r in rows]
+    return (torch.from_numpy(np.stack([c[0] for c in crops])).to(core.device),
+            torch.from_numpy(np.stack([c[1] for c in crops])).to(core.device))
+
+
+def iter_batches(rows: Sequence[dict] | Rows, cfg: Config, model: HciAtrModel, train: bool,
+                 generator: torch.Generator | None, batch_size: int | None = None,
+                 drop_last: bool = False) -> Iterable[Batch]:
+    """Shuffle (training: ``randperm(len(rows), generator)``) and cut ``rows`` into Batches, in the order given
+    otherwise. The same rows in the same order and the same generator state give the same batches, whoever calls."""
+    bs = batch_size or cfg.train.batch_size
+    n = len(rows)
+    order = torch.randperm(n, generator=generator).tolist() if train else list(range(n))
+    stop = n - (n % bs if drop_last else 0)
+    for i in range(0, stop, bs):
+        chunk = order[i:i + bs]
+        if chunk:
+            yield make_batch(_take(rows, chunk), cfg, model, train, generator)

@@ -1,0 +1,77 @@
+"""Embeddings of a split and its retrieval metrics (eval mode, start crops, every caption of every clip)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hci_atr.config import Config
+from hci_atr.errors import DataError
+from hci_atr.metrics import retrieval_metrics
+from hci_atr.models.model import AudioEmbeddings, HciAtrModel, TextEmbeddings
+from hci_atr.training.batches import eval_audio, generated_caption
+
+
+@dataclass
+class EmbeddedSplit:
+    """Embeddings of a split: audio [n_audio], text [n_text] (all captions), text_to_audio [n_text]."""
+
+    audio: AudioEmbeddings
+    text: TextEmbeddings
+    text_to_audio: torch.Tensor
+    audio_ids: list[str]
+    captions: list[str]
+
+
+def _cat(parts: list, cls):
+    vals = [p._values() if hasattr(p, "_values") else (p.sentence, p.phrases, p.phrase_mask, p.words, p.word_mask)
+            for p in parts]
+    return cls(*(None if col[0] is None else torch.cat(col) for col in zip(*vals)))
+
+
+@torch.no_grad()
+def embed_split(model, rows: list[dict], cfg: Config, batch_size: int | None = None) -> EmbeddedSplit:
+    """Embed every clip (start crop of ``cfg.audio.duration``) and every caption of ``rows``, in eval mode."""
+    core: HciAtrModel = getattr(model, "module", model)
+    was = core.training
+    core.eval()
+    bs = batch_size or cfg.train.batch_size
+    try:
+        audio_parts, text_parts, caps, t2a = [], [], [], []
+        for i in range(0, len(rows), bs):
+            chunk = rows[i:i + bs]
+            mel, mask = eval_audio(chunk, cfg, core)
+            aux = aux_mask = None
+            if core.uses_aux:
+                gens = [generated_caption(r) for r in chunk]
+                aux = core.tokenize(gens, pad_words_to=cfg.model.max_words)
+                aux_mask = torch.tensor([bool(g) for g in gens], device=core.device)
+            audio_parts.append(core.encode_audio(mel, mask, aux, aux_mask))
+            for j, r in enumerate(chunk):
+                for c in r.get("captions") or []:
+                    if isinstance(c, str) and c.strip():
+                        caps.append(c)
+                        t2a.append(i + j)
+        for i in range(0, len(caps), bs):
+            text_parts.append(core.encode_text(core.tokenize(caps[i:i + bs], pad_words_to=cfg.model.max_words)))
+    finally:
+        core.train(was)
+    if not audio_parts or not text_parts:
+        raise DataError("embed_split: the split has no clips or no captions")
+    return EmbeddedSplit(_cat(audio_parts, AudioEmbeddings), _cat(text_parts, TextEmbeddings),
+                         torch.tensor(t2a, dtype=torch.long), [str(r["audio_id"]) for r in rows], caps)
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[dict], cfg: Config, batch_size: int | None = None) -> dict[str, float]:
+    """Retrieval metrics of the fused score over a split, plus ``<level>_rsum`` for each scored level."""
+    core: HciAtrModel = getattr(model, "module", model)
+    emb = embed_split(model, rows, cfg, batch_size)
+    scores = core.score(emb.audio, emb.text)
+    out = retrieval_metrics(scores.fused, emb.text_to_audio)
+    for name, s in scores.levels.items():
+        out[f"{name}_rsum"] = retrieval_metrics(s, emb.text_to_audio)["rsum"]
+    out["n_audio"] = float(len(emb.audio_ids))
+    out["n_text"] = float(len(emb.captions))
+    return out
