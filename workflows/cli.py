@@ -40,11 +40,15 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--duration", default=5.0, show_default=True, type=click.FloatRange(min=1.0, max=30.0),
               help="Seconds per clip.")
 @click.option("--sample-rate", default=32000, show_default=True, type=click.IntRange(min=8000))
-def make_demo_cmd(out_dir: str, seed: int, size: int, duration: float, sample_rate: int) -> None:
+@click.option("--pairs-in-split", is_flag=True,
+              help="Put each variation in the split of the clip it varies (a compositional benchmark: every split "
+                   "holds order/attribute/count pairs for `hci-atr evaluate --pairs`).")
+def make_demo_cmd(out_dir: str, seed: int, size: int, duration: float, sample_rate: int, pairs_in_split: bool) -> None:
     """Synthesize the procedural demo dataset (sound scenes + Clotho-format caption CSVs)."""
     from hci_atr.data.demo import make_demo
 
-    summary = make_demo(out_dir, seed=seed, size=size, duration=duration, sample_rate=sample_rate, progress=True)
+    summary = make_demo(out_dir, seed=seed, size=size, duration=duration, sample_rate=sample_rate, progress=True,
+                        pairs_in_split=pairs_in_split)
     click.echo(summary)
 
 
