@@ -253,7 +253,11 @@ def train_cmd(ctx, features, captions, config, cluster, **flags) -> None:
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (registry look-ups and --log-mlflow).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
 @click.option("--use-gpu", is_flag=True, help="Embed and score on CUDA.")
-def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tracking_uri, as_json, use_gpu) -> None:
+@click.option("--pairs", "pairs_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Hard-negative pair file (make-demo writes DATA/demo_pairs.json): adds pair accuracy per type "
+                   "(order, attribute, count, background; chance 0.5) over the pairs whose two clips are in --split.")
+def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tracking_uri, as_json, use_gpu,
+                 pairs_file) -> None:
     """Retrieval metrics (both directions, R@1/5/10, mAP@10, median rank) of a model on one split."""
     import json as _json
 
@@ -265,7 +269,7 @@ def evaluate_cmd(model_ref, features, split, captions, rerank_k, log_mlflow, tra
         if not torch.cuda.is_available():
             raise ConfigError("--use-gpu: no CUDA device is visible here; drop the flag to evaluate on the CPU")
     m = evaluate(model_ref, features, split, captions_dir=captions, rerank_k=rerank_k, log_mlflow=log_mlflow,
-                 tracking_uri=tracking_uri, device="cuda" if use_gpu else "cpu")
+                 tracking_uri=tracking_uri, device="cuda" if use_gpu else "cpu", pairs_file=pairs_file)
     click.echo(_json.dumps(m.to_dict(), indent=1, sort_keys=True) if as_json
                else format_table(m.metrics, title=f"{model_ref} on {split}"))
 

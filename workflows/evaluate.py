@@ -8,6 +8,10 @@ MLflow registry. The split is small enough for one process (no Ray needed): ever
 product of pooled embeddings), then rescore only the top K candidates with the full score. It is an *approximation*
 of full scoring: a relevant item outside the clip-level top K keeps its clip-level position (below all K candidates),
 so recall at ranks <= K can only be lost, never gained, relative to what the clip level finds.
+
+``pairs_file`` (``--pairs``) adds the compositional benchmark: a hard-negative pair file (:mod:`hci_atr.data.pairs`,
+e.g. make-demo's ``demo_pairs.json``); its pairs whose two clips are in the split are scored with the full fused score
+(:func:`hci_atr.metrics.pair_accuracy`: ``pairs_acc``, ``pairs_<type>_acc`` / ``_n``, chance 0.5).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -30,7 +34,8 @@ TABLE_ROWS = [("R@1", "R1", "{:.2f}"), ("R@5", "R5", "{:.2f}"), ("R@10", "R10", 
 @dataclass
 class EvaluationResult:
     """What :func:`evaluate` returns: ``metrics`` (``t2a_R1 .. a2t_meanr``, ``rsum``, per-level ``<level>_rsum``,
-    ``n_audio``, ``n_text``; ``rerank_k`` when reranked), what was evaluated, and the MLflow run it was logged to."""
+    ``n_audio``, ``n_text``; ``rerank_k`` when reranked; ``pairs_*`` with a pair file), what was evaluated, and the
+    MLflow run it was logged to."""
 
     metrics: dict[str, float]
     model_ref: str
@@ -67,17 +72,35 @@ def _rerank_matrix(clip: torch.Tensor, full_of, k: int, dim: int) -> torch.Tenso
     return out
 
 
+def score_metrics(scores, text_to_audio: torch.Tensor, pairs: Sequence | None = None) -> dict[str, float]:
+    """Metrics of one all-against-all score (:class:`hci_atr.models.model.Scores`): retrieval metrics of the fused
+    score, ``<level>_rsum`` per level, and with ``pairs`` (:func:`hci_atr.data.pairs.read_pairs` of the same rows)
+    the pair accuracies. What ``hci-atr evaluate`` and each ablation run report."""
+    from hci_atr.metrics import pair_accuracy, retrieval_metrics
+
+    out = retrieval_metrics(scores.fused, text_to_audio)
+    for name, s in scores.levels.items():
+        out[f"{name}_rsum"] = retrieval_metrics(s, text_to_audio)["rsum"]
+    if pairs is not None:
+        out.update(pair_accuracy(scores.fused, text_to_audio, pairs))
+    return out
+
+
 def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, split: str = "test",
              cfg: Settings | None = None, *, captions_dir: str | os.PathLike | None = None, rerank_k: int | None = None,
              log_mlflow: bool = False, tracking_uri: str | None = None, batch_size: int | None = None,
-             experiment: str = "hci-atr-eval", device: str = "cpu") -> EvaluationResult:
+             experiment: str = "hci-atr-eval", device: str = "cpu",
+             pairs_file: str | os.PathLike | None = None) -> EvaluationResult:
     """An :class:`EvaluationResult` of ``model_ref`` on the ``split`` rows of ``features_dir``.
 
     ``cfg``: only ``train.batch_size`` is used from it (the model brings its own config). ``device``: "cpu" or
     "cuda" (embedding and scoring run there; metrics are computed on the CPU). With ``log_mlflow`` a new
     run in ``experiment`` gets the metrics (prefixed ``<split>_``) and the model reference as params.
+    ``pairs_file``: a hard-negative pair file; its pairs whose two clips are both in the split add ``pairs_acc``,
+    ``pairs_<type>_acc`` / ``_n`` (and per attribute), scored with the full fused score also when reranking.
     """
-    from hci_atr.metrics import retrieval_metrics
+    from hci_atr.data.pairs import read_pairs
+    from hci_atr.metrics import pair_accuracy, retrieval_metrics
     from hci_atr.training import embed_split
     from hci_atr.models.model import HciAtrModel
     from workflows import tracking
@@ -92,6 +115,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
     rows = read_split_rows(features_dir, split, read_captions(captions_dir))
     if not rows:
         raise ConfigError(f"{features_dir}: no rows with split '{split}'; pick one of the extracted splits")
+    pairs = read_pairs(pairs_file, [str(r["audio_id"]) for r in rows]) if pairs_file else None  # fail before embedding
     bs = batch_size or (cfg.train.batch_size if cfg else mcfg.train.batch_size)
     with torch.no_grad():
         emb = embed_split(model, rows, mcfg, batch_size=bs)
@@ -110,10 +134,10 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
             out.update({k: v for k, v in a2t.items() if k.startswith("a2t_")})
             out["rsum"] = t2a["rsum"]
             out["rerank_k"] = float(rerank_k)
+            if pairs is not None:  # a pair compares two clips' full scores for one caption: no rerank stage applies
+                out.update(pair_accuracy(scores.fused, emb.text_to_audio, pairs))
         else:
-            out = retrieval_metrics(scores.fused, emb.text_to_audio)
-            for name, s in scores.levels.items():
-                out[f"{name}_rsum"] = retrieval_metrics(s, emb.text_to_audio)["rsum"]
+            out = score_metrics(scores, emb.text_to_audio, pairs)
     out["n_audio"] = float(len(emb.audio_ids))
     out["n_text"] = float(len(emb.captions))
     out = {k: float(v) for k, v in out.items()}
@@ -123,6 +147,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
         run_id = tracking.start_or_resume_run(uri, experiment, f"eval-{Path(str(model_ref)).name or 'model'}-{split}")
         tracking.log_params(uri, run_id, {"model": str(model_ref), "features": str(Path(features_dir).resolve()),
                                           "split": split, "rerank_k": rerank_k or 0,
+                                          "pairs": str(Path(pairs_file).resolve()) if pairs_file else "",
                                           "data.fingerprint": tracking.data_fingerprint(features_dir)})
         tracking.log_metrics(uri, run_id, {f"{split}_{k}": v for k, v in out.items()}, step=0)
         tracking.end_run(uri, run_id)
@@ -155,4 +180,23 @@ def format_table(m: dict[str, Any] | EvaluationResult, title: str | None = None)
     levels = [k for k in ("clip_rsum", "segment_rsum", "frame_rsum", "ac_branch_rsum") if k in m]
     if levels:
         lines.append("per level R-sum: " + ", ".join(f"{k[:-5]} {m[k]:.2f}" for k in levels))
+    if "pairs_n" in m:
+        lines.append(format_pairs(m))
     return "\n".join(lines)
+
+
+def format_pairs(m: dict[str, Any]) -> str:
+    """One line of pair accuracy per type (and per attribute), with the number of pairs behind each."""
+    from hci_atr.data.pairs import PAIR_TYPES
+
+    def cell(key: str, label: str) -> str:
+        acc, n = m.get(f"{key}_acc"), int(m[f"{key}_n"])
+        return f"{label} {acc:.2f} (n={n})" if acc is not None else f"{label} - (n={n})"
+
+    cells = [cell("pairs", "all")] + [cell(f"pairs_{t}", t) for t in PAIR_TYPES if f"pairs_{t}_n" in m]
+    attrs = sorted(k[len("pairs_attribute_"):-2] for k in m
+                   if k.startswith("pairs_attribute_") and k.endswith("_n") and k != "pairs_attribute_n")
+    line = "pair accuracy (chance 0.50): " + ", ".join(cells)
+    if attrs:
+        line += "; attribute: " + ", ".join(cell(f"pairs_attribute_{a}", a) for a in attrs)
+    return line

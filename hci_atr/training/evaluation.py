@@ -1,7 +1,13 @@
-"""Embeddings of a split and its retrieval metrics (eval mode, start crops, every caption of every clip)."""
+"""Embeddings of a split and its retrieval metrics (eval mode, start crops, every caption of every clip).
+
+Memory: the audio goes through the encoder in batches of at most :data:`EVAL_AUDIO_SECONDS` seconds of audio (fewer
+clips per forward for long clips; an eval forward's activations grow with clips x seconds), texts in batches of
+``batch_size``; embeddings do not depend on either batch size.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +17,8 @@ from hci_atr.errors import DataError
 from hci_atr.metrics import retrieval_metrics
 from hci_atr.models.model import AudioEmbeddings, HciAtrModel, TextEmbeddings
 from hci_atr.training.batches import eval_audio, generated_caption
+
+EVAL_AUDIO_SECONDS = 160.0  # seconds of audio per encoder forward in evaluation (e.g. 32 clips of 5 s, 5 of 30 s)
 
 
 @dataclass
@@ -30,17 +38,29 @@ def _cat(parts: list, cls):
     return cls(*(None if col[0] is None else torch.cat(col) for col in zip(*vals)))
 
 
+def audio_batch_size(cfg: Config, batch_size: int | None = None, audio_seconds: float = EVAL_AUDIO_SECONDS) -> int:
+    """Clips per evaluation forward: ``batch_size`` (default ``train.batch_size``), capped so that a forward holds at
+    most ``audio_seconds`` of audio (clips of ``cfg.audio.duration``), and at least one clip."""
+    bs = batch_size or cfg.train.batch_size
+    fit = math.floor(audio_seconds / cfg.audio.duration + 1e-9)  # 1e-9: 160 s / 5 s is 32, not 31.999...
+    return max(1, min(bs, fit))
+
+
 @torch.no_grad()
-def embed_split(model, rows: list[dict], cfg: Config, batch_size: int | None = None) -> EmbeddedSplit:
-    """Embed every clip (start crop of ``cfg.audio.duration``) and every caption of ``rows``, in eval mode."""
+def embed_split(model, rows: list[dict], cfg: Config, batch_size: int | None = None,
+                audio_seconds: float = EVAL_AUDIO_SECONDS) -> EmbeddedSplit:
+    """Embed every clip (start crop of ``cfg.audio.duration``) and every caption of ``rows``, in eval mode.
+    Captions go in batches of ``batch_size`` (default ``train.batch_size``), clips in batches of
+    :func:`audio_batch_size` (at most ``audio_seconds`` of audio per forward)."""
     core: HciAtrModel = getattr(model, "module", model)
     was = core.training
     core.eval()
     bs = batch_size or cfg.train.batch_size
+    audio_bs = audio_batch_size(cfg, bs, audio_seconds)
     try:
         audio_parts, text_parts, caps, t2a = [], [], [], []
-        for i in range(0, len(rows), bs):
-            chunk = rows[i:i + bs]
+        for i in range(0, len(rows), audio_bs):
+            chunk = rows[i:i + audio_bs]
             mel, mask = eval_audio(chunk, cfg, core)
             aux = aux_mask = None
             if core.uses_aux:
