@@ -1,5 +1,7 @@
 """Ray Train workflow: 2 CPU workers learn, all-gathered negatives span workers, a killed worker is survived, a re-run
-resumes in the same MLflow run with the same numbers, the registry alias loads, evaluate prints the table."""
+resumes in the same MLflow run with the same numbers (both data modes: materialized and streamed), every epoch
+reshuffles the whole training set into equal worker shares, the registry alias loads, evaluate prints the table.
+The pure functions of the data path (shares, stream plan, shuffle buffer, mode choice) are tested without Ray."""
 
 from __future__ import annotations
 
@@ -7,10 +9,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.ray
+ray = pytest.mark.ray
 
 EPOCHS = 6
 BATCH = 4  # per worker; 2 workers -> global batch 8
@@ -56,11 +59,32 @@ def _uri(work):
 
 @pytest.fixture(scope="module")
 def main_run(feats, work, tiny_text_dir):
-    """One 2-worker run of EPOCHS epochs in which worker rank 1 is SIGKILLed once, mid-epoch."""
+    """One 2-worker run of EPOCHS epochs in which worker rank 1 is SIGKILLed once, mid-epoch (data mode auto:
+    materialized for this small set; whole-set shuffle); every worker's share of every epoch traced."""
     from workflows.train import train
 
     fault = {**KILL, "marker": str(work / "killed.marker")}
-    return train(_cfg(tiny_text_dir, work, "main"), feats, tracking_uri=_uri(work), fault=fault)
+    return train(_cfg(tiny_text_dir, work, "main"), feats, tracking_uri=_uri(work), fault=fault,
+                 trace=work / "trace-main")
+
+
+@pytest.fixture(scope="module")
+def stream_run(feats, work, tiny_text_dir):
+    """The main run again with the training rows streamed from the shards (run.data_mode=stream), killed the same
+    way; not registered (the registry test expects the main run's version 1)."""
+    from workflows.train import train
+
+    fault = {**KILL, "marker": str(work / "killed-stream.marker")}
+    return train(_cfg(tiny_text_dir, work, "stream", **{"run.data_mode": "stream"}), feats, tracking_uri=_uri(work),
+                 fault=fault, trace=work / "trace-stream", register=False)
+
+
+RUNS = {"materialize": ("main_run", "main", "killed.marker"), "stream": ("stream_run", "stream", "killed-stream.marker")}
+MODES = pytest.mark.parametrize("mode", list(RUNS))
+
+
+def _run(request, mode):
+    return request.getfixturevalue(RUNS[mode][0])
 
 
 # -- all-gather ------------------------------------------------------------------------------------------------------
@@ -92,6 +116,7 @@ def _gather_loop(config):
     ray.train.report({"loss": float(loss)})
 
 
+@ray
 def test_all_gather_spans_workers(ray_session, tmp_path):
     """Each worker scores its own 4 audio rows against all 8 texts; the mean of the workers' losses equals the
     single-process loss of the concatenated batch (local negatives would not), and the gradient of a worker's own
@@ -130,6 +155,7 @@ def test_all_gather_spans_workers(ray_session, tmp_path):
         torch.testing.assert_close(torch.tensor(got[rank]["grad_t"]), 2 * t_ref.grad[rows])
 
 
+@ray
 def test_workers_get_fixed_equal_disjoint_splits(feats):
     """Each worker iterates its own split of the materialized train set: equal sizes (same number of steps, so the
     collectives line up), disjoint, in block order, the same splits again for a restarted worker group."""
@@ -150,8 +176,13 @@ def test_workers_get_fixed_equal_disjoint_splits(feats):
 # -- the main run ----------------------------------------------------------------------------------------------------
 
 
-def test_two_workers_learn_and_beat_chance(main_run, feats):
-    h = main_run.history
+@ray
+@MODES
+def test_two_workers_learn_and_beat_chance(request, mode, feats, work):
+    from mlflow import MlflowClient
+
+    run = _run(request, mode)
+    h = run.history
     assert [int(x["epoch"]) for x in h] == list(range(EPOCHS))
     assert all(x["world_size"] == 2 and x["gathered_rows"] == 2 * BATCH for x in h)  # global negatives
     # 34 train rows -> 17 per worker -> 4 batches of 4 per worker per epoch
@@ -160,16 +191,20 @@ def test_two_workers_learn_and_beat_chance(main_run, feats):
     n_val = h[0]["val_n_audio"]
     assert n_val == 7 and h[0]["val_n_text"] == 35
     chance_rsum = 100 * (1 + 5 + min(10, n_val)) / n_val  # t2a R@1+R@5+R@10 of a random ranking
-    assert main_run.metrics["val_rsum"] > chance_rsum
-    assert main_run.metrics["val_rsum"] == max(x["val_rsum"] for x in h)  # best checkpoint = best val R-sum
+    assert run.metrics["val_rsum"] > chance_rsum
+    assert run.metrics["val_rsum"] == max(x["val_rsum"] for x in h)  # best checkpoint = best val R-sum
+    assert MlflowClient(_uri(work)).get_run(run.mlflow_run_id).data.tags["data.mode"] == mode  # auto: materialize
 
 
-def test_killed_worker_is_survived(main_run, work):
+@ray
+@MODES
+def test_killed_worker_is_survived(request, mode, work):
     from mlflow import MlflowClient
 
-    marker = work / "killed.marker"
+    run = _run(request, mode)
+    marker = work / RUNS[mode][2]
     assert marker.is_file() and "epoch 2 batch 1 rank 1" in marker.read_text()
-    h = main_run.history
+    h = run.history
     # the first worker group started at epoch 0; the restarted group resumed from the latest checkpoint the
     # controller had registered when the worker died: epoch 1's (start 2), or epoch 0's when the kill raced the
     # registration of epoch 1's report (start 1). Never from scratch, and the run still ends after EPOCHS epochs.
@@ -177,15 +212,45 @@ def test_killed_worker_is_survived(main_run, work):
     assert starts[0] == 0 and starts[-1] in (1, 2) and starts == sorted(starts)
     assert starts.count(starts[-1]) == EPOCHS - starts[-1]
     c = MlflowClient(_uri(work))
-    steps = [m.step for m in c.get_metric_history(main_run.mlflow_run_id, "val_rsum")]
+    steps = [m.step for m in c.get_metric_history(run.mlflow_run_id, "val_rsum")]
     assert sorted(set(steps)) == list(range(EPOCHS))  # every epoch logged, all in the one MLflow run
-    run = c.get_run(main_run.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["model.embed_dim"] == "32" and len(run.data.params["data.fingerprint"]) == 16
-    arts = {a.path for a in c.list_artifacts(main_run.mlflow_run_id)}
+    r = c.get_run(run.mlflow_run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["model.embed_dim"] == "32" and len(r.data.params["data.fingerprint"]) == 16
+    arts = {a.path for a in c.list_artifacts(run.mlflow_run_id)}
     assert {"config.yaml", "training_curve.png", "retrieval_examples.txt", "model"} <= arts
 
 
+def _traced_shares(trace_dir: Path) -> dict[int, list[list[str]]]:
+    """epoch -> [rank 0's share, rank 1's share] (audio ids) from a run's trace files."""
+    out: dict[int, list[list[str]]] = {}
+    for e in range(EPOCHS):
+        out[e] = [json.loads((trace_dir / f"share-e{e:03d}-r{r}.json").read_text())["ids"] for r in (0, 1)]
+    return out
+
+
+@ray
+@MODES
+def test_every_epoch_reshuffles_the_whole_set_into_equal_shares(request, mode, feats, work):
+    """What each of the 2 workers trained on, per epoch: 17 rows each (34 / 2), disjoint, together the whole
+    training split; another pair of shares every epoch (a clip meets other rows); materialized, exactly the shares
+    epoch_shares(seed, epoch) names (in audio_id order), the same again in the epochs the restarted group re-ran."""
+    from hci_atr.data.shards import read_split_rows
+    from workflows.train import epoch_shares
+
+    _run(request, mode)
+    ids = sorted(r["audio_id"] for r in read_split_rows(feats, "train"))
+    shares = _traced_shares(work / f"trace-{RUNS[mode][1]}")
+    for e, (a, b) in shares.items():
+        assert len(a) == len(b) == 17 and not set(a) & set(b) and sorted(a + b) == ids, e
+        if mode == "materialize":
+            assert [a, b] == [[ids[i] for i in share] for share in epoch_shares(34, 2, 0, e)], e
+    firsts = [frozenset(shares[e][0]) for e in range(EPOCHS)]
+    # materialized: another share every epoch; streamed, the 3 feature files in a new order allow 6 shares at most
+    assert len(set(firsts)) == (EPOCHS if mode == "materialize" else len(set(firsts))) > 1
+
+
+@ray
 def test_registry_alias_resolves_to_the_best_model(main_run, work):
     from hci_atr.models.model import HciAtrModel
     from workflows.tracking import resolve_model_ref
@@ -199,6 +264,7 @@ def test_registry_alias_resolves_to_the_best_model(main_run, work):
     assert loaded.cfg.model.embed_dim == 32
 
 
+@ray
 def test_evaluate_prints_table_and_rerank_all_equals_full(main_run, feats, work, capsys):
     from workflows.cli import main
     from workflows.evaluate import evaluate
@@ -221,27 +287,32 @@ def test_evaluate_prints_table_and_rerank_all_equals_full(main_run, feats, work,
 # -- resume ----------------------------------------------------------------------------------------------------------
 
 
-def test_rerun_resumes_in_the_same_mlflow_run_with_the_same_numbers(main_run, feats, work, tiny_text_dir):
+@ray
+@MODES
+def test_rerun_resumes_in_the_same_mlflow_run_with_the_same_numbers(request, mode, feats, work, tiny_text_dir):
     """1 epoch, then the same command with --epochs 2: epoch 1 starts from the checkpoint, logs into the same MLflow
     run, and (same seed, same worker count) reproduces the uninterrupted main run's numbers."""
     from mlflow import MlflowClient
 
     from workflows.train import train
 
-    first = train(_cfg(tiny_text_dir, work, "resume", epochs=1), feats, tracking_uri=_uri(work), register=False,
-                  log_examples=False)
-    second = train(_cfg(tiny_text_dir, work, "resume", epochs=2), feats, tracking_uri=_uri(work), register=False,
-                   log_examples=False)
+    run = _run(request, mode)
+    name, over = f"resume-{mode}", {"run.data_mode": mode}
+    first = train(_cfg(tiny_text_dir, work, name, epochs=1, **over), feats, tracking_uri=_uri(work),
+                  register=False, log_examples=False)
+    second = train(_cfg(tiny_text_dir, work, name, epochs=2, **over), feats, tracking_uri=_uri(work),
+                   register=False, log_examples=False)
     assert second.mlflow_run_id == first.mlflow_run_id
     assert [int(x["start_epoch"]) for x in second.history] == [0, 1]
     steps = [m.step for m in MlflowClient(_uri(work)).get_metric_history(second.mlflow_run_id, "loss_total")]
     assert sorted(steps) == [0, 1]
     for e in (0, 1):
-        assert second.history[e]["loss_total"] == pytest.approx(main_run.history[e]["loss_total"], rel=1e-5)
-        assert second.history[e]["val_rsum"] == pytest.approx(main_run.history[e]["val_rsum"])
+        assert second.history[e]["loss_total"] == pytest.approx(run.history[e]["loss_total"], rel=1e-5)
+        assert second.history[e]["val_rsum"] == pytest.approx(run.history[e]["val_rsum"])
     assert math.isfinite(second.metrics["val_rsum"])
 
 
+@ray
 def test_rerun_with_other_settings_is_refused(main_run, feats, work, tiny_text_dir):
     from hci_atr.errors import ConfigError
     from workflows.train import train
@@ -264,6 +335,7 @@ def solo_run(feats, work, tiny_text_dir):
     return res, lines
 
 
+@ray
 def test_one_worker_matches_the_in_process_loop(solo_run, feats, work, tiny_text_dir):
     """The ablation path (in-process fit loop over read_split_rows) and `hci-atr train`'s worker path (the same loop
     over its Ray Data split) give the same first epoch for the same seed: the same rows in the same order, batches,
@@ -282,6 +354,7 @@ def test_one_worker_matches_the_in_process_loop(solo_run, feats, work, tiny_text
     assert t["val_rsum"] == pytest.approx(a["val_rsum"], abs=1e-6)
 
 
+@ray
 def test_broken_latest_checkpoint_resumes_from_the_previous_one(solo_run, feats, work, tiny_text_dir):
     """The latest checkpoint's train_state.pt truncated: a re-run with more epochs says so in one line, resumes from
     the previous checkpoint (epoch 0), trains epochs 1-2 again and finishes with the same numbers."""
@@ -305,3 +378,98 @@ def test_broken_latest_checkpoint_resumes_from_the_previous_one(solo_run, feats,
     assert second.history[1]["loss_total"] == pytest.approx(first.history[1]["loss_total"], rel=1e-6)
     assert second.mlflow_run_id == first.mlflow_run_id and math.isfinite(second.metrics["val_rsum"])
     assert (Path(second.best_checkpoint_dir) / "train_state.pt").stat().st_size > 100  # never the broken one
+
+
+# -- the data path without Ray: shares, stream plan, shuffle buffer, streamed rows, mode choice --------------------
+
+
+def test_epoch_shares_are_seeded_equal_disjoint_and_change_every_epoch():
+    from workflows.train import epoch_shares
+
+    n, world = 103, 4
+    for e in range(3):
+        shares = epoch_shares(n, world, 7, e)
+        again = epoch_shares(n, world, 7, e)
+        assert all(np.array_equal(a, b) for a, b in zip(shares, again))  # same seed, same shares
+        assert [len(x) for x in shares] == [n // world] * world  # equal
+        flat = np.concatenate(shares)
+        assert len(set(flat.tolist())) == len(flat) == n - n % world  # disjoint; the remainder (3) sits out
+        assert all(np.array_equal(x, np.sort(x)) for x in shares)  # each in row (audio_id) order
+    e0, e1 = epoch_shares(n, world, 7, 0), epoch_shares(n, world, 7, 1)
+    assert all(not np.array_equal(a, b) for a, b in zip(e0, e1))  # every worker's share changes between epochs
+    assert not np.array_equal(np.concatenate(e0), np.concatenate(epoch_shares(n, world, 8, 0)))  # seed matters
+    left_out = [set(range(n)) - set(np.concatenate(epoch_shares(n, world, 7, e)).tolist()) for e in range(5)]
+    assert len({frozenset(x) for x in left_out}) > 1  # not always the same rows left out
+    # one worker: every row, in order (what the in-process loop batches)
+    assert np.array_equal(epoch_shares(n, 1, 7, 3)[0], np.arange(n))
+
+
+def test_stream_plan_cuts_the_epochs_file_order_into_equal_contiguous_shares():
+    from workflows.train import stream_plan
+
+    counts = [5, 0, 9, 3, 8, 1]  # split rows per feature file (a file may hold none)
+    n, world = sum(counts), 3
+    for e in range(4):
+        plan = stream_plan(counts, world, 0, e)
+        assert plan == stream_plan(counts, world, 0, e)
+        assert [sum(b - a for _, a, b in ranges) for ranges in plan] == [n // world] * world
+        stream = [(f, i) for ranges in plan for f, a, b in ranges for i in range(a, b)]
+        assert len(set(stream)) == len(stream) == n - n % world  # disjoint, the whole stream but the remainder
+        assert all(0 <= a < b <= counts[f] for ranges in plan for f, a, b in ranges)
+    orders = {tuple(f for ranges in stream_plan(counts, world, 0, e) for f, _, _ in ranges) for e in range(6)}
+    assert len(orders) > 1  # the file order changes with the epoch
+
+
+def test_shuffle_buffer_is_a_seeded_permutation():
+    from workflows.train import chunked, shuffle_buffer
+
+    def run(size, seed):
+        return list(shuffle_buffer(range(50), size, torch.Generator().manual_seed(seed)))
+
+    assert sorted(run(8, 0)) == list(range(50)) and run(8, 0) == run(8, 0) and run(8, 0) != run(8, 1)
+    assert run(1, 0) == list(range(50))  # a buffer of one row keeps the order
+    assert run(8, 0) != list(range(50))
+    # a full buffer is one randperm of the whole input
+    assert run(100, 3) == torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist()
+    assert list(chunked(range(7), 3)) == [[0, 1, 2], [3, 4, 5]]  # incomplete last batch dropped
+
+
+def test_stream_rows_reads_the_planned_split_rows_with_captions(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hci_atr.data.shards import FEATURE_SCHEMA
+    from workflows.train import split_file_counts, stream_rows
+
+    files = []
+    for k, splits in enumerate([["train", "val", "train", "train"], ["test", "train", "train"]]):
+        ids = [f"f{k}-{i}" for i in range(len(splits))]
+        cols = {"audio_id": ids, "split": splits, "audio_path": ids, "captions": [[f"a {i}"] for i in ids],
+                "duration": [1.0] * len(ids), "n_frames": [2] * len(ids), "n_mels": [3] * len(ids),
+                "mel": [[float(i)] * 6 for i in range(len(ids))]}
+        files.append(str(tmp_path / f"part-{k:05d}.parquet"))
+        pq.write_table(pa.table(cols, schema=FEATURE_SCHEMA), files[-1], row_group_size=2)
+    assert split_file_counts(files, "train") == [3, 2]
+    rows = list(stream_rows(files, [(1, 1, 2), (0, 1, 3)], "train", {"f0-2": "gen"}, batch_rows=1))
+    assert [r["audio_id"] for r in rows] == ["f1-2", "f0-2", "f0-3"]
+    assert [r["generated_caption"] for r in rows] == [None, "gen", None]
+    assert rows[1]["mel"].tolist() == [2.0] * 6 and rows[1]["mel"].flags.owndata
+
+
+def test_data_mode_auto_streams_only_what_does_not_fit(capsys):
+    from hci_atr.errors import ConfigError
+    from workflows.cli import main, train_overrides
+    from workflows.train import STORE_EXPANSION, choose_data_mode
+
+    gib = 2**30
+    assert choose_data_mode("auto", int(0.29 * gib / STORE_EXPANSION), gib, 0.3)[0] == "materialize"
+    assert choose_data_mode("auto", int(0.31 * gib / STORE_EXPANSION), gib, 0.3)[0] == "stream"
+    assert choose_data_mode("materialize", 100 * gib, gib, 0.3)[0] == "materialize"  # a forced mode is kept
+    assert choose_data_mode("stream", 1, gib, 0.3)[0] == "stream"
+    with pytest.raises(ConfigError, match="run.data_mode"):
+        choose_data_mode("lazy", 1, gib, 0.3)
+    with pytest.raises(ConfigError, match="object_store_share"):
+        choose_data_mode("auto", 1, gib, 0)
+    assert train_overrides(data_mode="stream") == {"run.data_mode": "stream"}
+    main(["train", "--help"])
+    assert "--data-mode [auto|materialize|stream]" in capsys.readouterr().out

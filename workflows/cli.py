@@ -152,6 +152,7 @@ _TRAIN_FLAG_KEYS = {
     "storage_path": "run.storage_path", "tracking_uri": "run.tracking_uri",
     "early_stopping": "train.early_stopping_patience", "max_failures": "run.max_failures",
     "experiment": "run.experiment", "registered_model": "run.registered_model", "all_gather": "train.all_gather",
+    "data_mode": "run.data_mode",
     "clip": "model.use_clip", "segment": "model.use_segment", "frame": "model.use_frame",
     "ac_fusion": "model.ac_fusion", "ac_branch": "model.ac_branch", "ac_augment": "model.ac_augment",
     "level_weights": "model.level_weights", "learn_level_weights": "model.learn_level_weights",
@@ -197,6 +198,10 @@ def _train_options(fn):
                      help="Worker-group restarts from the last checkpoint before giving up."),
         click.option("--all-gather/--no-all-gather", default=None,
                      help="Contrastive negatives from all workers (default) or only the local batch."),
+        click.option("--data-mode", type=click.Choice(["auto", "materialize", "stream"]), default=None,
+                     help="Training rows held in the object store (materialize) or read per epoch from the shards "
+                          "(stream); auto streams when the split would take over run.object_store_share of the "
+                          "object store [run.data_mode]."),
         click.option("--clip/--no-clip", default=None, help="HCI clip-sentence level."),
         click.option("--segment/--no-segment", default=None, help="HCI segment-phrase level."),
         click.option("--frame/--no-frame", default=None, help="HCI frame-word level."),

@@ -30,6 +30,15 @@ class RunSettings:
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "hci-atr"
     registered_model: str = "hci-atr"
+    # how the training rows reach the workers: "materialize" (the split held in the object store), "stream" (each
+    # worker reads its share of the parquet shards every epoch, memory flat in the data size), "auto" (stream when
+    # the split would take more than object_store_share of the object store)
+    data_mode: str = "auto"
+    object_store_share: float = 0.3
+    # "global": every epoch a seeded permutation of the whole split cut into equal worker shares; "split": each
+    # worker keeps one fixed share for the whole run (the behaviour before whole-set shuffling)
+    shuffle: str = "global"
+    shuffle_buffer_rows: int = 1024  # stream: rows each worker draws its batches from at random
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,32 @@
-"""hci-atr train: Ray Train (V2) hooks around the library's fit loop (:func:`hci_atr.training.fit`): the workers'
-dataset shards, DDP, checkpoints and their resume, MLflow on rank 0.
+"""hci-atr train: Ray Train (V2) hooks around the library's fit loop (:func:`hci_atr.training.fit`): how the
+training rows reach the workers, DDP, checkpoints and their resume, MLflow on rank 0.
 
 Driver                                                     Workers (N, one TorchTrainer worker group)
 -------------------------------------------------------    ---------------------------------------------------------
-read train split through Ray Data (+ captions joined by    hci_atr.training.fit(model, cfg, RayTrainHooks):
-audio_id), materialize, split equally (split_data_config)    batches: its own split (shard_rows) -> iter_batches
-create / resume the MLflow run, log config + fingerprint     loss: all-gathered texts (GatherWithGrad); DDP
-check the checkpoints a resume would use                     rank 0: validation, MLflow epoch metrics, checkpoint
-TorchTrainer.fit()  --------------------------------->       all ranks: ray.train.report(...) every epoch
+choose the data mode (run.data_mode; auto: by size)        hci_atr.training.fit(model, cfg, RayTrainHooks):
+ materialize: read the train split through Ray Data (+       batches: this epoch's share of the rows -> batches
+ captions joined by audio_id) into the object store          loss: all-gathered texts (GatherWithGrad); DDP
+ stream: count the split's rows per feature file             rank 0: validation, MLflow epoch metrics, checkpoint
+create / resume the MLflow run, log config + fingerprint     all ranks: ray.train.report(...) every epoch
+check the checkpoints a resume would use
+TorchTrainer.fit()  --------------------------------->
 best checkpoint -> <run_dir>/best_model (atomic)
 curve plot, examples, model artifacts, registry alias
+
+Data modes (``run.data_mode``; ``auto`` streams when the split's estimated in-memory size exceeds
+``run.object_store_share`` of the object store, :func:`choose_data_mode`):
+
+- **materialize**: the split lives in the object store once. With ``run.shuffle = "global"`` (the default) every
+  worker reads the whole dataset (zero-copy on its node, :func:`whole_data_config`) and trains on this epoch's share
+  of it: a seeded permutation of all rows from (seed, epoch) cut into N equal shares (:func:`epoch_shares`), so the
+  rows a clip meets change every epoch. ``"split"``: each worker keeps one fixed split (:func:`split_data_config`).
+- **stream**: nothing goes to the object store; each worker reads only its share of the parquet shards every epoch
+  (:func:`stream_plan`: the feature files in a seeded per-epoch order, their split rows cut into N equal contiguous
+  shares), one row group at a time, and draws its batches at random from a buffer of ``run.shuffle_buffer_rows``
+  rows (:func:`shuffle_buffer`): memory per worker is the buffer's, whatever the data size.
+
+In every mode all workers get exactly as many rows (the remainder, ``n % N`` rows, sits out the epoch; a different
+one every epoch when shuffled), so they run the same number of steps and the collectives line up.
 
 Run directory ``<storage_path>/<run_name>/`` (``run_dir``):
   config.yaml            the resolved config of the run
@@ -28,9 +45,11 @@ from the latest checkpoint the same way. A checkpoint that does not check out (c
 train_state.pt) is passed over for the newest older one that does, with one line saying so.
 
 Determinism: the fit loop's rules (hci_atr/training/loop.py: initial weights from ``seed`` on every rank, each epoch
-re-seeded from (seed, epoch, rank)), and a fixed split per worker in block order (``preserve_order``), shuffled per
-epoch by the same function as in-process training: the same seed and worker count give the same CPU numbers, also
-across a resume, and with one worker the numbers of ``hci-atr ablate``'s in-process loop.
+re-seeded from (seed, epoch, rank)); each epoch's shares are a function of (seed, epoch, N) alone (never of task
+timing), taken in audio_id order (materialize) or in the epoch's file order (stream), and batched with the epoch's
+generator: the same seed and worker count give the same CPU numbers, also across a resume. With one worker the
+materialized share is every row in audio_id order, batched by the same function as ``hci-atr ablate``'s
+in-process loop, so both give the same numbers.
 """
 
 from __future__ import annotations
@@ -43,12 +62,14 @@ import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from hci_atr.data.shards import feature_files, read_captions, read_split_rows, split_counts
+import numpy as np
+
+from hci_atr.data.shards import FEATURE_COLUMNS, feature_files, read_captions, read_split_rows, split_counts
 from hci_atr.errors import ConfigError, DataError, HciAtrError, ModelLoadError, one_line
 from hci_atr.files import atomic_write_bytes, atomic_write_text, copy_dir_atomic, fsync_tree
-from hci_atr.training import FitHooks, evaluate, fit, iter_batches, seeded_model
+from hci_atr.training import FitHooks, epoch_seed, evaluate, fit, iter_batches, make_batch, seeded_model
 from hci_atr.training.distributed import GatherWithGrad, broadcast_value, mean_over_workers
 from workflows.settings import Settings
 
@@ -59,7 +80,13 @@ CHECKPOINT_STATE = "train_state.pt"
 CHECKPOINT_META = "meta.json"
 # Settings keys a resumed run may change (they do not change what is learnt from the data, or only extend it).
 RESUMABLE_KEYS = {"train.epochs", "run.max_failures", "run.num_workers", "run.use_gpu", "run.tracking_uri",
-                  "run.storage_path", "train.early_stopping_patience", "run.features_dir"}
+                  "run.storage_path", "train.early_stopping_patience", "run.features_dir", "run.data_mode",
+                  "run.object_store_share", "run.shuffle", "run.shuffle_buffer_rows"}
+DATA_MODES = ("auto", "materialize", "stream")
+SHUFFLES = ("global", "split")
+# object-store bytes per on-disk byte of a feature split while train_dataset materializes it (read, filter and
+# caption-join blocks exist side by side for a while): what `auto` multiplies the split's parquet bytes by
+STORE_EXPANSION = 2.0
 
 
 @dataclass
@@ -169,6 +196,168 @@ def shard_rows(shard):
     return ArrowRows(table)
 
 
+def whole_data_config():
+    """A Ray Train ``DataConfig`` that hands every worker the whole materialized dataset (no split): each worker
+    takes its share of every epoch itself (:func:`epoch_shares`). On one node the blocks are read zero-copy from the
+    shared object store, so N workers hold one copy between them."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+
+
+def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    # its own stream per use (stream), apart from the torch generators the fit loop seeds from epoch_seed
+    return np.random.default_rng([epoch_seed(seed, epoch), stream])
+
+
+def epoch_shares(n: int, world: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The whole-set shuffle of epoch ``epoch``: a permutation of ``n`` rows seeded from (seed, epoch), cut into
+    ``world`` equal contiguous shares of ``n // world`` rows, each returned sorted (row positions in audio_id order;
+    the worker's batches then shuffle within it). The last ``n % world`` rows of the permutation sit out the epoch
+    (different ones every epoch). With ``world = 1`` the share is every row in order."""
+    k = n // world
+    if world == 1:
+        return [np.arange(n, dtype=np.int64)]
+    perm = _rng(seed, epoch, 0x5A4E).permutation(n)
+    return [np.sort(perm[r * k:(r + 1) * k]) for r in range(world)]
+
+
+class ShareRows:
+    """This epoch's share of the rows (:class:`hci_atr.training.Rows`): ``positions`` into ``rows`` (an
+    :class:`hci_atr.training.ArrowRows` of the whole split); a batch's rows are decoded when taken."""
+
+    def __init__(self, rows, positions: np.ndarray):
+        self.rows, self.positions = rows, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, positions: list[int]) -> list[dict]:
+        return self.rows.take(self.positions[positions].tolist())
+
+    def audio_ids(self) -> list[str]:
+        return [str(a) for a in self.rows.table.column("audio_id").take(self.positions).to_pylist()]
+
+
+# -- streaming ------------------------------------------------------------------------------------------------------
+
+
+def split_file_counts(files: Sequence[str], split: str) -> list[int]:
+    """Rows of ``split`` in each feature file (reads the split column only)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return [int(pc.sum(pc.equal(pq.read_table(f, columns=["split"]).column("split"), split)).as_py() or 0)
+            for f in files]
+
+
+def stream_plan(counts: Sequence[int], world: int, seed: int, epoch: int) -> list[list[tuple[int, int, int]]]:
+    """What each worker streams in epoch ``epoch``: the feature files in an order seeded from (seed, epoch), their
+    split rows (``counts[f]`` in file ``f``) one stream, cut into ``world`` equal contiguous shares of
+    ``sum(counts) // world`` rows (the last ``sum % world`` sit out). Returns per rank its ``(file, start, stop)``
+    ranges, positions among the file's split rows, in reading order."""
+    n = int(sum(counts))
+    k = n // world
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
+    pos = 0  # where file f starts in the epoch's stream
+    for f in _rng(seed, epoch, 0xF11E).permutation(len(counts)).tolist():
+        c = int(counts[f])
+        for r in range(world):
+            a, b = max(pos, r * k), min(pos + c, (r + 1) * k)
+            if a < b:
+                plan[r].append((f, a - pos, b - pos))
+        pos += c
+    return plan
+
+
+def stream_rows(files: Sequence[str], ranges: Iterable[tuple[int, int, int]], split: str,
+                captions: dict[str, str], batch_rows: int = 256) -> Iterator[dict]:
+    """The ``split`` rows of ``ranges`` (:func:`stream_plan`) read file by file, ``batch_rows`` rows at a time
+    (pyarrow), as rows for ``make_batch`` with ``generated_caption`` joined from ``captions``. Each row owns its
+    mel (a copy), so a row waiting in a shuffle buffer holds no read batch in memory."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from hci_atr.data.shards import table_to_rows
+
+    for f, start, stop in ranges:
+        seen = 0  # split rows of file f before this batch
+        with pq.ParquetFile(files[f]) as pf:
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=list(FEATURE_COLUMNS)):
+                t = pa.Table.from_batches([rb])
+                t = t.filter(pc.equal(t.column("split"), split))
+                a, b = max(start - seen, 0), min(stop - seen, t.num_rows)
+                seen += t.num_rows
+                if a < b:
+                    for row in table_to_rows(t.slice(a, b - a)):
+                        row["mel"] = row["mel"].copy()
+                        row["generated_caption"] = captions.get(row["audio_id"])
+                        yield row
+                if seen >= stop:
+                    break
+
+
+T = TypeVar("T")
+
+
+def shuffle_buffer(items: Iterable[T], size: int, generator) -> Iterator[T]:
+    """Items in a random order drawn with ``generator`` (torch) from a buffer of ``size``: once it is full, each
+    new item sends out a random one of the buffer; at the end the rest leave in a random permutation (a buffer as
+    large as the input is a full shuffle)."""
+    import torch
+
+    buf: list[T] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= max(1, size):
+            j = int(torch.randint(len(buf), (1,), generator=generator))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    for j in torch.randperm(len(buf), generator=generator).tolist():
+        yield buf[j]
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items; an incomplete last one is dropped (equal steps on every worker)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+
+
+# -- which mode -----------------------------------------------------------------------------------------------------
+
+
+def split_disk_bytes(files: Sequence[str], counts: Sequence[int]) -> int:
+    """On-disk bytes of a split: each feature file's size times the share of its rows that are in the split."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f, c in zip(files, counts):
+        rows = pq.ParquetFile(f).metadata.num_rows
+        if rows:
+            total += int(os.path.getsize(f) * c / rows)
+    return total
+
+
+def choose_data_mode(mode: str, split_bytes: int, store_bytes: float, share: float) -> tuple[str, str]:
+    """(``"materialize"`` | ``"stream"``, why) for ``run.data_mode = mode``: ``auto`` streams when the split's
+    on-disk bytes x :data:`STORE_EXPANSION` exceed ``share`` of the object store's capacity ``store_bytes``."""
+    if mode not in DATA_MODES:
+        raise ConfigError(f"run.data_mode: expected one of {', '.join(DATA_MODES)}, got {mode!r}")
+    if not 0 < share <= 1:
+        raise ConfigError(f"run.object_store_share: expected a fraction in (0, 1], got {share!r}")
+    need, room = split_bytes * STORE_EXPANSION, store_bytes * share
+    size = f"{need / 2**20:.0f} MiB in the object store vs {room / 2**20:.0f} MiB ({share:.0%} of it)"
+    if mode != "auto":
+        return mode, f"run.data_mode={mode} ({size})"
+    return ("stream" if need > room else "materialize"), f"auto: {size}"
+
+
 def _fault_point(fault: dict | None, epoch: int, rank: int, batch_index: int) -> None:
     """Fault injection for tests and drills: kill this worker process (SIGKILL) once, at (epoch, batch, rank).
 
@@ -187,6 +376,21 @@ def _fault_point(fault: dict | None, epoch: int, rank: int, batch_index: int) ->
     os.write(fd, f"killed pid {os.getpid()} at epoch {epoch} batch {batch_index} rank {rank}\n".encode())
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_trace(trace_dir: str, epoch: int, rank: int, ids: list[str]) -> None:
+    """Tests and benchmarks: the audio ids of this worker's share of the epoch and its peak memory so far
+    (``/proc/self/status``: VmHWM, RssAnon, RssShmem in KiB), as ``<trace_dir>/share-e<epoch>-r<rank>.json``."""
+    mem: dict[str, int] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                mem[key] = int(value.split()[0])
+    except OSError:  # not Linux
+        pass
+    atomic_write_text(Path(trace_dir) / f"share-e{epoch:03d}-r{rank}.json",
+                      json.dumps({"epoch": epoch, "rank": rank, "pid": os.getpid(), "ids": ids, "memory_kib": mem}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,9 +546,10 @@ def _upload_fsynced(run_dir: Path):
 
 
 class RayTrainHooks(FitHooks):
-    """The fit loop's hooks in a Ray Train worker: batches from this worker's dataset shard (:func:`shard_rows`,
-    fault injection), metrics averaged over workers, rank 0 validates, logs to MLflow and writes the checkpoint,
-    every rank reports each epoch (Ray Train's barrier)."""
+    """The fit loop's hooks in a Ray Train worker: batches from this worker's share of the epoch (materialized:
+    :func:`epoch_shares` of the whole dataset or the fixed split, :func:`shard_rows`; streamed:
+    :func:`stream_plan`), fault injection, metrics averaged over workers, rank 0 validates, logs to MLflow and writes
+    the checkpoint, every rank reports each epoch (Ray Train's barrier)."""
 
     def __init__(self, cfg: Settings, config: dict[str, Any], rank: int, world: int, gather=None,
                  resumed: bool = False):
@@ -354,7 +559,9 @@ class RayTrainHooks(FitHooks):
 
         self.cfg, self.config = cfg, config
         self.rank, self.world, self.gather = rank, world, gather
-        self.shard = ray.train.get_dataset_shard("train")
+        self.stream = config.get("stream")  # {"files", "counts"} in stream mode, else None
+        self.shard = None if self.stream else ray.train.get_dataset_shard("train")
+        self.whole = None  # global shuffle, materialized: the whole split (ArrowRows), read on the first epoch
         self.run_dir = Path(config["run_dir"])
         self.val_rows = read_split_rows(config["features_dir"], cfg.run.val_split,
                                         config.get("captions") or {}) if rank == 0 else []
@@ -363,13 +570,46 @@ class RayTrainHooks(FitHooks):
         self.logged = tracking.logged_steps(config["tracking_uri"], config["run_id"], "val_rsum") \
             if rank == 0 and resumed else set()
 
+    def _shuffled(self, epoch: int) -> int:
+        """The epoch the shares are drawn for: ``epoch``, or 0 for every epoch with ``run.shuffle = "split"``."""
+        return epoch if self.cfg.run.shuffle == "global" else 0
+
+    def _materialized_rows(self, epoch: int):
+        if self.cfg.run.shuffle != "global":
+            return shard_rows(self.shard)
+        if self.whole is None:
+            self.whole = shard_rows(self.shard)  # every worker was handed the whole dataset (whole_data_config)
+        n = len(self.whole)
+        share = epoch_shares(n, self.world, self.cfg.train.seed, epoch)[self.rank]
+        return ShareRows(self.whole, share)
+
+    def _batches(self, model, epoch, generator):
+        """(batches, audio ids of the share: a list, or filled while the batches are drawn)."""
+        bs = self.cfg.train.batch_size
+        if self.stream is None:
+            rows = self._materialized_rows(epoch)
+            ids = rows.audio_ids() if self.config.get("trace") else []
+            return iter_batches(rows, self.cfg, model, True, generator, batch_size=bs, drop_last=True), ids
+        files, counts = self.stream["files"], self.stream["counts"]
+        ranges = stream_plan(counts, self.world, self.cfg.train.seed, self._shuffled(epoch))[self.rank]
+        ids: list[str] = []
+
+        def rows():
+            for row in shuffle_buffer(stream_rows(files, ranges, self.cfg.run.train_split,
+                                                  self.config.get("captions") or {}),
+                                      self.cfg.run.shuffle_buffer_rows, generator):
+                ids.append(row["audio_id"])
+                yield row
+
+        return (make_batch(chunk, self.cfg, model, True, generator) for chunk in chunked(rows(), bs)), ids
+
     def batches(self, model, epoch, generator):
-        rows = shard_rows(self.shard)
-        batches = iter_batches(rows, self.cfg, model, True, generator, batch_size=self.cfg.train.batch_size,
-                               drop_last=True)
+        batches, ids = self._batches(model, epoch, generator)
         for i, batch in enumerate(batches):
             _fault_point(self.config.get("fault"), epoch, self.rank, i)
             yield batch
+        if self.config.get("trace"):
+            _write_trace(self.config["trace"], epoch, self.rank, ids)
 
     def reduce(self, metrics):
         out = mean_over_workers(metrics)  # identical on every rank
@@ -513,12 +753,14 @@ def default_torch_threads(num_workers: int, cpus: int | None = None) -> int:
 def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os.PathLike | None = None, *,
           tracking_uri: str | None = None, ray_address: str | None = None, fault: dict | None = None,
           torch_threads: int | None = None, log_examples: bool = True, register: bool = True,
-          echo: Callable[[str], None] | None = None) -> TrainResult:
+          echo: Callable[[str], None] | None = None, trace: str | os.PathLike | None = None) -> TrainResult:
     """Train ``HciAtrModel(cfg)`` on the ``cfg.run.train_split`` rows of ``features_dir`` with Ray Train.
 
     Re-running with the same ``cfg.run.storage_path`` / ``run_name`` resumes. ``fault`` (tests, drills): kill one
     worker once, see :func:`_fault_point`; also read from ``$HCI_ATR_FAULT`` as ``epoch:batch:rank:marker``.
-    Returns a :class:`TrainResult`; the best model is in ``result.model_dir``.
+    ``trace`` (tests, benchmarks): a folder where every worker writes the audio ids of its share of each epoch and
+    its peak memory (:func:`_write_trace`). Returns a :class:`TrainResult`; the best model is in
+    ``result.model_dir``.
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -545,6 +787,9 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     if (cfg.model.ac_fusion or cfg.model.ac_branch or cfg.model.ac_augment) and not captions:
         raise ConfigError("auxiliary captions are switched on (--ac / --ac-fusion / --ac-branch / --ac-augment) but "
                           "no --captions directory was given; run `hci-atr caption-all` and pass --captions DIR")
+    if cfg.run.shuffle not in SHUFFLES:
+        raise ConfigError(f"run.shuffle: expected one of {', '.join(SHUFFLES)}, got {cfg.run.shuffle!r}")
+    choose_data_mode(cfg.run.data_mode, 0, 0, cfg.run.object_store_share)  # refuse a bad mode before any work
     if fault is None and os.environ.get("HCI_ATR_FAULT"):
         e, b, r, m = os.environ["HCI_ATR_FAULT"].split(":", 3)
         fault = {"epoch": int(e), "batch": int(b), "rank": int(r), "marker": m}
@@ -579,12 +824,25 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
 
     announced = _precheck_resume(run_dir, say)
     ensure_ray(ray_address)
-    ds = train_dataset(features_dir, cfg.run.train_split, captions)
-
+    files = feature_files(features_dir)
+    file_counts = split_file_counts(files, cfg.run.train_split)
+    mode, why = choose_data_mode(cfg.run.data_mode, split_disk_bytes(files, file_counts),
+                                 float(ray.cluster_resources().get("object_store_memory", 0)),
+                                 cfg.run.object_store_share)
+    say(f"training data: {mode} ({why}); shuffle {cfg.run.shuffle}")
+    tracking.set_tags(uri, run_id, {"data.mode": mode})
     loop_config = {"cfg": cfg.to_dict(), "features_dir": str(features_dir), "captions": captions,
                    "tracking_uri": uri, "run_id": run_id, "fault": fault, "run_dir": str(run_dir),
-                   "announced": announced,
+                   "announced": announced, "trace": str(trace) if trace else None,
+                   "stream": {"files": files, "counts": file_counts} if mode == "stream" else None,
                    "torch_threads": torch_threads or default_torch_threads(cfg.run.num_workers)}
+    if mode == "stream":
+        datasets, data_config = {}, None
+    else:
+        ds = train_dataset(features_dir, cfg.run.train_split, captions)
+        datasets = {"train": ds}
+        data_config = whole_data_config() if cfg.run.shuffle == "global" \
+            else split_data_config(ds, cfg.run.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config=loop_config,
@@ -596,8 +854,8 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
-        datasets={"train": ds},
-        dataset_config=split_data_config(ds, cfg.run.num_workers),
+        datasets=datasets,
+        dataset_config=data_config,
     )
     try:
         result = trainer.fit()
