@@ -51,6 +51,124 @@ def test_variants_differ_only_in_their_switches():
         parse_variants("clip,nope")
 
 
+def _with_outcomes(t2a_r1: float, t2a: np.ndarray, a2t: np.ndarray, queries: str = "q") -> dict:
+    return {"test": {m: (t2a_r1 if m == "t2a_R1" else 50.0) for m in METRICS},
+            "per_query": {"t2a_R1": t2a.astype(int).tolist(), "a2t_R1": a2t.astype(int).tolist(), "queries": queries},
+            "best_epoch": 3, "epochs_run": 8}
+
+
+def test_paired_intervals_are_the_bootstrap_of_the_concatenated_per_query_outcomes():
+    from hci_atr.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    out = {(v, s): (rng.random(40) < p, rng.random(8) < p)
+           for v, p in (("clip", 0.3), ("hci", 0.6)) for s in (0, 1)}
+    out[("clip", 2)] = (rng.random(40) < 0.3, rng.random(8) < 0.3)  # a seed only the baseline has: not paired
+    results = {k: _with_outcomes(float(t.mean() * 100), t, a) for k, (t, a) in out.items()}
+    rows = aggregate(results, parse_variants("clip,hci"))
+    base, hci = rows
+    assert base["baseline"] and "d_t2a_R1_lo" not in base
+    for m, i in (("t2a_R1", 0), ("a2t_R1", 1)):
+        a = np.concatenate([out[("clip", 0)][i], out[("clip", 1)][i]]).astype(float) * 100
+        b = np.concatenate([out[("hci", 0)][i], out[("hci", 1)][i]]).astype(float) * 100
+        want = paired_bootstrap(a, b)
+        assert hci[f"d_{m}_diff"] == pytest.approx(want["diff"]) == pytest.approx((b - a).mean())
+        assert (hci[f"d_{m}_lo"], hci[f"d_{m}_hi"], hci[f"d_{m}_n"]) == \
+            pytest.approx((want["lo"], want["hi"], len(a)))
+        assert hci[f"d_{m}_lo"] < hci[f"d_{m}_diff"] < hci[f"d_{m}_hi"]
+    md = format_markdown(rows, "clip only")
+    head = md.splitlines()[0]
+    assert "Δ T2A R@1 vs clip only, 95 % CI (seed × query)" in head and "Δ A2T R@1 vs clip only, 95 % CI" in head
+    cell = f"{hci['d_t2a_R1_diff']:+.2f} [{hci['d_t2a_R1_lo']:+.2f}, {hci['d_t2a_R1_hi']:+.2f}]"
+    assert cell in md.splitlines()[3] and "| baseline |" in md.splitlines()[2]
+    assert "| 3/8, 3/8, 3/8 |" in md  # best / last epoch per seed
+    header = format_csv(rows).splitlines()[0].split(",")
+    assert {"d_t2a_R1_diff", "d_t2a_R1_lo", "d_t2a_R1_hi", "d_a2t_R1_lo", "d_a2t_R1_hi"} <= set(header)
+    # outcomes of different test queries never pair up
+    results[("hci", 1)]["per_query"]["queries"] = "other"
+    with pytest.raises(ConfigError, match="different test queries"):
+        aggregate(results, parse_variants("clip,hci"))
+
+
+def test_pair_accuracy_columns_appear_when_pairs_exist():
+    variants = parse_variants("clip,hci")
+
+    def doc(acc_order, acc_attr):
+        d = _fake(10.0)
+        d["test"].update({"pairs_acc": (acc_order + acc_attr) / 2, "pairs_n": 5.0, "pairs_order_acc": acc_order,
+                          "pairs_order_n": 3.0, "pairs_attribute_acc": acc_attr, "pairs_attribute_n": 2.0})
+        return d
+
+    results = {("clip", 0): doc(0.5, 0.6), ("clip", 1): doc(0.7, 0.6), ("hci", 0): doc(0.9, 0.5),
+               ("hci", 1): doc(0.8, 0.7)}
+    rows = aggregate(results, variants)
+    assert rows[0]["pairs_order_acc_mean"] == pytest.approx(0.6)
+    assert rows[0]["pairs_order_acc_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    md = format_markdown(rows, "clip only")
+    head = md.splitlines()[0]
+    assert "| all pairs (n=5) |" in head and "| order pairs (n=3) |" in head and "attribute pairs (n=2)" in head
+    assert "| 0.600 ± 0.141 |" in md.splitlines()[2]
+    header = format_csv(rows).splitlines()[0].split(",")
+    assert {"pairs_order_acc_mean", "pairs_order_acc_std", "pairs_order_n"} <= set(header)
+    # no pairs, no pair columns
+    plain = format_markdown(aggregate({("clip", 0): _fake(1.0)}, variants[:1]))
+    assert "pairs" not in plain
+
+
+def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
+    """`hci-atr ablate --preset compositional`: the run it asks for (run_ablation stubbed; nothing trains)."""
+    import click
+
+    from hci_atr.data.demo import _split_sizes
+    from workflows import ablation
+    from workflows.cli import ablate_cmd, main
+
+    calls = []
+
+    def fake_run(out_dir, **kw):
+        calls.append({"out_dir": out_dir, **kw})
+        return ablation.AblationResult(str(out_dir), [], {}, "table")
+
+    monkeypatch.setattr(ablation, "run_ablation", fake_run)
+    main(["ablate", "--preset", "compositional", "--no-mlflow"])
+    kw = calls[-1]
+    cfg = kw["cfg"]
+    assert kw["demo_size"] == 2000 and _split_sizes(2000)["test"] >= 300
+    assert kw["demo_pairs_in_split"] is True
+    assert cfg.audio.duration == 5.0 and cfg.model.audio_width == 8
+    assert cfg.train.epochs == 40 and cfg.train.early_stopping_patience == 4
+    assert list(kw["variants"]) == ["clip", "hci", "hci_order", "hci_order_hard"]
+    assert kw["out_dir"] == "hci_atr_runs/ablation-compositional"
+    order = variant_config(cfg, VARIANTS["hci_order"], 0).model
+    assert (order.use_segment, order.use_frame, order.temporal_context, order.segment_order, order.fusion) == \
+        (True, True, "gru", "position_bias", "calibrated") and order.hard_negatives == "none"
+    hard = variant_config(cfg, VARIANTS["hci_order_hard"], 0).model
+    assert (hard.temporal_context, hard.hard_negatives, hard.hard_negative_weight) == ("gru", "both", 0.5)
+    clip = variant_config(cfg, VARIANTS["clip"], 0).model
+    assert not clip.use_segment and clip.temporal_context == "none" and clip.hard_negatives == "none"
+    # flags win over the preset; without a preset nothing of it applies
+    main(["ablate", "--preset", "compositional", "--epochs", "10", "--size", "400", "--variants", "clip,hci",
+          "--out", str(tmp_path / "o"), "--no-mlflow"])
+    kw = calls[-1]
+    assert kw["cfg"].train.epochs == 10 and kw["cfg"].train.early_stopping_patience == 4
+    assert kw["demo_size"] == 400 and kw["variants"] == "clip,hci" and kw["out_dir"] == str(tmp_path / "o")
+    main(["ablate", "--no-mlflow"])
+    kw = calls[-1]
+    assert kw["demo_size"] == 240 and kw["demo_pairs_in_split"] is False and kw["variants"] is None
+    assert kw["cfg"].train.early_stopping_patience == 0 and kw["out_dir"] == "hci_atr_runs/ablation"
+    assert [v.name for v in parse_variants(None)] == list(ablation.DEFAULT_VARIANTS)  # the order variants are opt-in
+    choice = next(o for o in ablate_cmd.params if o.name == "preset").type
+    assert isinstance(choice, click.Choice) and list(choice.choices) == list(ablation.PRESETS)
+
+
+def test_demo_table_has_pair_accuracy_columns():
+    from workflows.demo import format_table
+
+    m = {**_fake(10.0)["test"], "pairs_acc": 0.6, "pairs_n": 5.0, "pairs_order_acc": 0.5, "pairs_order_n": 1.0}
+    md, csv_text = format_table({"clip": m, "hci": m})
+    assert "order pairs" in md.splitlines()[0] and "pairs_order_acc" in csv_text.splitlines()[0]
+
+
 @pytest.mark.ray
 def test_tiny_ablation_end_to_end(ray_session, tmp_path, tiny_text_dir):
     import mlflow
@@ -77,8 +195,19 @@ def test_tiny_ablation_end_to_end(ray_session, tmp_path, tiny_text_dir):
         t = doc["test"]
         assert t["t2a_R1"] <= t["t2a_R5"] <= t["t2a_R10"]
         assert t["n_audio"] == 4.0 and t["n_text"] == 20.0 and t["t2a_R10"] == 100.0
+    # each run kept its per-query R@1 outcomes (what the intervals resample) and scored the demo's test pairs
+    pairs = json.loads((out / "demo_24x2s_32000hz_seed0" / "demo_pairs.json").read_text())
+    for (name, seed), doc in res.results.items():
+        pq = doc["per_query"]
+        assert len(pq["t2a_R1"]) == 20 and len(pq["a2t_R1"]) == 4
+        assert np.mean(pq["t2a_R1"]) * 100 == pytest.approx(doc["test"]["t2a_R1"])
+        assert np.mean(pq["a2t_R1"]) * 100 == pytest.approx(doc["test"]["a2t_R1"])
+        assert doc["test"]["pairs_n"] == sum(p["split"] == "test" for p in pairs)
+        assert doc["epochs_run"] == 1 and doc["best_epoch"] == 0 and not doc["stopped_early"]
+    assert res.rows[1]["d_t2a_R1_n"] == 20 and res.rows[1]["d_a2t_R1_n"] == 4
     table = (out / "table.md").read_text()
     assert table.count("\n") == 4 and "| clip only |" in table and "| clip + AC (fusion, branch, augment) |" in table
+    assert "95 % CI (seed × query)" in table.splitlines()[0]
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # captions: written by the seed-0 clip-only model, never a clip's own reference caption
@@ -105,6 +234,8 @@ def test_tiny_ablation_end_to_end(ray_session, tmp_path, tiny_text_dir):
         v = ch.data.tags["ablation.variant"]
         assert ch.data.metrics["test_t2a_R1"] == pytest.approx(res.results[(v, 0)]["test"]["t2a_R1"])
     assert parent.data.metrics["clip.t2a_R1_mean"] == pytest.approx(res.rows[0]["t2a_R1_mean"])
+    for k in ("d_t2a_R1_diff", "d_t2a_R1_lo", "d_t2a_R1_hi", "d_a2t_R1_lo", "d_a2t_R1_hi"):
+        assert parent.data.metrics[f"clip_ac.{k}"] == pytest.approx(res.rows[1][k])
 
     # resume: same settings -> nothing retrained, same numbers; another epoch count -> retrained
     again = run_ablation(out, cfg=cfg, demo_size=24, variants="clip,clip_ac", seeds=[0], log_mlflow=False)

@@ -346,18 +346,30 @@ def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, track
 
 
 @cli.command("ablate")
-@click.option("--out", "out_dir", default="hci_atr_runs/ablation", show_default=True,
-              type=click.Path(file_okay=False), help="Features, per-run JSON results, table, plot (re-run resumes).")
+@click.option("--preset", default=None, type=click.Choice(["compositional"]),
+              help="A named setup; flags given here win over its values. compositional: 2000 demo clips (300 test "
+                   "clips) with the hard-negative pairs inside each split, clip-seconds 5, cnn-small width 8, up to 40 "
+                   "epochs with early stopping after 4 without a better validation R-sum, variants clip, hci, "
+                   "hci_order, hci_order_hard.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Features, per-run JSON results, table, plot (re-run resumes) [hci_atr_runs/ablation; with "
+                   "--preset P: hci_atr_runs/ablation-P].")
 @click.option("--data", default=None, type=click.Path(), help="Dataset path (any reader format); default: the demo.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "clotho", "audiocaps", "manifest"]))
-@click.option("--size", type=click.IntRange(min=12), default=240, show_default=True, help="Demo clips (no --data).")
+@click.option("--size", type=click.IntRange(min=12), default=None,
+              help="Demo clips (no --data) [240; compositional: 2000].")
+@click.option("--pairs-in-split", is_flag=True, default=None,
+              help="Demo data with each hard-negative pair inside one split, so the test split holds pairs "
+                   "(make-demo --pairs-in-split) [compositional: on].")
+@click.option("--pairs", "pairs_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Hard-negative pair file scored on the test split [the dataset's demo_pairs.json if it has one].")
 @click.option("--duration", type=click.FloatRange(min=1.0, max=30.0), default=None,
               help="Demo clip seconds and crop length [audio.duration].")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Base YAML config (the budget every variant shares).")
-@click.option("--variants", default=None, help="Comma-separated variants (default all: clip, clip_segment, "
-              "clip_frame, hci, hci_acfusion, hci_ac, clip_ac).")
+@click.option("--variants", default=None, help="Comma-separated variants, the first the baseline (default: clip, "
+              "clip_segment, clip_frame, hci, hci_acfusion, hci_ac, clip_ac; also hci_order, hci_order_hard).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=2), default=None)
@@ -376,17 +388,18 @@ def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, track
 @click.option("--no-resume", is_flag=True, help="Retrain every variant x seed even if its result JSON exists.")
 @click.option("--publish", default=None, type=click.Path(file_okay=False),
               help="Also copy table.md, table.csv and ablation.png into this folder (e.g. bench/results).")
-def ablate_cmd(out_dir, data, fmt, size, duration, config_path, variants, seeds, epochs, batch_size, lr, temperature,
-               audio_width, sets, caption_variant, test_split, tracking_uri, experiment, no_mlflow, no_resume,
-               publish) -> None:
-    """Train and evaluate every HCI / AC ablation variant x seed as Ray tasks; table (mean ± std) + plot + MLflow."""
+def ablate_cmd(preset, out_dir, data, fmt, size, pairs_in_split, pairs_file, duration, config_path, variants, seeds,
+               epochs, batch_size, lr, temperature, audio_width, sets, caption_variant, test_split, tracking_uri,
+               experiment, no_mlflow, no_resume, publish) -> None:
+    """Train and evaluate every ablation variant x seed as Ray tasks; table (mean ± std, paired differences to the
+    first variant with 95 % bootstrap intervals, pair accuracy per type) + plot + MLflow."""
     import shlex
 
     import yaml
 
     from hci_atr.config import NULL
     from workflows.settings import load_settings
-    from workflows.ablation import publish_results, run_ablation
+    from workflows import ablation
 
     overrides = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
                  "model.init_temperature": temperature, "model.audio_width": audio_width, "audio.duration": duration}
@@ -400,20 +413,24 @@ def ablate_cmd(out_dir, data, fmt, size, duration, config_path, variants, seeds,
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    cfg = load_settings(config_path, overrides)
-    res = run_ablation(out_dir, cfg=cfg, data=data, fmt=fmt, demo_size=size, variants=variants, seeds=seed_list,
-                       caption_variant=caption_variant, test_split=test_split, tracking_uri=tracking_uri,
-                       experiment=experiment, log_mlflow=not no_mlflow, resume=not no_resume,
-                       command="hci-atr " + shlex.join(click.get_current_context().find_root().obj.get("argv")
-                                                       or ["ablate"]),
-                       echo=click.echo)
+    p = ablation.get_preset(preset) if preset else None
+    cfg = load_settings(config_path).override(p.overrides if p else {}, f"preset {preset}")
+    cfg = cfg.override(overrides, "command line")  # flags win over the preset
+    res = ablation.run_ablation(
+        out_dir or ("hci_atr_runs/ablation" + (f"-{preset}" if preset else "")), cfg=cfg, data=data, fmt=fmt,
+        demo_size=size or (p.demo_size if p else 240), variants=variants or (p.variants if p else None),
+        demo_pairs_in_split=bool(pairs_in_split or (p.pairs_in_split if p else False)), pairs_file=pairs_file,
+        seeds=seed_list, caption_variant=caption_variant, test_split=test_split, tracking_uri=tracking_uri,
+        experiment=experiment, log_mlflow=not no_mlflow, resume=not no_resume,
+        command="hci-atr " + shlex.join(click.get_current_context().find_root().obj.get("argv") or ["ablate"]),
+        echo=click.echo)
     click.echo("")
     click.echo(res.markdown)
     click.echo(f"{res.computed} runs trained now, {len(res.results) - res.computed} resumed; "
                f"table/plot in {res.out_dir}")
     if publish:
-        for p in publish_results(res.out_dir, publish):
-            click.echo(f"published {p}")
+        for path in ablation.publish_results(res.out_dir, publish):
+            click.echo(f"published {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
