@@ -387,7 +387,12 @@ def crop_frames(mel, n_frames: int, mode: str = "start", generator: torch.Genera
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
     is_numpy = not isinstance(mel, torch.Tensor)
-    x = torch.as_tensor(np.asarray(mel)) if is_numpy else mel
+    if is_numpy:
+        arr = np.asarray(mel)
+        # feature rows are read-only views of the parquet buffers; torch wants writable memory (a clip is small)
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    else:
+        x = mel
     if x.ndim != 2:
         raise ValueError(f"crop_frames expects mel [T, M], got shape {tuple(x.shape)}")
     t = x.shape[0]
