@@ -122,6 +122,23 @@ class TrainConfig:
     early_stopping_patience: int = 0  # 0 = off; else stop after this many epochs without a better val R-sum
     random_crop: bool = True
     all_gather: bool = True  # contrastive negatives from all workers
+    # pretrained parts train at their own rates (the warm-up applies to every rate): the heads' 1e-3 collapses a
+    # pretrained tower; 2e-5 is the usual BERT / sentence-transformers fine-tuning rate, 1e-4 what audio-text
+    # retrieval fine-tunes a PANNs CNN14 with
+    text_lr: float = 2e-5  # the text transformer's parameters (with model.freeze_text false)
+    audio_pretrained_lr: float = 1e-4  # the audio encoder's parameters model.audio_checkpoint (PANNs) filled
+    text_train_layers: int = -1  # with model.freeze_text false: -1 trains every layer, k only the top k (rest frozen)
+    text_cache_mb: float = 1024.0  # a frozen text tower's outputs kept per caption for the run (MiB; 0: off)
+
+    def __post_init__(self):
+        for name in ("text_lr", "audio_pretrained_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}: expected a learning rate > 0, got {getattr(self, name)!r}")
+        if self.text_train_layers < -1:
+            raise ConfigError(f"train.text_train_layers: expected -1 (all layers) or a number of top layers >= 0, "
+                              f"got {self.text_train_layers}")
+        if self.text_cache_mb < 0:
+            raise ConfigError(f"train.text_cache_mb: expected >= 0 (0: off), got {self.text_cache_mb}")
 
 
 class _Null:

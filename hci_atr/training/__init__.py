@@ -8,8 +8,9 @@
 from hci_atr.training.batches import ArrowRows, Batch, Rows, audio_key, eval_audio, iter_batches, make_batch
 from hci_atr.training.evaluation import EmbeddedSplit, embed_split, evaluate
 from hci_atr.training.loop import (EpochEnd, FitHooks, FitResult, FitState, InProcess, Resume, epoch_seed, fit,
-                                   restore_optimizer, seeded_model, train_epoch, warmup_factor)
+                                   param_groups, restore_optimizer, seeded_model, train_epoch, warmup_factor)
 
 __all__ = ["ArrowRows", "Batch", "EmbeddedSplit", "EpochEnd", "FitHooks", "FitResult", "FitState", "InProcess",
            "Resume", "Rows", "audio_key", "embed_split", "epoch_seed", "eval_audio", "evaluate", "fit",
-           "iter_batches", "make_batch", "restore_optimizer", "seeded_model", "train_epoch", "warmup_factor"]
+           "iter_batches", "make_batch", "param_groups", "restore_optimizer", "seeded_model", "train_epoch",
+           "warmup_factor"]

@@ -4,7 +4,9 @@ Rows are dicts with the feature-shard columns (``audio_id, captions, mel, n_fram
 ``generated_caption`` (str or None); :class:`ArrowRows` gives a pyarrow table of them the same face without decoding
 every row up front. All randomness goes through the ``generator`` passed in, so a seed fixes every shuffle, crop and
 caption choice: an epoch's batches are ``randperm(len(rows), generator)`` cut into ``batch_size`` chunks of the rows
-in the order given, each chunk made into a :class:`Batch` with the same generator (:func:`iter_batches`).
+in the order given, each chunk made into a :class:`Batch` with the same generator (:func:`iter_batches`). With the
+model's hard negatives on, a training batch also carries the hard-negative captions of its real captions
+(:func:`hci_atr.data.negatives.hard_negative_texts`; deterministic, so they draw nothing from the generator).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from hci_atr.config import Config
 from hci_atr.data.audio import crop_frames, n_frames
+from hci_atr.data.negatives import hard_negative_texts
 from hci_atr.data.shards import row_mel, table_to_rows
 from hci_atr.errors import DataError
 from hci_atr.models.model import HciAtrModel
@@ -35,7 +38,9 @@ class Batch:
 
     mel [B_a, T, M], mel_mask [B_a, T]; text: B_t captions; audio_keys [B_a], text_keys [B_t] float64 identities;
     pair_weight [B_t] (1 real caption, ac_augment_weight generated caption, 0 placeholder); aux: generated captions
-    (one per clip) + aux_mask [B_a], or None; audio_ids [B_a]; text_to_audio [B_t] (row index of each text).
+    (one per clip) + aux_mask [B_a], or None; audio_ids [B_a]; text_to_audio [B_t] (row index of each text);
+    hard_text: K hard-negative captions and hard_source [K] (long: the index in ``text`` of the real caption each
+    was built from), or None (evaluation, hard negatives off, or none in this batch).
     """
 
     mel: torch.Tensor
@@ -48,10 +53,13 @@ class Batch:
     aux_mask: torch.Tensor | None
     audio_ids: list[str]
     text_to_audio: torch.Tensor
+    hard_text: TextBatch | None = None
+    hard_source: torch.Tensor | None = None
 
     def forward_kwargs(self) -> dict:
         return dict(mel=self.mel, mel_mask=self.mel_mask, text=self.text, audio_keys=self.audio_keys,
-                    text_keys=self.text_keys, pair_weight=self.pair_weight, aux=self.aux, aux_mask=self.aux_mask)
+                    text_keys=self.text_keys, pair_weight=self.pair_weight, aux=self.aux, aux_mask=self.aux_mask,
+                    hard_text=self.hard_text, hard_source=self.hard_source)
 
 
 class Rows(Protocol):
@@ -98,14 +106,16 @@ def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
     """Rows -> Batch. Training: a random caption per clip and a random crop of ``cfg.audio.duration`` (the start when
     ``train.random_crop`` is off); eval: the first caption and the start. With ``model.ac_augment`` in training,
     every clip adds its generated caption as an extra text (weight ``ac_augment_weight``; weight 0 placeholder when
-    it has none, so shapes stay equal across workers).
+    it has none, so shapes stay equal across workers). With the model's hard negatives on (``model.hard_negatives``,
+    weight > 0) in training, ``hard_text`` / ``hard_source`` hold the hard negatives of the picked real captions
+    (never of generated ones), none of which reads as another caption of the same clip.
     """
     if not rows:
         raise DataError("make_batch: no rows")
     core: HciAtrModel = getattr(model, "module", model)
     n = n_frames(cfg.audio)
     mode = _crop_mode(cfg, train)
-    mels, masks, texts, ids = [], [], [], []
+    mels, masks, texts, ids, owns = [], [], [], [], []
     for row in rows:
         mel, mask = crop_frames(row_mel(row), n, mode, generator)
         mels.append(mel)
@@ -115,6 +125,7 @@ def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
             raise DataError(f"feature row {row.get('audio_id', '?')!r}: no caption")
         k = int(torch.randint(0, len(caps), (1,), generator=generator)) if train and len(caps) > 1 else 0
         texts.append(caps[k])
+        owns.append(caps)
         ids.append(str(row["audio_id"]))
     keys = torch.tensor([audio_key(i) for i in ids], dtype=torch.float64)
     text_keys, weights, t2a = keys.clone(), torch.ones(len(rows)), torch.arange(len(rows))
@@ -132,8 +143,15 @@ def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
         aux = core.tokenize(gens, pad_words_to=pad)
         aux_mask = torch.tensor([bool(g) for g in gens], device=core.device)
     dev = core.device
+    hard_text = hard_source = None
+    if train and core.hard_negatives_on:
+        # texts[:len(rows)] are the real captions, in row order: a source index into them is one into ``text``
+        negs, source = hard_negative_texts(texts[:len(rows)], cfg.model.hard_negatives, owns)
+        if negs:  # never gathered: no fixed width needed
+            hard_text = core.tokenize(negs)
+            hard_source = torch.tensor(source, dtype=torch.long, device=dev)
     return Batch(torch.from_numpy(np.stack(mels)).to(dev), torch.from_numpy(np.stack(masks)).to(dev), text,
-                 keys.to(dev), text_keys.to(dev), weights.to(dev), aux, aux_mask, ids, t2a)
+                 keys.to(dev), text_keys.to(dev), weights.to(dev), aux, aux_mask, ids, t2a, hard_text, hard_source)
 
 
 def eval_audio(rows: list[dict], cfg: Config, model: HciAtrModel) -> tuple[torch.Tensor, torch.Tensor]:

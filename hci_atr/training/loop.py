@@ -7,9 +7,16 @@ Rules (the same wherever the loop runs):
   rank and every run of a seed starts from the same weights. Epoch ``e`` on rank ``r`` re-seeds torch (dropout) and a
   fresh ``torch.Generator`` (shuffle, crops, caption picks) from :func:`epoch_seed` ``(seed, e, r)``: a run resumed
   at epoch ``e`` replays exactly what an uninterrupted run did there.
-- **Learning rate.** AdamW over :meth:`FitHooks.param_groups` (each group's ``lr`` is its base rate); a
-  ``LambdaLR`` multiplies it by :func:`warmup_factor` of the epoch, stepped once per epoch, so the epoch alone
-  decides the rate (a resumed run gets the same one whatever optimizer state it restored).
+- **Learning rate.** AdamW over :meth:`FitHooks.param_groups` (default :func:`param_groups`: the heads at
+  ``train.lr``, a trainable text transformer at ``train.text_lr``, a PANNs checkpoint's audio encoder at
+  ``train.audio_pretrained_lr``); a ``LambdaLR`` multiplies every group's base rate by :func:`warmup_factor` of the
+  epoch, stepped once per epoch, so the epoch alone decides the rate (a resumed run gets the same one whatever
+  optimizer state it restored). ``lr`` in the metrics is the heads' rate, ``lr_<group>`` the others'.
+- **Text tower.** :func:`seeded_model` freezes all but the top ``train.text_train_layers`` transformer layers (when
+  the text encoder trains at all); while :func:`fit` runs, a frozen tower's outputs are computed once per caption
+  and kept (``train.text_cache_mb``; :meth:`hci_atr.models.text_encoder.TextEncoder.enable_cache`). A kept caption
+  reads what the batch that first held it computed, so with a frozen tower a resumed run (its cache starts empty)
+  matches the uninterrupted one to float rounding, not bit for bit; ``train.text_cache_mb = 0`` restores that.
 - **Best and stopping.** After each epoch the validation R-sum (``rsum`` of :meth:`FitHooks.validate`, made the
   same on every rank by :meth:`FitHooks.share`) decides whether the epoch is the best so far; with
   ``train.early_stopping_patience = p > 0`` the loop stops after ``p`` epochs without a better one.
@@ -42,9 +49,42 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 def seeded_model(cfg: Config) -> HciAtrModel:
     """``HciAtrModel(cfg)`` built right after ``torch.manual_seed(cfg.train.seed)``: the same initial weights on every
-    rank and in every run of the seed."""
+    rank and in every run of the seed. With ``model.freeze_text`` false and ``train.text_train_layers = k >= 0``,
+    only the top ``k`` transformer layers stay trainable (frozen before any DDP wrapper sees the parameters)."""
     torch.manual_seed(cfg.train.seed)
-    return HciAtrModel(cfg)
+    model = HciAtrModel(cfg)
+    if not cfg.model.freeze_text and cfg.train.text_train_layers >= 0:
+        model.text.train_top_layers(cfg.train.text_train_layers)
+    return model
+
+
+def _pretrained_audio(core: HciAtrModel) -> set[int]:
+    """ids of the audio encoder's parameters its PANNs checkpoint filled (none without one)."""
+    report = getattr(core, "audio_checkpoint_report", None)
+    if report is None:
+        return set()
+    used = set(report.used)
+    return {id(p) for n, p in core.audio.named_parameters() if n in used}
+
+
+def param_groups(model, cfg: Config) -> list[dict]:
+    """AdamW's parameter groups: every trainable parameter exactly once, frozen ones in none. ``heads`` (first:
+    everything trained from scratch) at ``train.lr``; ``text`` (the text transformer) at ``train.text_lr``;
+    ``audio_pretrained`` (the audio encoder's parameters a PANNs checkpoint filled) at ``train.audio_pretrained_lr``.
+    Empty groups are left out; each group's ``name`` says which it is."""
+    core: HciAtrModel = getattr(model, "module", model)
+    tc = cfg.train
+    if not cfg.model.freeze_text and tc.text_train_layers >= 0 and core.text.trained_layers is None:
+        raise ValueError("train.text_train_layers is set but the model's text layers were not frozen: build it "
+                         "with hci_atr.training.seeded_model(cfg)")
+    text = {id(p) for p in core.text.transformer.parameters()}
+    audio = _pretrained_audio(core)
+    parts: dict[str, list[torch.nn.Parameter]] = {"heads": [], "text": [], "audio_pretrained": []}
+    for p in core.parameters():
+        if p.requires_grad:
+            parts["text" if id(p) in text else "audio_pretrained" if id(p) in audio else "heads"].append(p)
+    rates = {"heads": tc.lr, "text": tc.text_lr, "audio_pretrained": tc.audio_pretrained_lr}
+    return [{"params": ps, "lr": rates[name], "name": name} for name, ps in parts.items() if ps]
 
 
 def train_epoch(model, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], cfg: Config,
@@ -164,9 +204,8 @@ class FitHooks:
     rank: int = 0
 
     def param_groups(self, model: HciAtrModel, cfg: Config) -> list[dict]:
-        """The optimizer's parameter groups, each with its base ``lr`` (default: every trainable parameter at
-        ``train.lr``). Override to give parts their own rate."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.train.lr}]
+        """The optimizer's parameter groups, each with its base ``lr`` (default: :func:`param_groups`)."""
+        return param_groups(model, cfg)
 
     def batches(self, model, epoch: int, generator: torch.Generator) -> Iterable[Batch]:
         """Epoch ``epoch``'s training batches; all randomness from ``generator`` (seeded by :func:`epoch_seed`)."""
@@ -224,6 +263,24 @@ def fit(model, cfg: Config, hooks: FitHooks, *, resume: Resume | None = None,
     under the rules of the module docstring; returns the final :class:`FitState`. ``gather``: the all-gather of the
     global-batch loss (:class:`hci_atr.training.distributed.GatherWithGrad`), None for local negatives."""
     core: HciAtrModel = getattr(model, "module", model)
+    core.text.enable_cache(cfg.train.text_cache_mb)  # on only while the whole tower is frozen
+    try:
+        return _fit(model, core, cfg, hooks, resume, gather)
+    finally:
+        core.text.disable_cache()
+
+
+def _group_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``lr``: the first group's (the heads') current rate; ``lr_<name>`` every other named group's."""
+    out = {"lr": float(optimizer.param_groups[0]["lr"])}
+    for g in optimizer.param_groups[1:]:
+        if g.get("name"):
+            out[f"lr_{g['name']}"] = float(g["lr"])
+    return out
+
+
+def _fit(model, core: HciAtrModel, cfg: Config, hooks: FitHooks, resume: Resume | None,
+         gather: Callable[[torch.Tensor], torch.Tensor] | None) -> FitResult:
     tc = cfg.train
     optimizer, scheduler = _optimizer(hooks, core, cfg, resume)
     state = FitState.from_dict(resume.state.to_dict()) if resume is not None else FitState()
@@ -233,13 +290,13 @@ def fit(model, cfg: Config, hooks: FitHooks, *, resume: Resume | None = None,
         s = epoch_seed(tc.seed, epoch, hooks.rank)
         torch.manual_seed(s)
         gen = torch.Generator().manual_seed(s)
-        lr = float(optimizer.param_groups[0]["lr"])
+        rates = _group_rates(optimizer)
         t0 = time.perf_counter()
         losses = train_epoch(model, optimizer, hooks.batches(model, epoch, gen), cfg, gather=gather)
         seconds = time.perf_counter() - t0
         scheduler.step()
         metrics = hooks.reduce({k: float(v) for k, v in losses.items() if isinstance(v, (int, float))})
-        metrics.update(epoch=epoch, epoch_seconds=seconds, start_epoch=start, lr=lr)
+        metrics.update(epoch=epoch, epoch_seconds=seconds, start_epoch=start, **rates)
         val = hooks.validate(core)
         rsum = float(hooks.share(float(val.get("rsum", math.nan))))
         metrics.update({f"val_{k}": float(v) for k, v in val.items()})
