@@ -137,3 +137,29 @@ def test_embed_split_audio_batches_are_bounded_by_seconds_with_the_same_embeddin
                 torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.text.sentence, whole.text.sentence, atol=1e-5, rtol=1e-5)
         assert a.text_to_audio.tolist() == whole.text_to_audio.tolist() and a.captions == whole.captions
+
+
+def test_evaluate_refuses_features_of_another_front_end(pair_demo, tmp_path, capsys):
+    """A cnn14-style model (PANNs front end) evaluated on HTK log-mels is a one-line error, never a silent mismatch."""
+    import shutil
+
+    from hci_atr.data.shards import audio_config_dict
+    from hci_atr.models.model import HciAtrModel
+    from workflows.cli import main
+
+    model_dir, feats, _, _ = pair_demo
+    mine = tmp_path / "features"
+    shutil.copytree(feats, mine)
+    model = HciAtrModel.from_pretrained(model_dir)
+    (mine / "_SUCCESS").write_text(json.dumps({"stage": "features", "audio": audio_config_dict(model.cfg.audio)}))
+    panns = tmp_path / "panns_model"
+    from dataclasses import replace
+
+    HciAtrModel(type(model.cfg)(audio=replace(model.cfg.audio, frontend="panns"), model=model.cfg.model,
+                                train=model.cfg.train)).save_pretrained(panns)
+    capsys.readouterr()  # what building the models printed
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", str(panns), "--features", str(mine)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another audio front end" in err and "frontend 'htk' vs 'panns'" in err

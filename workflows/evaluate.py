@@ -104,7 +104,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
     from hci_atr.training import embed_split
     from hci_atr.models.model import HciAtrModel
     from workflows import tracking
-    from hci_atr.data.shards import read_captions, read_split_rows
+    from hci_atr.data.shards import check_features_match, read_captions, read_split_rows
 
     model_dir = tracking.resolve_model_ref(str(model_ref), tracking_uri)
     model = HciAtrModel.from_pretrained(model_dir).eval().to(device)
@@ -112,6 +112,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
     if (mcfg.model.ac_fusion or mcfg.model.ac_branch) and not captions_dir:
         raise ConfigError(f"{model_ref}: the model uses auxiliary captions (ac_fusion/ac_branch); pass --captions DIR "
                           "with the generated captions of this split")
+    check_features_match(features_dir, mcfg.audio, who=f"the model {model_ref}")
     rows = read_split_rows(features_dir, split, read_captions(captions_dir))
     if not rows:
         raise ConfigError(f"{features_dir}: no rows with split '{split}'; pick one of the extracted splits")
