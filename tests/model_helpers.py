@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from hci_atr.config import Config
 
@@ -16,6 +17,20 @@ def tiny_cfg(text_dir, **over) -> Config:
     }
     base.update(over)
     return Config().override(base)
+
+
+def tiny_model(text_dir, **over):
+    """A seeded tiny HciAtrModel in eval mode."""
+    from hci_atr.models.model import HciAtrModel
+
+    torch.manual_seed(0)
+    return HciAtrModel(tiny_cfg(text_dir, **over)).eval()
+
+
+def tiny_mel(b: int = 3, t: int = 61, m: int = 16, seed: int = 0) -> torch.Tensor:
+    """A seeded mel batch [b, t, m] whose clips differ in level."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, m, generator=g) + torch.arange(b).view(b, 1, 1) * 0.5
 
 
 def tiny_rows(n: int = 6, n_frames: int = 80, n_mels: int = 16, seed: int = 0, captions_per_clip: int = 2,

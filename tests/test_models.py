@@ -7,19 +7,12 @@ from hci_atr.errors import ModelLoadError
 from hci_atr.models.audio_encoder import AudioEncoder, load_panns_checkpoint
 from hci_atr.models.model import HciAtrModel
 from hci_atr.models.text_encoder import TextEncoder, packaged_minilm_path
-from model_helpers import tiny_cfg
+from model_helpers import tiny_cfg, tiny_mel, tiny_model
 
 CAPS = ["a dog barks while a car passes by", "rain", "people talk, then a door slams shut"]
 
 
-def _model(text_dir, **over):
-    torch.manual_seed(0)
-    return HciAtrModel(tiny_cfg(text_dir, **over)).eval()
-
-
-def _mel(b=3, t=61, m=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, t, m, generator=g) + torch.arange(b).view(b, 1, 1) * 0.5
+_model, _mel = tiny_model, tiny_mel
 
 
 def test_packaged_minilm_and_load_errors(tmp_path):

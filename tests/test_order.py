@@ -14,21 +14,14 @@ from hci_atr.models.model import HciAtrModel
 from hci_atr.models.order import (SegmentOrder, concurrent_phrases, relative_places, unit_set_similarity)
 from hci_atr.models.temporal import MAX_POSITIONS, TemporalContext, sinusoidal_positions
 from hci_atr.models.weighting import UnitWeights, calibrated_fuse, masked_softmax
-from model_helpers import tiny_cfg
+from model_helpers import tiny_cfg, tiny_mel, tiny_model
 
 CAPS = ["a dog barks while a car passes by", "rain", "people talk, then a door slams shut"]
 ORDER_SWITCHES = {"model.temporal_context": "gru", "model.segment_order": "position_bias",
                   "model.unit_weights": True}
 
 
-def _model(text_dir, **over):
-    torch.manual_seed(0)
-    return HciAtrModel(tiny_cfg(text_dir, **over)).eval()
-
-
-def _mel(b=3, t=61, m=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, t, m, generator=g) + torch.arange(b).view(b, 1, 1) * 0.5
+_model, _mel = tiny_model, tiny_mel
 
 
 def _unit(*rows):
