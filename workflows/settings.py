@@ -38,7 +38,7 @@ class RunSettings:
     # "global": every epoch a seeded permutation of the whole split cut into equal worker shares; "split": each
     # worker keeps one fixed share for the whole run (the behaviour before whole-set shuffling)
     shuffle: str = "global"
-    shuffle_buffer_rows: int = 1024  # stream: rows each worker draws its batches from at random
+    shuffle_buffer_rows: int = 512  # stream: rows each worker draws its batches from at random
 
 
 @dataclass(frozen=True)

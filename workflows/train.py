@@ -84,9 +84,9 @@ RESUMABLE_KEYS = {"train.epochs", "run.max_failures", "run.num_workers", "run.us
                   "run.object_store_share", "run.shuffle", "run.shuffle_buffer_rows"}
 DATA_MODES = ("auto", "materialize", "stream")
 SHUFFLES = ("global", "split")
-# object-store bytes per on-disk byte of a feature split while train_dataset materializes it (read, filter and
-# caption-join blocks exist side by side for a while): what `auto` multiplies the split's parquet bytes by
-STORE_EXPANSION = 2.0
+# object-store bytes per parquet byte of a materialized feature split, what `auto` multiplies the split's on-disk
+# bytes by: float32 mel barely compresses, so Arrow in memory is about the file size; the rest is margin
+STORE_EXPANSION = 1.25
 
 
 @dataclass
@@ -224,20 +224,33 @@ def epoch_shares(n: int, world: int, seed: int, epoch: int) -> list[np.ndarray]:
 
 
 class ShareRows:
-    """This epoch's share of the rows (:class:`hci_atr.training.Rows`): ``positions`` into ``rows`` (an
-    :class:`hci_atr.training.ArrowRows` of the whole split); a batch's rows are decoded when taken."""
+    """This epoch's share of the rows (:class:`hci_atr.training.Rows`): ``positions`` into ``table`` (the feature
+    rows, pyarrow, in audio_id order); a batch's rows are decoded when taken.
 
-    def __init__(self, rows, positions: np.ndarray):
-        self.rows, self.positions = rows, positions
+    A batch is gathered as one-row slices of the table's record batches (zero-copy) rather than ``Table.take``,
+    which concatenates a column's chunks first: a copy of the whole mel column per batch for a table made of many
+    blocks."""
+
+    def __init__(self, table, positions: np.ndarray):
+        self.table, self.positions = table, np.asarray(positions, dtype=np.int64)
+        self._batches = table.to_batches()
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])[:-1]
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def take(self, positions: list[int]) -> list[dict]:
-        return self.rows.take(self.positions[positions].tolist())
+        import pyarrow as pa
+
+        from hci_atr.data.shards import table_to_rows
+
+        rows = self.positions[np.asarray(positions, dtype=np.int64)]
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        parts = [self._batches[b].slice(int(r - self._starts[b]), 1) for r, b in zip(rows, which)]
+        return table_to_rows(pa.Table.from_batches(parts, schema=self.table.schema))
 
     def audio_ids(self) -> list[str]:
-        return [str(a) for a in self.rows.table.column("audio_id").take(self.positions).to_pylist()]
+        return [str(a) for a in self.table.column("audio_id").take(self.positions).to_pylist()]
 
 
 # -- streaming ------------------------------------------------------------------------------------------------------
@@ -561,7 +574,7 @@ class RayTrainHooks(FitHooks):
         self.rank, self.world, self.gather = rank, world, gather
         self.stream = config.get("stream")  # {"files", "counts"} in stream mode, else None
         self.shard = None if self.stream else ray.train.get_dataset_shard("train")
-        self.whole = None  # global shuffle, materialized: the whole split (ArrowRows), read on the first epoch
+        self.whole = None  # global shuffle, materialized: the whole split (pyarrow), read on the first epoch
         self.run_dir = Path(config["run_dir"])
         self.val_rows = read_split_rows(config["features_dir"], cfg.run.val_split,
                                         config.get("captions") or {}) if rank == 0 else []
@@ -576,11 +589,11 @@ class RayTrainHooks(FitHooks):
 
     def _materialized_rows(self, epoch: int):
         if self.cfg.run.shuffle != "global":
-            return shard_rows(self.shard)
+            rows = shard_rows(self.shard)
+            return ShareRows(rows.table, np.arange(len(rows)))
         if self.whole is None:
-            self.whole = shard_rows(self.shard)  # every worker was handed the whole dataset (whole_data_config)
-        n = len(self.whole)
-        share = epoch_shares(n, self.world, self.cfg.train.seed, epoch)[self.rank]
+            self.whole = shard_rows(self.shard).table  # every worker was handed the whole dataset
+        share = epoch_shares(self.whole.num_rows, self.world, self.cfg.train.seed, epoch)[self.rank]
         return ShareRows(self.whole, share)
 
     def _batches(self, model, epoch, generator):
