@@ -28,6 +28,12 @@ def test_demo_runs_end_to_end_and_resumes(ray_session, tmp_path):
         for k in ("t2a_R1", "t2a_R5", "t2a_R10", "t2a_mAP10", "a2t_R1", "a2t_R10"):
             assert 0.0 <= metrics[k] <= 100.0 and not math.isnan(metrics[k])
         assert metrics["t2a_R1"] <= metrics["t2a_R5"] <= metrics["t2a_R10"]
+    # each variant was scored on the demo's own hard-negative pairs that lie in the test split
+    pairs = json.loads((tmp_path / "runs" / "demo_data" / "demo_pairs.json").read_text())
+    n_test = sum(p["split"] == "test" for p in pairs)
+    for metrics in out["results"].values():
+        assert metrics["pairs_n"] == n_test
+        assert ("pairs_acc" in metrics) == (n_test > 0)
     rows = [ln for ln in out["table"].splitlines() if ln.startswith("| ") and "model" not in ln]
     assert len(rows) == 3 and rows[0].startswith("| clip-only")
     work = tmp_path / "runs"

@@ -2,7 +2,9 @@
 
     make-demo -> extract-features -> train clip-only baseline -> train HCI
               -> caption-all (nearest, from the HCI model) -> train HCI+AC
-              -> evaluate all three on the test split -> side-by-side table (+ MLflow test metrics)
+              -> evaluate all three on the test split (retrieval metrics, and pair accuracy per type on the
+                 hard-negative pairs of demo_pairs.json that fall in the test split)
+              -> side-by-side table (+ MLflow test metrics)
               -> index the collection with HCI+AC, so `serve run serve.app:deployment` works right after
 
 Everything lands under ``--workdir`` (default ``hci_atr_runs/``)::
@@ -76,7 +78,7 @@ class _Stages:
 
     def __init__(self, root: Path, key: dict):
         self.root = root / "stages"
-        self.key = key
+        self.key = json.loads(json.dumps(key))  # as a marker reads it back (tuples become lists)
 
     def done(self, name: str) -> dict | None:
         p = self.root / f"{name}.json"
@@ -156,11 +158,13 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
     train_variant(6, "hci_ac", VARIANTS[2][2], cap_dir)
 
     step(7, "evaluate on the test split; index the collection for serving")
+    pairs_file = data_dir / "demo_pairs.json"  # the demo's hard-negative pairs: per-type pair accuracy columns
+    pairs_file = pairs_file if pairs_file.is_file() else None
     for name, _label, _ in VARIANTS:
         done = stages.done(f"eval_{name}")
-        if done is None:
-            metrics = evaluate(models[name], feat_dir, "test",
-                               captions_dir=cap_dir if name == "hci_ac" else None).metrics
+        if done is None or (pairs_file is not None and "pairs_n" not in done):  # a marker from before pairs
+            metrics = evaluate(models[name], feat_dir, "test", captions_dir=cap_dir if name == "hci_ac" else None,
+                               pairs_file=pairs_file).metrics
             tracking.log_metrics(uri, runs[name], {f"test_{k}": v for k, v in metrics.items()}, step=0)
             done = stages.mark(f"eval_{name}", metrics)
         results[name] = done
