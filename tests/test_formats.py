@@ -238,3 +238,13 @@ def test_features_with_another_front_end_are_refused(tmp_path):
     check_features_match(feats, AudioConfig())
     with pytest.raises(ConfigError, match="frontend"):
         check_features_match(feats, AudioConfig(frontend="panns"))
+
+
+def test_features_identity_covers_splits_and_captions():
+    from hci_atr.data.formats import Record
+    from workflows.features import records_digest
+
+    a = [Record("x", "/a/x.wav", "train", ("a dog",)), Record("y", "/a/y.wav", "test", ("rain",))]
+    assert records_digest(a) == records_digest(list(reversed(a)))  # the order a dataset lists its rows in: same
+    assert records_digest(a) != records_digest([a[0], Record("y", "/a/y.wav", "val", ("rain",))])
+    assert records_digest(a) != records_digest([a[0], Record("y", "/a/y.wav", "test", ("rain falls",))])

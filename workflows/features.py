@@ -70,6 +70,18 @@ class FeatureExtractor:
         return pa.Table.from_pydict(cols, schema=_RESULT_SCHEMA)
 
 
+def records_digest(records) -> str:
+    """A digest of what a feature row copies from its record (id, split, audio path, captions): the same ids with
+    other splits or captions are another dataset, not a resume."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for r in sorted(records, key=lambda r: r.audio_id):
+        h.update(json.dumps([r.audio_id, r.split, r.audio_path, list(r.captions)]).encode())
+    return h.hexdigest()[:16]
+
+
 def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Settings | None = None,
                      fmt: str = "auto", splits: Iterable[str] | None = None, seed: int = 0,
                      progress: bool = True) -> dict:
@@ -89,7 +101,7 @@ def extract_features(data: str | os.PathLike, out: str | os.PathLike, *, cfg: Se
              "audio": audio, "seed": seed}
     t0 = time.perf_counter()
     with ShardedOutput(out, FEATURE_SCHEMA, STAGE, shards, p.max_failure_rate, extra,
-                       identity={"stage": STAGE, "audio": audio}) as output:
+                       identity={"stage": STAGE, "audio": audio, "records": records_digest(records)}) as output:
         if output.pending:
             map_pending(records, output, FeatureExtractor, {"audio": cfg.audio,
                                                           "device": "cuda" if p.gpus_per_worker > 0 else "cpu"}, p,

@@ -35,7 +35,7 @@ def csv_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def pair_columns(results: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
     """(key, label) of the compositional pair accuracies present in any of ``results`` (``pairs_<type>_acc``)."""
     keys = sorted({k for r in results for k in r if k.startswith("pairs_") and k.endswith("_acc")})
-    return [(k, k[len("pairs_"):-len("_acc")].replace("_", " ") + " pairs") for k in keys]
+    return [(k, (k[len("pairs_"):-len("_acc")].replace("_", " ") or "all") + " pairs") for k in keys]
 
 
 def variants_table(results: dict[str, dict[str, float]], labels: dict[str, str]) -> tuple[str, str]:
