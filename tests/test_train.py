@@ -321,6 +321,16 @@ def test_rerun_with_other_settings_is_refused(main_run, feats, work, tiny_text_d
         train(_cfg(tiny_text_dir, work, "main", **{"model.embed_dim": 16}), feats, tracking_uri=_uri(work))
 
 
+def test_features_of_another_front_end_are_refused_before_training(feats, work, tiny_text_dir):
+    """A cnn14 recipe (PANNs front end) pointed at HTK features: refused before any worker starts."""
+    from hci_atr.errors import ConfigError
+    from workflows.train import train
+
+    with pytest.raises(ConfigError, match="frontend 'htk' vs 'panns'"):
+        train(_cfg(tiny_text_dir, work, "panns", **{"audio.frontend": "panns"}), feats, tracking_uri=_uri(work))
+    assert not (work / "ray_results" / "panns").exists()
+
+
 # -- one worker: the in-process loop's numbers; a broken latest checkpoint --------------------------------------------
 
 

@@ -66,7 +66,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from hci_atr.data.shards import FEATURE_COLUMNS, feature_files, read_captions, read_split_rows, split_counts
+from hci_atr.data.shards import (FEATURE_COLUMNS, check_features_match, feature_files, read_captions, read_split_rows,
+                                 split_counts)
 from hci_atr.errors import ConfigError, DataError, HciAtrError, ModelLoadError, one_line
 from hci_atr.files import atomic_write_bytes, atomic_write_text, copy_dir_atomic, fsync_tree
 from hci_atr.training import FitHooks, epoch_seed, evaluate, fit, iter_batches, make_batch, seeded_model
@@ -788,6 +789,7 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
         raise ConfigError(f"model.audio_checkpoint: {cfg.model.audio_checkpoint} is not a file; point it at a PANNs "
                           "Cnn14 .pth checkpoint (or leave it empty to train the audio encoder from scratch)")
     features_dir = Path(features_dir).resolve()
+    check_features_match(features_dir, cfg.audio, who="this run's audio settings")
     counts = split_counts(features_dir)
     for split in (cfg.run.train_split, cfg.run.val_split):
         if counts.get(split, 0) == 0:
