@@ -415,18 +415,18 @@ def test_epoch_shares_are_seeded_equal_disjoint_and_change_every_epoch():
 
 
 def test_share_rows_take_the_rows_table_take_would(tmp_path):
-    """ShareRows over a table of many blocks gives the rows ArrowRows (Table.take) gives, in the order asked."""
+    """ArrowRows with positions, over a table of many blocks, gives the rows Table.take gives, in the order asked."""
     import pyarrow as pa
 
+    from hci_atr.data.shards import table_to_rows
     from hci_atr.training import ArrowRows
-    from workflows.train import ShareRows
 
     blocks = [pa.table({"audio_id": [f"c{b}{i}" for i in range(3)], "n_frames": [1] * 3, "n_mels": [2] * 3,
                         "mel": pa.array([[float(b), float(i)] for i in range(3)], pa.list_(pa.float32()))})
               for b in range(4)]
     table = pa.concat_tables(blocks)
-    share = ShareRows(table, np.array([1, 4, 7, 10, 11]))
-    got, want = share.take([3, 0, 4]), ArrowRows(table).take([10, 1, 11])
+    share = ArrowRows(table, np.array([1, 4, 7, 10, 11]))
+    got, want = share.take([3, 0, 4]), table_to_rows(table.take([10, 1, 11]))
     assert [r["audio_id"] for r in got] == [r["audio_id"] for r in want] == ["c31", "c01", "c32"]
     assert all(np.array_equal(a["mel"], b["mel"]) for a, b in zip(got, want))
     assert len(share) == 5 and share.audio_ids() == ["c01", "c11", "c21", "c31", "c32"]

@@ -224,36 +224,6 @@ def epoch_shares(n: int, world: int, seed: int, epoch: int) -> list[np.ndarray]:
     return [np.sort(perm[r * k:(r + 1) * k]) for r in range(world)]
 
 
-class ShareRows:
-    """This epoch's share of the rows (:class:`hci_atr.training.Rows`): ``positions`` into ``table`` (the feature
-    rows, pyarrow, in audio_id order); a batch's rows are decoded when taken.
-
-    A batch is gathered as one-row slices of the table's record batches (zero-copy) rather than ``Table.take``,
-    which concatenates a column's chunks first: a copy of the whole mel column per batch for a table made of many
-    blocks."""
-
-    def __init__(self, table, positions: np.ndarray):
-        self.table, self.positions = table, np.asarray(positions, dtype=np.int64)
-        self._batches = table.to_batches()
-        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])[:-1]
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def take(self, positions: list[int]) -> list[dict]:
-        import pyarrow as pa
-
-        from hci_atr.data.shards import table_to_rows
-
-        rows = self.positions[np.asarray(positions, dtype=np.int64)]
-        which = np.searchsorted(self._starts, rows, side="right") - 1
-        parts = [self._batches[b].slice(int(r - self._starts[b]), 1) for r, b in zip(rows, which)]
-        return table_to_rows(pa.Table.from_batches(parts, schema=self.table.schema))
-
-    def audio_ids(self) -> list[str]:
-        return [str(a) for a in self.table.column("audio_id").take(self.positions).to_pylist()]
-
-
 # -- streaming ------------------------------------------------------------------------------------------------------
 
 
@@ -591,11 +561,13 @@ class RayTrainHooks(FitHooks):
     def _materialized_rows(self, epoch: int):
         if self.cfg.run.shuffle != "global":
             rows = shard_rows(self.shard)
-            return ShareRows(rows.table, np.arange(len(rows)))
+            return rows
         if self.whole is None:
             self.whole = shard_rows(self.shard).table  # every worker was handed the whole dataset
         share = epoch_shares(self.whole.num_rows, self.world, self.cfg.train.seed, epoch)[self.rank]
-        return ShareRows(self.whole, share)
+        from hci_atr.training import ArrowRows
+
+        return ArrowRows(self.whole, share)
 
     def _batches(self, model, epoch, generator):
         """(batches, audio ids of the share: a list, or filled while the batches are drawn)."""

@@ -71,20 +71,34 @@ class Rows(Protocol):
 
 
 class ArrowRows:
-    """A pyarrow table of feature rows as :class:`Rows`: a batch's rows are decoded (:func:`table_to_rows`) when
-    taken, so an epoch over a worker's shard holds Arrow columns, not one Python dict per clip."""
+    """A pyarrow table of feature rows as :class:`Rows` (optionally only the rows at ``positions``, e.g. one
+    worker's share of an epoch): a batch's rows are decoded (:func:`table_to_rows`) when taken, so an epoch holds
+    Arrow columns, not one Python dict per clip.
 
-    def __init__(self, table):
+    A batch is gathered as one-row slices of the table's record batches (zero-copy) rather than ``Table.take``,
+    which concatenates a column's chunks first: a copy of the whole mel column per batch for a table made of many
+    blocks."""
+
+    def __init__(self, table, positions=None):
+        import pyarrow as pa
+
         self.table = table
+        self.positions = np.arange(table.num_rows) if positions is None else np.asarray(positions, dtype=np.int64)
+        self._batches = table.to_batches()
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])[:-1]
+        self._pa = pa
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self.positions)
 
     def take(self, positions: list[int]) -> list[dict]:
-        return table_to_rows(self.table.take(positions))
+        rows = self.positions[np.asarray(positions, dtype=np.int64)]
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        parts = [self._batches[b].slice(int(r - self._starts[b]), 1) for r, b in zip(rows, which)]
+        return table_to_rows(self._pa.Table.from_batches(parts, schema=self.table.schema))
 
     def audio_ids(self) -> list[str]:
-        return [str(a) for a in self.table.column("audio_id").to_pylist()]
+        return [str(a) for a in self.table.column("audio_id").take(self.positions).to_pylist()]
 
 
 def _take(rows: Sequence[dict] | Rows, positions: list[int]) -> list[dict]:
