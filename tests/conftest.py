@@ -27,10 +27,7 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             address="local",  # always a fresh local Ray: never attach to one `ray start` left on the machine
-            # one logical CPU more than the 2-worker runs need: a Ray Data actor of the nearest caption bank can
-            # outlive its stage holding a CPU (see the closing note / an open issue), and a 2-worker Ray Train run
-            # after it must not wait for that CPU forever
-            num_cpus=3,
+            num_cpus=2,
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             configure_logging=False,

@@ -255,6 +255,36 @@ def test_commit_refuses_a_file_that_does_not_match_its_shard(tmp_path):
         assert output.remove_temp_files() == 2 and not [p for p in out.iterdir() if TMP_MARK in p.name]
 
 
+def test_an_actor_failure_comes_back_as_data_and_raises_on_the_driver_as_the_project_error(tmp_path):
+    """ShardWorker's call never raises (a raising map call left a live actor behind in Ray Data): a backend's
+    project error becomes one FAILURE_COLUMN row, which the driver turns back into that error class and line; a
+    foreign exception comes back as a RuntimeError naming its class."""
+    from hci_atr.data.formats import read_dataset
+    from hci_atr.data.shards import FEATURE_SCHEMA
+    from hci_atr.errors import AudioError
+    from workflows.output import plan_shards
+    from workflows.runner import FAILURE_COLUMN, ShardWorker, failure_error, shard_items
+
+    class Broken:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __call__(self, batch):
+            raise self.exc
+
+    data = _write_set(tmp_path / "data", n_good=2)
+    records = read_dataset(data)
+    items = pa.Table.from_pylist(shard_items(records, plan_shards([r.audio_id for r in records], 5)))
+    (tmp_path / "out").mkdir()
+    for exc, cls, text in [(AudioError("clip00: cannot decode\nsecond line"), AudioError, "clip00: cannot decode second line"),
+                           (KeyError("mel"), RuntimeError, "a pipeline actor failed: KeyError: 'mel'")]:
+        worker = ShardWorker(Broken, {"exc": exc}, str(tmp_path / "out"), FEATURE_SCHEMA, 2, "pyarrow")
+        got = worker(items)
+        assert got.schema.names == [FAILURE_COLUMN] and got.num_rows == 1
+        err = failure_error(got[FAILURE_COLUMN][0].as_py())
+        assert type(err) is cls and str(err) == text
+
+
 def test_shard_worker_says_when_the_output_directory_is_not_reachable(tmp_path):
     from hci_atr.data.shards import FEATURE_SCHEMA
     from workflows.features import FeatureExtractor
@@ -357,7 +387,19 @@ def test_caption_all_blip_backend(ray_session, tmp_path):
     assert set(t["captioner"].to_pylist()) == {"blip"}
 
 
-def test_caption_all_nearest_backend_via_cli(features_run, clean_set, tiny_text_dir, tmp_path, capsys):
+def _all_cpus_free(ray, wait_s: float = 10.0) -> bool:
+    """Whether every logical CPU of the session's Ray is free within ``wait_s`` (actors die asynchronously)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_caption_all_nearest_backend_via_cli(ray_session, features_run, clean_set, tiny_text_dir, tmp_path, capsys):
     import torch
 
     from workflows.cli import main
@@ -398,3 +440,7 @@ def test_caption_all_nearest_backend_via_cli(features_run, clean_set, tiny_text_
         caption_all(clean_set, tmp_path / "captions_broken", captioner="nearest", model=str(model_dir),
                     params={"features": str(broken)}, cfg=_cfg(num_workers=2), progress=False)
     assert "\n" not in str(err.value) and type(err.value) is CaptionerError  # the actor's line, not Ray's wrapper
+    # and the failed stage's pool is gone: every CPU of the session's Ray is free again (Ray Data releases a failed
+    # pipeline's actors by reference; one that a raising map call left alive held its CPU, and the next 2-worker job
+    # waited for it forever)
+    assert _all_cpus_free(ray_session), ray_session.available_resources()

@@ -27,7 +27,7 @@ import pyarrow as pa
 from hci_atr.data.shards import CAPTION_SCHEMA
 from workflows.settings import Settings
 from workflows.output import ShardedOutput, plan_shards
-from workflows.runner import map_pending
+from workflows.runner import map_pending, returns_failures
 
 STAGE = "caption"
 
@@ -46,6 +46,7 @@ class BankEmbedder:
         self.split = str(split)
         self.batch_size = int(embed_batch_size)
 
+    @returns_failures
     def __call__(self, batch):
         import pyarrow.parquet as pq
 
@@ -84,7 +85,7 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     from hci_atr.captioners.nearest import NearestBank
     from hci_atr.data.shards import features_audio_config
     from hci_atr.errors import CaptionerError
-    from workflows.runner import actor_pool_options, project_errors, ray_data
+    from workflows.runner import actor_pool_options, pipeline_results, ray_data
 
     features = Path(str(params["features"])).resolve()
     parts = sorted(str(f) for f in features.glob("part-*.parquet"))
@@ -112,8 +113,8 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     tables = []
     bar = tqdm(total=rows, desc="nearest: caption bank", unit="clip", disable=not progress)
     try:
-        with project_errors():  # an actor raised a project error (bad model / mel): say that, not Ray's trace
-            for t in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        with pipeline_results(ds) as parts:  # an actor's failure (bad model / mel) raises here, in one line
+            for t in parts:
                 tables.append(t)
                 bar.update(t.num_rows)
     finally:

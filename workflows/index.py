@@ -32,6 +32,7 @@ from hci_atr.errors import DataError, HciAtrError, one_line
 from hci_atr.search.embed import audio_arrays, clip_mel, embed_audio_batch, stack_padded
 from hci_atr.search.index import IndexWriter, check_index_out
 from hci_atr.search.items import IndexItem, items_from_audio_dir, items_from_records
+from workflows.runner import returns_failures
 from workflows.settings import Settings
 
 # what an actor returns: one row per clip of its chunk ("" error = embedded; payload = npz of its fields)
@@ -64,6 +65,7 @@ class IndexEmbedder:
         self.device = device
         self.cfg = self.model.cfg
 
+    @returns_failures
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for chunk, rows in zip(batch["chunk"].to_pylist(), batch["rows"].to_pylist()):
@@ -138,7 +140,7 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
                 num_workers: int | None = None, batch_size: int | None = None) -> IndexSummary:
     """Embed the collection with Ray Data actors and write a new version of the index at ``out``."""
     from hci_atr.models.model import HciAtrModel
-    from workflows.runner import actor_pool_options, check_failure_rate, project_errors, ray_data
+    from workflows.runner import actor_pool_options, check_failure_rate, pipeline_results, ray_data
 
     check_index_out(out)  # before any work: a wrong --out costs nothing and deletes nothing
     cfg = cfg or Settings()
@@ -162,25 +164,18 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
         errors: dict[str, str] = {}
         pending: dict[int, list[dict]] = {}  # chunks that arrived before an earlier one (actors finish out of order)
         next_chunk, kept = 0, 0
-        results = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-        try:
-            with project_errors():  # a project error from an actor (bad model dir): its message, no trace
-                for batch in results:
-                    for r in batch.to_pylist():
-                        pending.setdefault(int(r["chunk"]), []).append(r)
-                    # stream chunks to the writer in item order, so the driver holds a few chunks, not the collection
-                    while next_chunk < len(work) and len(pending.get(next_chunk, ())) == sizes[next_chunk]:
-                        rows = sorted(pending.pop(next_chunk), key=lambda r: r["row"])
-                        errors.update({items[r["row"]].audio_id: r["error"] for r in rows if r["error"]})
-                        check_failure_rate("index", errors, len(items), p.max_failure_rate,
-                                           then="fix or remove those files and run again")
-                        kept += _add_chunk(writer, items, [r for r in rows if not r["error"]])
-                        next_chunk += 1
-        finally:
-            try:
-                results.close()  # stops the streaming executor (and its actors) when the run ends early
-            except Exception:  # noqa: BLE001 - already ending; never hide the error that ended the run
-                pass
+        with pipeline_results(ds) as results:  # an actor's failure (bad model dir) raises here, in one line
+            for batch in results:
+                for r in batch.to_pylist():
+                    pending.setdefault(int(r["chunk"]), []).append(r)
+                # stream chunks to the writer in item order, so the driver holds a few chunks, not the collection
+                while next_chunk < len(work) and len(pending.get(next_chunk, ())) == sizes[next_chunk]:
+                    rows = sorted(pending.pop(next_chunk), key=lambda r: r["row"])
+                    errors.update({items[r["row"]].audio_id: r["error"] for r in rows if r["error"]})
+                    check_failure_rate("index", errors, len(items), p.max_failure_rate,
+                                       then="fix or remove those files and run again")
+                    kept += _add_chunk(writer, items, [r for r in rows if not r["error"]])
+                    next_chunk += 1
         if next_chunk != len(work):
             missing = sum(sizes[next_chunk:])
             raise DataError(f"index: {missing} of {len(items)} clips came back from no actor; run again")

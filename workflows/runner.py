@@ -3,17 +3,23 @@
 The driver hands one work item per pending shard to ``map_batches`` over an actor pool
 (:func:`actor_pool_options`); each actor (:class:`ShardWorker`) runs a backend on the shard's rows, writes the shard
 file itself (:func:`workflows.output.write_shard_temp`) and returns a small summary; :func:`drain` commits the
-summaries into the :class:`workflows.output.ShardedOutput`. :func:`project_errors` turns an actor's project error,
-wrapped by Ray, back into its one line.
+summaries into the :class:`workflows.output.ShardedOutput`.
+
+Failures: an actor's call never raises. It returns its exception as data (:func:`returns_failures`, one
+:data:`FAILURE_COLUMN` row), and the driver, reading through :func:`pipeline_results`, closes the pipeline and raises
+it as the project error it was, in one line. (When a map call raised, Ray Data 2.60 ended the pipeline without
+killing its pool: an actor stayed alive holding its CPU, and a later job waited for that CPU.) A constructor that
+raises kills its actor; :func:`project_errors` turns Ray's wrapper of that back into the project error's one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +32,8 @@ TASKS_IN_FLIGHT = 4
 # what an actor returns per finished shard: the temp file it wrote (a name in the output directory) and its failures
 SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("temp", pa.string()), ("rows", pa.int64()),
                             ("error_ids", pa.list_(pa.string())), ("error_reasons", pa.list_(pa.string()))])
+# the one column of what an actor returns instead of raising: "<error class>: <one line>"
+FAILURE_COLUMN = "actor_failure"
 
 
 def check_failure_rate(stage: str, failed: dict[str, str], total: int, max_failure_rate: float, *, see: str = "",
@@ -75,11 +83,66 @@ def project_errors():
     that error alone, so the user reads its one line rather than Ray's traceback; anything else passes unchanged."""
     try:
         yield
+        return
     except Exception as e:  # noqa: BLE001 - re-raised unless it hides a project error
         user = project_error_in(e)
         if user is None or user is e:
             raise
-        raise user from None
+    # raised outside the except block, so the project error carries no context: Ray's error holds the traceback of
+    # the failed pipeline's frames, and through them its executor's actor handles; Ray Data releases actors by
+    # reference, so while that traceback lived, a pool actor stayed alive holding its CPU
+    raise user from None
+
+
+def returns_failures(call: Callable) -> Callable:
+    """Decorator of a pipeline actor's ``__call__``: an exception becomes a one-row :data:`FAILURE_COLUMN` table
+    (the error's class name and its one line) instead of propagating through Ray; see the module docstring."""
+    from hci_atr.errors import one_line
+
+    @functools.wraps(call)
+    def wrapper(self, batch):
+        try:
+            return call(self, batch)
+        except Exception as e:  # noqa: BLE001 - reported as data, raised again on the driver
+            text = f"{type(e).__name__}: {one_line(e)}" if isinstance(e, HciAtrError) else one_line(e)
+            return pa.table({FAILURE_COLUMN: [text]})
+
+    return wrapper
+
+
+def failure_error(text: str) -> Exception:
+    """The driver's exception for an actor's :data:`FAILURE_COLUMN` text: the project error of that class with the
+    actor's line, or a RuntimeError naming the foreign class (a bug, not a user's input)."""
+    from hci_atr import errors
+
+    name, _, message = text.partition(": ")
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, HciAtrError):
+        return cls(message)
+    return RuntimeError(f"a pipeline actor failed: {text}")
+
+
+@contextlib.contextmanager
+def pipeline_results(ds) -> Iterator[Iterator[pa.Table]]:
+    """``with pipeline_results(ds) as batches:`` iterate a pipeline's output blocks (pyarrow). An actor's reported
+    failure raises as its project error; whatever ends the iteration (the end, a failure, the driver's own error),
+    the pipeline is closed on the way out, which stops its executor and kills its actors."""
+    it = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+
+    def batches():
+        for t in it:
+            if FAILURE_COLUMN in t.schema.names:
+                raise failure_error(str(t[FAILURE_COLUMN][0].as_py()))
+            yield t
+
+    try:
+        with project_errors():  # a constructor's project error (bad model dir): its one line, not Ray's trace
+            yield batches()
+    finally:
+        try:
+            it.close()
+        except Exception:  # noqa: BLE001 - already ending; never hide the error that ended the run
+            pass
 
 
 def record_row(rec) -> dict:
@@ -150,6 +213,7 @@ class ShardWorker:
         self.batch_format = batch_format
         self.fn = fn_cls(**_resolve_refs(fn_kwargs))
 
+    @returns_failures
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = [self.run_shard(int(k), json.loads(rows))
                for k, rows in zip(batch["shard"].to_pylist(), batch["rows"].to_pylist())]
@@ -218,14 +282,10 @@ def map_pending(records, output: ShardedOutput, fn_cls, fn_kwargs: dict, pipelin
                                "batch_format": batch_format},
         **actor_pool_options(ray, pipeline, len(items)),
     )
-    summaries = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     try:
-        drain(summaries, output, progress=progress)
+        with pipeline_results(ds) as summaries:
+            drain(summaries, output, progress=progress)
     finally:
-        try:
-            summaries.close()  # stops the streaming executor (and its actors) when the run ends early
-        except Exception:  # noqa: BLE001 - already ending; never hide the error that ended the run
-            pass
         # temp files no summary claimed (a retried task's, or a stopped run's); the next open() catches stragglers
         output.remove_temp_files()
 
@@ -237,19 +297,18 @@ def drain(summaries: Iterable[pa.Table], output: ShardedOutput, progress: bool =
     want = {s.index: s for s in output.pending}
     bar = tqdm(total=len(want), desc=f"{output.stage} shards", unit="shard", disable=not progress)
     try:
-        with project_errors():  # an actor raised a project error (bad model / parameter): say that, not Ray's trace
-            for batch in summaries:
-                for row in batch.to_pylist():
-                    k = int(row["shard"])
-                    if k not in want:
-                        raise RuntimeError(f"result for shard {k}, which is not pending")
-                    errors = dict(zip(row["error_ids"], row["error_reasons"]))
-                    if len(errors) + int(row["rows"]) != len(want[k].audio_ids):
-                        raise RuntimeError(f"shard {k}: {row['rows']} rows + {len(errors)} errors != "
-                                           f"{len(want[k].audio_ids)} audio ids")
-                    output.commit_file(want.pop(k), row["temp"], errors)
-                    bar.update(1)
-            if want:
-                raise RuntimeError(f"pipeline ended with {len(want)} shards incomplete (first: {min(want)})")
+        for batch in summaries:
+            for row in batch.to_pylist():
+                k = int(row["shard"])
+                if k not in want:
+                    raise RuntimeError(f"result for shard {k}, which is not pending")
+                errors = dict(zip(row["error_ids"], row["error_reasons"]))
+                if len(errors) + int(row["rows"]) != len(want[k].audio_ids):
+                    raise RuntimeError(f"shard {k}: {row['rows']} rows + {len(errors)} errors != "
+                                       f"{len(want[k].audio_ids)} audio ids")
+                output.commit_file(want.pop(k), row["temp"], errors)
+                bar.update(1)
+        if want:
+            raise RuntimeError(f"pipeline ended with {len(want)} shards incomplete (first: {min(want)})")
     finally:
         bar.close()
