@@ -45,7 +45,7 @@ def rows_of(data: Path, cfg) -> dict[str, list[dict]]:
 def main() -> None:
     from hci_atr.data.demo import make_demo
     from hci_atr.training import InProcess, fit, seeded_model
-    from workflows.ablation import VARIANTS, get_preset, variant_config
+    from workflows.variants import VARIANTS, get_preset, variant_config
     from workflows.settings import Settings
 
     ap = argparse.ArgumentParser()

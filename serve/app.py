@@ -43,7 +43,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from ray import serve
 
 from hci_atr.data.text import check_query

@@ -11,8 +11,8 @@ import pytest
 
 from workflows.settings import Settings
 from hci_atr.errors import ConfigError
-from workflows.ablation import (METRICS, VARIANTS, aggregate, format_csv, format_markdown, parse_variants,
-                                variant_config)
+from workflows.report import METRICS, aggregate, format_csv, format_markdown
+from workflows.variants import VARIANTS, parse_variants, variant_config
 
 
 def _fake(t2a_r1: float) -> dict:

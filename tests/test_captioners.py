@@ -374,8 +374,13 @@ def test_bank_built_in_parts_equals_the_backends_own_bank(nearest_setup, tmp_pat
                                        pa.array([3], pa.int64()))
     with pytest.raises(CaptionerError, match="bad rows, audio_id t0: mel has .* values, expected n_frames"):
         embed_rows(bad, "bad rows")
+    # the actor reports an unreadable file as data (workflows.runner.returns_failures); the driver raises it
+    from workflows.runner import FAILURE_COLUMN, failure_error
+
+    failed = embed(pa.table({"path": [str(tmp_path / "absent.parquet")]}))
+    assert failed.column_names == [FAILURE_COLUMN]
     with pytest.raises(CaptionerError, match="cannot read feature shard .*absent.parquet"):
-        embed(pa.table({"path": [str(tmp_path / "absent.parquet")]}))
+        raise failure_error(failed[FAILURE_COLUMN][0].as_py())
 
 
 def test_nearest_reuses_bank_embeddings_only_when_the_front_end_matches(nearest_setup, tmp_path, monkeypatch):

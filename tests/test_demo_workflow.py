@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_demo_runs_end_to_end_and_resumes(ray_session, tmp_path):
-    from workflows.demo import VARIANTS, DemoSettings, run_demo
+    from workflows.demo import DEMO_VARIANTS, DemoSettings, run_demo
 
     s = DemoSettings(str(tmp_path / "runs"), seed=1, size=24, quick=True,
                      overrides=(("train.epochs", 1), ("train.batch_size", 6)))
@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_and_resumes(ray_session, tmp_path):
     # every stage announced, in order
     assert [ln.split("]")[0] for ln in lines if ln.startswith("[")] == [f"[{i}/7" for i in range(1, 8)]
     # three variants, every metric a percentage
-    assert set(out["results"]) == {v[0] for v in VARIANTS}
+    assert set(out["results"]) == set(DEMO_VARIANTS)
     for metrics in out["results"].values():
         for k in ("t2a_R1", "t2a_R5", "t2a_R10", "t2a_mAP10", "a2t_R1", "a2t_R10"):
             assert 0.0 <= metrics[k] <= 100.0 and not math.isnan(metrics[k])

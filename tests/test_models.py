@@ -7,7 +7,7 @@ from hci_atr.errors import ModelLoadError
 from hci_atr.models.audio_encoder import AudioEncoder, load_panns_checkpoint
 from hci_atr.models.model import HciAtrModel
 from hci_atr.models.text_encoder import TextEncoder, packaged_minilm_path
-from model_helpers import tiny_cfg, tiny_mel, tiny_model
+from model_helpers import tiny_mel, tiny_model
 
 CAPS = ["a dog barks while a car passes by", "rain", "people talk, then a door slams shut"]
 

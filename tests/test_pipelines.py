@@ -202,8 +202,6 @@ class _Recorder:
 def test_shard_worker_writes_the_shard_and_returns_only_a_summary(tmp_path):
     """The actor side without Ray: one shard in, its rows computed batch_size at a time, its parquet file written to
     a temp name in the output directory, a summary without the mel data back; the driver side checks and renames."""
-    import dataclasses
-
     from hci_atr.data.formats import read_dataset
     from hci_atr.data.shards import FEATURE_SCHEMA
     from workflows.output import ShardedOutput, plan_shards

@@ -159,7 +159,7 @@ def test_all_gather_spans_workers(ray_session, tmp_path):
 def test_workers_get_fixed_equal_disjoint_splits(feats):
     """Each worker iterates its own split of the materialized train set: equal sizes (same number of steps, so the
     collectives line up), disjoint, in block order, the same splits again for a restarted worker group."""
-    from workflows.train import split_data_config, train_dataset
+    from workflows.train_data import split_data_config, train_dataset
 
     ds = train_dataset(feats, "train", {})
     conf = split_data_config(ds, 2)
@@ -236,7 +236,7 @@ def test_every_epoch_reshuffles_the_whole_set_into_equal_shares(request, mode, f
     training split; another pair of shares every epoch (a clip meets other rows); materialized, exactly the shares
     epoch_shares(seed, epoch) names (in audio_id order), the same again in the epochs the restarted group re-ran."""
     from hci_atr.data.shards import read_split_rows
-    from workflows.train import epoch_shares
+    from workflows.train_data import epoch_shares
 
     _run(request, mode)
     ids = sorted(r["audio_id"] for r in read_split_rows(feats, "train"))
@@ -368,7 +368,8 @@ def test_one_worker_matches_the_in_process_loop(solo_run, feats, work, tiny_text
 def test_broken_latest_checkpoint_resumes_from_the_previous_one(solo_run, feats, work, tiny_text_dir):
     """The latest checkpoint's train_state.pt truncated: a re-run with more epochs says so in one line, resumes from
     the previous checkpoint (epoch 0), trains epochs 1-2 again and finishes with the same numbers."""
-    from workflows.train import checkpoint_dirs, checkpoint_epoch, train
+    from workflows.checkpoints import checkpoint_dirs, checkpoint_epoch
+    from workflows.train import train
 
     first, lines = solo_run
     assert not any("unreadable" in line for line in lines)
@@ -394,7 +395,7 @@ def test_broken_latest_checkpoint_resumes_from_the_previous_one(solo_run, feats,
 
 
 def test_epoch_shares_are_seeded_equal_disjoint_and_change_every_epoch():
-    from workflows.train import epoch_shares
+    from workflows.train_data import epoch_shares
 
     n, world = 103, 4
     for e in range(3):
@@ -433,7 +434,7 @@ def test_share_rows_take_the_rows_table_take_would(tmp_path):
 
 
 def test_stream_plan_cuts_the_epochs_file_order_into_equal_contiguous_shares():
-    from workflows.train import stream_plan
+    from workflows.train_data import stream_plan
 
     counts = [5, 0, 9, 3, 8, 1]  # split rows per feature file (a file may hold none)
     n, world = sum(counts), 3
@@ -449,7 +450,7 @@ def test_stream_plan_cuts_the_epochs_file_order_into_equal_contiguous_shares():
 
 
 def test_shuffle_buffer_is_a_seeded_permutation():
-    from workflows.train import chunked, shuffle_buffer
+    from workflows.train_data import chunked, shuffle_buffer
 
     def run(size, seed):
         return list(shuffle_buffer(range(50), size, torch.Generator().manual_seed(seed)))
@@ -467,7 +468,7 @@ def test_stream_rows_reads_the_planned_split_rows_with_captions(tmp_path):
     import pyarrow.parquet as pq
 
     from hci_atr.data.shards import FEATURE_SCHEMA
-    from workflows.train import split_file_counts, stream_rows
+    from workflows.train_data import split_file_counts, stream_rows
 
     files = []
     for k, splits in enumerate([["train", "val", "train", "train"], ["test", "train", "train"]]):
@@ -487,7 +488,7 @@ def test_stream_rows_reads_the_planned_split_rows_with_captions(tmp_path):
 def test_data_mode_auto_streams_only_what_does_not_fit(capsys):
     from hci_atr.errors import ConfigError
     from workflows.cli import main, train_overrides
-    from workflows.train import STORE_EXPANSION, choose_data_mode
+    from workflows.train_data import STORE_EXPANSION, choose_data_mode
 
     gib = 2**30
     assert choose_data_mode("auto", int(0.29 * gib / STORE_EXPANSION), gib, 0.3)[0] == "materialize"

@@ -242,8 +242,8 @@ def test_checkpoint_round_trip_checksums_and_weights_only(tiny_text_dir, tmp_pat
     import json
     import pickle
 
-    from workflows.train import (checkpoint_problem, read_checkpoint, resume_checkpoint, resume_note,
-                                 write_checkpoint)
+    from workflows.checkpoints import (checkpoint_problem, read_checkpoint, resume_checkpoint, resume_note,
+                                       write_checkpoint)
 
     from hci_atr.training import param_groups
 

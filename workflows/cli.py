@@ -400,6 +400,7 @@ def ablate_cmd(preset, out_dir, data, fmt, size, pairs_in_split, pairs_file, dur
     from hci_atr.config import NULL
     from workflows.settings import load_settings
     from workflows import ablation
+    from workflows.variants import get_preset
 
     overrides = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
                  "model.init_temperature": temperature, "model.audio_width": audio_width, "audio.duration": duration}
@@ -413,7 +414,7 @@ def ablate_cmd(preset, out_dir, data, fmt, size, pairs_in_split, pairs_file, dur
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    p = ablation.get_preset(preset) if preset else None
+    p = get_preset(preset) if preset else None
     cfg = load_settings(config_path).override(p.overrides if p else {}, f"preset {preset}")
     cfg = cfg.override(overrides, "command line")  # flags win over the preset
     res = ablation.run_ablation(

@@ -29,16 +29,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hci_atr.files import atomic_write_text
-from workflows.settings import Settings
 from hci_atr.errors import ConfigError
+from workflows.settings import Settings
 from workflows.report import variants_table
+from workflows.variants import VARIANTS
 
-# (name, label, model overrides) of the three trained variants, in table order.
-VARIANTS = [
-    ("clip", "clip-only (baseline)", {"model.use_segment": False, "model.use_frame": False}),
-    ("hci", "HCI (3 levels)", {}),
-    ("hci_ac", "HCI + AC (3 uses)", {"model.ac_fusion": True, "model.ac_branch": True, "model.ac_augment": True}),
-]
+# the three trained variants (workflows.variants: the same switches and labels as the ablation's rows), table order
+DEMO_VARIANTS = ("clip", "hci", "hci_ac")
 
 
 # What the demo changes on top of the settings (defaults: configs/demo.yaml): a longer schedule and smaller batches
@@ -131,8 +128,8 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
     models: dict[str, str] = {}
     runs: dict[str, str] = {}
 
-    def train_variant(n: int, name: str, overrides: dict, captions: Path | None) -> None:
-        label = dict((v[0], v[1]) for v in VARIANTS)[name]
+    def train_variant(n: int, name: str, captions: Path | None) -> None:
+        label, overrides = VARIANTS[name].label, VARIANTS[name].switches
         step(n, f"train {label} (Ray Train, {cfg.run.num_workers} workers, {cfg.train.epochs} epochs) run "
                 f"'demo-{name}'")
         done = stages.done(f"train_{name}")
@@ -146,8 +143,8 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
         models[name], runs[name] = done["model_dir"], done["run_id"]
         echo(f"      best val R-sum {done['val_rsum']:.1f}; model {done['model_dir']}")
 
-    train_variant(3, "clip", VARIANTS[0][2], None)
-    train_variant(4, "hci", VARIANTS[1][2], None)
+    train_variant(3, "clip", None)
+    train_variant(4, "hci", None)
 
     step(5, f"caption-all with the nearest captioner from the HCI model -> {cap_dir}")
     if not stages.done("captions"):
@@ -155,12 +152,12 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
                         params={"features": str(feat_dir)}, cfg=cfg, seed=s.seed, progress=progress)
         stages.mark("captions", {"rows": m.get("rows"), "failed": m.get("failed")})
 
-    train_variant(6, "hci_ac", VARIANTS[2][2], cap_dir)
+    train_variant(6, "hci_ac", cap_dir)
 
     step(7, "evaluate on the test split; index the collection for serving")
     pairs_file = data_dir / "demo_pairs.json"  # the demo's hard-negative pairs: per-type pair accuracy columns
     pairs_file = pairs_file if pairs_file.is_file() else None
-    for name, _label, _ in VARIANTS:
+    for name in DEMO_VARIANTS:
         done = stages.done(f"eval_{name}")
         if done is None or (pairs_file is not None and "pairs_n" not in done):  # a marker from before pairs
             metrics = evaluate(models[name], feat_dir, "test", captions_dir=cap_dir if name == "hci_ac" else None,
@@ -182,5 +179,5 @@ def run_demo(s: DemoSettings, base: Settings | None = None, tracking_uri: str | 
 
 
 def format_table(results: dict[str, dict]) -> tuple[str, str]:
-    """(markdown, csv) side-by-side table of the variants' test metrics, in VARIANTS order."""
-    return variants_table(results, {name: label for name, label, _ in VARIANTS})
+    """(markdown, csv) side-by-side table of the variants' test metrics, in DEMO_VARIANTS order."""
+    return variants_table(results, {name: VARIANTS[name].label for name in DEMO_VARIANTS})

@@ -12,6 +12,9 @@ so recall at ranks <= K can only be lost, never gained, relative to what the cli
 ``pairs_file`` (``--pairs``) adds the compositional benchmark: a hard-negative pair file (:mod:`hci_atr.data.pairs`,
 e.g. make-demo's ``demo_pairs.json``); its pairs whose two clips are in the split are scored with the full fused score
 (:func:`hci_atr.metrics.pair_accuracy`: ``pairs_acc``, ``pairs_<type>_acc`` / ``_n``, chance 0.5).
+
+:func:`retrieval_examples` is the qualitative side, logged with every training run: a few text queries and the clips
+they rank first.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
-from workflows.settings import Settings
 from hci_atr.errors import ConfigError
+from workflows.settings import Settings
 
 # Rows of the printed table: (label, metric suffix, format)
 TABLE_ROWS = [("R@1", "R1", "{:.2f}"), ("R@5", "R5", "{:.2f}"), ("R@10", "R10", "{:.2f}"),
@@ -201,3 +204,32 @@ def format_pairs(m: dict[str, Any]) -> str:
     if attrs:
         line += "; attribute: " + ", ".join(cell(f"pairs_attribute_{a}", a) for a in attrs)
     return line
+
+
+def retrieval_examples(model_dir: str | os.PathLike, features_dir: str | os.PathLike, split: str,
+                       captions: dict[str, str] | None = None, n_queries: int = 5, top_k: int = 5,
+                       rows: list[dict] | None = None) -> str:
+    """Text query -> top clips for the first ``n_queries`` clips' first captions (fused HCI score)."""
+    import torch
+
+    from hci_atr.data.shards import read_split_rows
+    from hci_atr.models.model import HciAtrModel
+    from hci_atr.training import embed_split
+    from workflows import tracking
+
+    model = HciAtrModel.from_pretrained(model_dir).eval()
+    rows = rows if rows is not None else read_split_rows(features_dir, split, captions)
+    with torch.no_grad():
+        emb = embed_split(model, rows, model.cfg)
+        sim = model.score(emb.audio, emb.text).fused.float()  # [n_audio, n_text]
+    text_to_audio, texts, ids = emb.text_to_audio, emb.captions, emb.audio_ids
+    # one query per clip (its first caption), the first n_queries clips
+    firsts: dict[int, int] = {}
+    for j, a in enumerate(text_to_audio.tolist()):
+        firsts.setdefault(int(a), j)
+    out = []
+    for a, j in list(sorted(firsts.items()))[:n_queries]:
+        col = sim[:, j]
+        top = torch.topk(col, k=min(top_k, col.numel()))
+        out.append((texts[j], ids[a], [(ids[int(i)], float(v)) for v, i in zip(top.values, top.indices)]))
+    return tracking.format_retrieval_examples(out)
