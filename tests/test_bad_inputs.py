@@ -515,7 +515,8 @@ def test_http_no_route_reads_a_client_chosen_path(served):
 
 @pytest.mark.ray
 def test_http_bearer_token(served):
-    """With a token configured: no/wrong token 401, query-string token refused on the API, right token 200."""
+    """With a token configured: no/wrong token 401, query-string token refused on the API, right token 200; the clip
+    audio route takes the token in the query string; the page stays open."""
     from ray import serve
 
     from serve.app import build
@@ -539,6 +540,11 @@ def test_http_bearer_token(served):
             RESULTS.append(("HTTP", cid, str(status), msg))
         up = c.post("/embed/audio", files={"file": ("a.wav", wav_bytes(1), "audio/wav")})
         assert up.status_code == 401
+        # an <audio> element cannot send a header: the clip route alone takes the token in the query string
+        clip = served["records"][0].audio_id
+        assert c.get(f"/clips/{clip}/audio").status_code == 401
+        assert c.get(f"/clips/{clip}/audio?token=s3cret-token").status_code == 200
+        assert c.get("/").status_code == 200  # the page itself stays open
     finally:
         serve.run(build(served["args"]), name="hci-atr", route_prefix="/")
 

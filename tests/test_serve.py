@@ -306,30 +306,6 @@ def test_web_page_in_headless_chromium(served, tmp_path):
 
 
 @pytest.mark.ray
-def test_auth_on(served):
-    from ray import serve
-
-    from serve.app import build
-
-    c = served["client"]
-    serve.run(build({**served["args"], "token": "s3cret"}), name="hci-atr", route_prefix="/")
-    try:
-        assert c.get("/healthz").json()["auth"] is True
-        r = c.post("/search/text", json={"query": "a beep"})
-        assert r.status_code == 401 and "bearer" in r.json()["error"]
-        r = c.post("/search/text", json={"query": "a beep"}, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401
-        r = c.post("/search/text", json={"query": "a beep", "top_k": 2}, headers={"Authorization": "Bearer s3cret"})
-        assert r.status_code == 200 and len(r.json()["hits"]) == 2
-        clip = served["records"][0].audio_id
-        assert c.get(f"/clips/{clip}/audio").status_code == 401
-        assert c.get(f"/clips/{clip}/audio?token=s3cret").status_code == 200
-        assert c.get("/").status_code == 200  # the page itself stays open
-    finally:
-        serve.run(build(served["args"]), name="hci-atr", route_prefix="/")
-
-
-@pytest.mark.ray
 def test_requests_beyond_the_queue_bound_get_503_at_once(served, tmp_path):
     """Overload: with one replica admitting 2 requests and each caller queueing 1 more, a burst of 16 concurrent
     uploads gets some HTTP 503s from Serve (back-pressure) instead of all queueing; the rest are answered normally,

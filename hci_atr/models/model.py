@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -54,8 +54,22 @@ LOSS_LEVELS = ("clip", "segment", "frame", "ac_branch", "fused")
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
+class _Batched:
+    """Embeddings of a batch: every field a tensor whose first dimension is the batch (or None)."""
+
+    def __len__(self) -> int:
+        return getattr(self, fields(self)[0].name).shape[0]
+
+    def select(self, idx):
+        """The rows ``idx`` of every field (an index, slice or index tensor), as the same kind of embeddings."""
+        return type(self)(*(None if v is None else v[idx] for v in self._values()))
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
 @dataclass
-class AudioEmbeddings:
+class AudioEmbeddings(_Batched):
     """L2-normalised audio embeddings (padded units are zero vectors).
 
     clip [B, D]; segments [B, S, D] + segment_mask [B, S]; frames [B, T', D] + frame_mask [B, T'];
@@ -70,19 +84,9 @@ class AudioEmbeddings:
     aux_sentence: torch.Tensor | None = None
     aux_mask: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        return self.clip.shape[0]
-
-    def select(self, idx) -> "AudioEmbeddings":
-        return AudioEmbeddings(*(None if v is None else v[idx] for v in self._values()))
-
-    def _values(self):
-        return (self.clip, self.segments, self.segment_mask, self.frames, self.frame_mask, self.aux_sentence,
-                self.aux_mask)
-
 
 @dataclass
-class TextEmbeddings:
+class TextEmbeddings(_Batched):
     """L2-normalised text embeddings: sentence [B, D]; phrases [B, P, D] + phrase_mask [B, P];
     words [B, L, D] + word_mask [B, L]; phrase_concurrent [B, P] (phrases whose events are concurrent, so their
     place in the caption is no order: set when ``model.segment_order`` is on) or None."""
@@ -94,14 +98,6 @@ class TextEmbeddings:
     word_mask: torch.Tensor
     phrase_concurrent: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        return self.sentence.shape[0]
-
-    def select(self, idx) -> "TextEmbeddings":
-        return TextEmbeddings(*(None if v is None else v[idx] for v in self._values()))
-
-    def _values(self):
-        return (self.sentence, self.phrases, self.phrase_mask, self.words, self.word_mask, self.phrase_concurrent)
 
 
 @dataclass

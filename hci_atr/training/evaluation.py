@@ -33,8 +33,7 @@ class EmbeddedSplit:
 
 
 def _cat(parts: list, cls):
-    vals = [p._values() if hasattr(p, "_values") else (p.sentence, p.phrases, p.phrase_mask, p.words, p.word_mask)
-            for p in parts]
+    vals = [p._values() for p in parts]
     return cls(*(None if col[0] is None else torch.cat(col) for col in zip(*vals)))
 
 
