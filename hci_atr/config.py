@@ -82,6 +82,9 @@ class ModelConfig:
     ac_augment: bool = False  # (audio, generated caption) pairs join training
     ac_branch_weight: float = 0.5
     ac_augment_weight: float = 0.5
+    # generated captions whose captioner confidence is below this are ignored (no fusion, branch or extra pair);
+    # None: every caption is used. nearest's confidence is the cosine of the clip and its neighbour
+    ac_min_confidence: float | None = None
     # order and attributes (hci_atr.models.temporal / order / weighting, hci_atr.data.negatives); all off by default
     temporal_context: str = "none"  # none | gru | transformer: a sequence model over the frames before any pooling
     temporal_positions: str = "sinusoidal"  # sinusoidal | learned | none: frame positions added to its input

@@ -34,9 +34,17 @@ from torch import nn
 MIN_TAU, MAX_TAU = 0.01, 1.0
 
 
-def positives_mask(audio_keys: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
-    """audio_keys [B_a], text_keys [B_t] (clip identity per row) -> bool [B_a, B_t]."""
-    return audio_keys[:, None] == text_keys[None, :]
+def positives_mask(audio_keys: torch.Tensor, text_keys: torch.Tensor, audio_text_ids: torch.Tensor | None = None,
+                   text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """audio_keys [B_a], text_keys [B_t] (clip identity per row) -> bool [B_a, B_t].
+
+    With ``audio_text_ids`` [B_a, K] (identities of the texts each clip owns, NaN padding) and ``text_ids`` [B_t]
+    (each text's identity), a text is also a positive of every clip that owns an identical text: a caption that two
+    clips share (or a generated caption that is another clip's real one) is never a negative of either."""
+    pos = audio_keys[:, None] == text_keys[None, :]
+    if audio_text_ids is not None and text_ids is not None and audio_text_ids.numel():
+        pos = pos | (audio_text_ids[:, :, None] == text_ids[None, None, :]).any(dim=1)
+    return pos
 
 
 def _negatives(scores: torch.Tensor, pos: torch.Tensor, tau: torch.Tensor | float,
@@ -84,29 +92,39 @@ class LevelTemperatures(nn.Module):
 
 
 def sharded_info_nce(levels: dict[str, torch.Tensor], pos: torch.Tensor, taus: dict[str, torch.Tensor | float],
-                     pair_weight: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor]
+                     pair_weight: torch.Tensor | dict[str, torch.Tensor],
+                     gather: Callable[[torch.Tensor], torch.Tensor]
                      ) -> dict[str, torch.Tensor]:
     """This worker's share of the global InfoNCE of every level, scaled by the number of workers ``N``.
 
     levels[name] / pos: ``[b, B_t]`` = this worker's ``b`` audio rows x the ``B_t`` texts of the global batch;
-    pair_weight ``[B_t]`` (global); ``gather(x [1, k]) -> [N, k]``: every worker's ``x`` in rank order, with gradient
+    pair_weight ``[B_t]`` (global; or per level, see :func:`hierarchical_loss`); ``gather(x [1, k]) -> [N, k]``:
+    every worker's ``x`` in rank order, with gradient
     (``torch.distributed.nn.functional.all_gather``). One gather carries the partial column log-sum-exps of all
-    levels and the worker's positive-pair weight.
+    levels and the worker's positive-pair weight per level.
 
     Returns ``N * L_r`` per level, where the workers' ``L_r`` sum to the global loss: the mean over workers of the
     returned values IS the global loss, and backpropagating it on every worker under DDP's gradient averaging gives
     the gradient of the global loss (all_gather's backward sums each worker's slice over all workers).
     """
     names = list(levels)
-    parts = {n: _negatives(levels[n], pos, taus[n], pair_weight) for n in names}
-    w = parts[names[0]][2]
-    local = torch.cat([torch.logsumexp(parts[n][1], dim=0) for n in names] + [w.sum().reshape(1)])
-    every = gather(local[None, :])  # [N, len(names) * B_t + 1]
-    n_workers, b_t = every.shape[0], pos.shape[1]
-    col = torch.logsumexp(every[:, :-1], dim=0).reshape(len(names), 1, b_t)  # negatives of each text, all audio
-    wsum = every[:, -1].sum().clamp(min=1e-8)
-    return {n: n_workers * (_pair_terms(parts[n][0], parts[n][1], col[k]) * w).sum() / wsum
+    parts = {n: _negatives(levels[n], pos, taus[n], _level_weight(pair_weight, n)) for n in names}
+    local = torch.cat([torch.logsumexp(parts[n][1], dim=0) for n in names]
+                      + [torch.stack([parts[n][2].sum() for n in names])])
+    every = gather(local[None, :])  # [N, len(names) * (B_t + 1)]
+    n_workers, b_t, k_levels = every.shape[0], pos.shape[1], len(names)
+    col = torch.logsumexp(every[:, :-k_levels], dim=0).reshape(k_levels, 1, b_t)  # negatives of each text, all audio
+    wsum = every[:, -k_levels:].sum(dim=0).clamp(min=1e-8)  # [levels]: positive-pair weight, all workers
+    return {n: n_workers * (_pair_terms(parts[n][0], parts[n][1], col[k]) * parts[n][2]).sum() / wsum[k]
             for k, n in enumerate(names)}
+
+
+def _level_weight(pair_weight: torch.Tensor | dict[str, torch.Tensor] | None, level: str) -> torch.Tensor | None:
+    """The per-text pair weights of ``level``: one tensor for every level, or a dict with ``"*"`` (the default)
+    and per-level overrides."""
+    if isinstance(pair_weight, dict):
+        return pair_weight.get(level, pair_weight.get("*"))
+    return pair_weight
 
 
 def _level_taus(names, temps: LevelTemperatures, taus: dict[str, torch.Tensor | float] | None
@@ -115,7 +133,8 @@ def _level_taus(names, temps: LevelTemperatures, taus: dict[str, torch.Tensor | 
 
 
 def hierarchical_loss(levels: dict[str, torch.Tensor], pos: torch.Tensor, temps: LevelTemperatures,
-                      weights: dict[str, float | torch.Tensor], pair_weight: torch.Tensor | None = None,
+                      weights: dict[str, float | torch.Tensor],
+                      pair_weight: torch.Tensor | dict[str, torch.Tensor] | None = None,
                       gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       taus: dict[str, torch.Tensor | float] | None = None) -> dict[str, torch.Tensor]:
     """InfoNCE per level score matrix; ``total`` = weighted sum (weights normalised to sum 1 over present levels).
@@ -123,7 +142,9 @@ def hierarchical_loss(levels: dict[str, torch.Tensor], pos: torch.Tensor, temps:
     With ``gather`` the score matrices are this worker's rows against the global texts and each value is the
     worker's share of the global loss scaled by the number of workers (:func:`sharded_info_nce`). ``taus``
     replaces the learnt temperature of the levels it names (a calibrated fused score is already divided by the
-    levels' temperatures: it takes 1).
+    levels' temperatures: it takes 1). ``pair_weight``: [B_t] for every level, or ``{"*": [B_t], level: [B_t]}``
+    where a level weighs its texts otherwise (the AC branch gives generated captions weight 0: compared with the
+    clip's own generated caption they would be a trivial cosine-1 match).
     """
     out: dict[str, torch.Tensor] = {}
     total = None
@@ -134,7 +155,8 @@ def hierarchical_loss(levels: dict[str, torch.Tensor], pos: torch.Tensor, temps:
             pair_weight = torch.ones(pos.shape[1], device=pos.device)
         per_level = sharded_info_nce(levels, pos, level_tau, pair_weight, gather)
     for name, s in levels.items():
-        loss = per_level[name] if gather is not None else info_nce(s, pos, level_tau[name], pair_weight)
+        loss = per_level[name] if gather is not None else \
+            info_nce(s, pos, level_tau[name], _level_weight(pair_weight, name))
         out[name] = loss
         term = weights[name] * loss / max(wsum, 1e-8)
         total = term if total is None else total + term

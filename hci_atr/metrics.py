@@ -18,6 +18,11 @@ R@k and mAP@10 are percentages; ``rsum = t2a_R1 + t2a_R5 + t2a_R10`` (the contra
 Pair accuracy (:func:`pair_accuracy`, the compositional benchmark of :mod:`hci_atr.data.pairs`): for a hard-negative
 pair of clips (i, j), each caption c of i is a trial, correct when ``sim[i, c] > sim[j, c]``, and each caption of j
 likewise with i and j swapped; a tie counts 0.5. Accuracy pools the trials (a fraction; chance is 0.5).
+
+Caption quality (:func:`caption_word_f1`, :func:`caption_quality`): how well a generated caption names what the
+clip's own captions say, as the unigram F1 of its words against each reference (multisets, lower-cased), best
+reference taken; reported per split and, where the captioner gives a confidence, per confidence quartile (so a user
+can see whether ``model.ac_min_confidence`` would drop the poor ones).
 """
 
 from __future__ import annotations
@@ -225,3 +230,44 @@ def paired_bootstrap(a, b, n_resamples: int = 2000, seed: int = 0, level: float 
     means = d[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": float(len(d))}
+
+
+def caption_word_f1(generated: str, references: Sequence[str]) -> float:
+    """Best unigram F1 of ``generated`` against any of ``references`` (words lower-cased, counted as multisets);
+    0 for an empty caption or no reference."""
+    from collections import Counter
+
+    from hci_atr.data.text import words_of
+
+    gen = Counter(w.lower() for w in words_of(generated or ""))
+    best = 0.0
+    for ref in references:
+        r = Counter(w.lower() for w in words_of(ref or ""))
+        common = sum((gen & r).values())
+        if common:
+            p, q = common / sum(gen.values()), common / sum(r.values())
+            best = max(best, 2 * p * q / (p + q))
+    return best
+
+
+def caption_quality(rows: Sequence[tuple[str, str, Sequence[str], float | None]]) -> dict[str, dict]:
+    """``rows``: (split, generated caption, the clip's own captions, captioner confidence or None/NaN) -> per split
+    ``{"n", "word_f1"}`` (mean of :func:`caption_word_f1`) and, when every caption there has a confidence,
+    ``"by_confidence"``: the split's captions cut into quartiles of confidence, each ``{"min", "max", "n",
+    "word_f1"}`` (lowest quartile first)."""
+    by_split: dict[str, list[tuple[float, float | None]]] = {}
+    for split, gen, refs, conf in rows:
+        if gen and refs:
+            by_split.setdefault(str(split), []).append((caption_word_f1(gen, refs), conf))
+    out: dict[str, dict] = {}
+    for split, vals in sorted(by_split.items()):
+        f1 = np.array([v[0] for v in vals], dtype=np.float64)
+        entry: dict = {"n": len(vals), "word_f1": round(float(f1.mean()), 4)}
+        conf = np.array([np.nan if v[1] is None else v[1] for v in vals], dtype=np.float64)
+        if len(vals) >= 4 and np.isfinite(conf).all():
+            order = np.argsort(conf, kind="stable")
+            entry["by_confidence"] = [
+                {"min": round(float(conf[q].min()), 4), "max": round(float(conf[q].max()), 4), "n": len(q),
+                 "word_f1": round(float(f1[q].mean()), 4)} for q in np.array_split(order, 4)]
+        out[split] = entry
+    return out

@@ -244,3 +244,39 @@ def test_tiny_ablation_end_to_end(ray_session, tmp_path, tiny_text_dir):
     changed = run_ablation(out, cfg=cfg.override({"train.batch_size": 4}), demo_size=24, variants="clip",
                            seeds=[0], log_mlflow=False)
     assert changed.computed == 1
+
+
+def test_caption_folds_are_seeded_equal_and_cover_every_clip():
+    from workflows.ablation import caption_folds
+
+    ids = [f"c{i:02d}" for i in range(11)]
+    f = caption_folds(ids, 3, seed=0)
+    assert set(f) == set(ids) and sorted(np.bincount(list(f.values()))) == [3, 4, 4]
+    assert caption_folds(list(reversed(ids)), 3, seed=0) == f  # input order does not matter
+    assert caption_folds(ids, 3, seed=1) != f
+
+
+@pytest.mark.ray
+def test_cross_fitted_captions_come_from_models_that_never_saw_the_clip(ray_session, tmp_path, tiny_text_dir):
+    """--ac-folds 2: two more caption models per seed, each trained on the other fold's training clips; every clip
+    is captioned (training clips by their fold's model from the other fold's bank, the rest by the full model)."""
+    from hci_atr.data.shards import read_split_rows
+    from workflows.ablation import caption_folds, run_ablation
+
+    cfg = Settings().override({"model.text_encoder": str(tiny_text_dir), "model.audio_width": 4, "model.embed_dim": 32,
+                               "model.max_words": 16, "train.epochs": 1, "train.batch_size": 4,
+                               "audio.duration": 2.0, "pipeline.num_workers": 1})
+    out = tmp_path / "abl"
+    with pytest.raises(ConfigError, match="ac-folds"):
+        run_ablation(out, cfg=cfg, demo_size=24, variants="clip_ac", seeds=[0], log_mlflow=False, ac_folds=0)
+    res = run_ablation(out, cfg=cfg, demo_size=24, variants="clip_ac", seeds=[0], log_mlflow=False, ac_folds=2)
+    caps = json.loads((out / "captions" / "seed0.json").read_text())
+    assert caps["folds"] == 2 and len(caps["captions"]) == 24 and not caps["errors"]
+    assert res.results[("clip_ac", 0)]["caption_source"]["folds"] == 2
+    for f in range(2):
+        assert (out / "caption_models" / f"clip_seed0_fold{f}of2" / "config.yaml").is_file()
+    train = read_split_rows(out / "features", "train")
+    fold = caption_folds([r["audio_id"] for r in train], 2, 0)
+    by_fold = [{c for r in train if fold[r["audio_id"]] == f for c in r["captions"]} for f in range(2)]
+    for r in train:  # a training clip's caption is one of the other fold's captions
+        assert caps["captions"][r["audio_id"]] in by_fold[1 - fold[r["audio_id"]]]

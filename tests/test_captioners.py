@@ -52,6 +52,8 @@ def _check_columns(out, n, captioner, model):
     assert tuple(out) == OUTPUT_COLUMNS
     assert all(len(out[c]) == n for c in OUTPUT_COLUMNS)
     assert out["seconds"].dtype == np.float32 and (out["seconds"] >= 0).all()
+    if captioner != "nearest":  # only nearest measures its trust in a caption
+        assert out["confidence"].dtype == np.float32 and np.isnan(out["confidence"]).all()
     assert list(out["captioner"]) == [captioner] * n
     assert list(out["model"]) == [str(model)] * n
     for caption, error in zip(out["generated_caption"], out["error"]):
@@ -277,6 +279,23 @@ def _expected_neighbours(setup):
     return {r["audio_id"]: train[int(j)]["audio_id"] for r, j in zip(train, sims.argmax(1))}
 
 
+def _expected_confidence(setup):
+    """The same reference's cosine of each training clip and its nearest other training clip."""
+    import torch
+
+    from hci_atr.models.model import HciAtrModel
+
+    model = HciAtrModel.from_pretrained(setup["model"])
+    train = [r for r in setup["rows"] if r["split"] == "train"]
+    mel = torch.tensor(np.stack([np.reshape(r["mel"], (r["n_frames"], r["n_mels"])) for r in train]),
+                       dtype=torch.float32)
+    with torch.no_grad():
+        clip = model.encode_audio(mel, torch.ones(mel.shape[:2], dtype=torch.bool)).clip
+    sims = clip @ clip.T
+    sims.fill_diagonal_(-2.0)
+    return {r["audio_id"]: float(v) for r, v in zip(train, sims.max(1).values)}
+
+
 def test_nearest_never_returns_the_clips_own_captions(nearest_setup):
     s = nearest_setup
     cap = build_captioner("nearest", str(s["model"]), features=str(s["features"]))
@@ -293,6 +312,10 @@ def test_nearest_never_returns_the_clips_own_captions(nearest_setup):
         neighbour = neighbours[r["audio_id"]]
         assert neighbour != r["audio_id"]
         assert caption in next(t["captions"] for t in train if t["audio_id"] == neighbour)
+    # the confidence that travels with each caption: the clip-level cosine to the neighbour it came from
+    conf = _expected_confidence(s)
+    assert out["confidence"].dtype == np.float32
+    np.testing.assert_allclose(out["confidence"], [conf[r["audio_id"]] for r in train], atol=1e-5)
 
 
 def test_nearest_finds_an_identical_clip_and_drops_own_caption_text(nearest_setup):
@@ -309,6 +332,7 @@ def test_nearest_finds_an_identical_clip_and_drops_own_caption_text(nearest_setu
     # only one of t2's captions is the row's own (case/punctuation-insensitive): the other one is returned
     assert out["generated_caption"][2] == t2_caps[0]
     assert out["error"][3].endswith("absent.wav: audio file not found") and out["generated_caption"][3] == ""
+    assert abs(out["confidence"][0] - 1.0) < 1e-5 and np.isnan(out["confidence"][3])  # same audio; no caption
     assert json.loads(out["params"][0])["features"] == str(s["features"])
 
 
@@ -555,3 +579,49 @@ def test_caption_all_refuses_to_resume_with_other_settings(ray_session, nearest_
     assert again["computed_shards"] == 0 and again["rows"] == len(train)
     assert {k: v for k, v in _file_hashes(out).items() if k.startswith("part-")} == \
         {k: v for k, v in before.items() if k.startswith("part-")}
+
+
+def test_read_captions_ignores_captions_below_the_models_confidence_threshold(tmp_path):
+    """model.ac_min_confidence: a caption under the threshold is left out (the clip then has no AC); an unknown
+    confidence (NaN: a backend without one) and shards written before the column are always kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hci_atr.data.shards import CAPTION_SCHEMA, read_captions
+
+    out = tmp_path / "captions"
+    out.mkdir()
+    n = 4
+    pq.write_table(pa.table({"audio_id": ["a", "b", "c", "d"], "generated_caption": ["ca", "cb", "cc", ""],
+                             "captioner": ["nearest"] * n, "model": ["m"] * n, "params": ["{}"] * n,
+                             "seconds": [0.0] * n, "confidence": [0.9, 0.2, math.nan, 0.95]}, schema=CAPTION_SCHEMA),
+                   out / "part-00000.parquet")
+    pq.write_table(pa.table({"audio_id": ["e"], "generated_caption": ["ce"]}), out / "part-00001.parquet")  # older
+    assert read_captions(out) == {"a": "ca", "b": "cb", "c": "cc", "e": "ce"}  # "" never counts
+    assert read_captions(out, 0.5) == {"a": "ca", "c": "cc", "e": "ce"}
+    assert read_captions(out, 0.95) == {"c": "cc", "e": "ce"}
+
+
+def test_nearest_bank_without_a_fold_never_lends_its_captions(nearest_setup):
+    """Cross-fitting's bank: NearestBank.without(fold) drops the fold's clips and their caption embeddings; a
+    captioner using it never returns a caption of a dropped clip."""
+    import torch
+
+    s = nearest_setup
+    cap = build_captioner("nearest", str(s["model"]), features=str(s["features"]))
+    full = cap.bank
+    drop = full.ids[:2]
+    part = full.without(drop)
+    assert part.ids == full.ids[2:] and part.captions == full.captions[2:] and part.paths == full.paths[2:]
+    torch.testing.assert_close(part.audio, full.audio[2:])
+    n_drop = sum(len(c) for c in full.captions[:2])
+    torch.testing.assert_close(part.text, full.text[n_drop:])
+    cap.use_bank(part)
+    train = [r for r in s["rows"] if r["split"] == "train"]
+    out = cap({"audio_id": np.array([r["audio_id"] for r in train], dtype=object),
+               "audio_path": np.array([r["audio_path"] for r in train], dtype=object),
+               "captions": np.array([None] * len(train), dtype=object)})
+    lent = {c for caps in full.captions[2:] for c in caps}
+    assert all(c in lent for c in out["generated_caption"] if c)
+    assert not {c for caps in full.captions[:2] for c in caps} & set(out["generated_caption"]) - lent
+

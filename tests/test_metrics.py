@@ -281,3 +281,32 @@ def test_paired_bootstrap_interval_covers_the_difference_and_resolves_a_real_gap
     assert paired_bootstrap(a, b, seed=1) == r  # seeded
     with pytest.raises(ValueError):
         paired_bootstrap(a, b[:10])
+
+
+def test_caption_word_f1_hand_computed():
+    from hci_atr.metrics import caption_word_f1
+
+    # "a dog barks loudly" vs "a dog barks": 3 common of 4 / 3 words -> P 3/4, R 1 -> F1 6/7
+    assert caption_word_f1("A dog barks loudly", ["a dog barks"]) == pytest.approx(6 / 7)
+    # the best reference counts; words are a multiset ("a a" matches one "a" of the reference only)
+    assert caption_word_f1("a a bell", ["a bell rings", "birds sing"]) == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+    assert caption_word_f1("", ["a bell"]) == 0.0 and caption_word_f1("a bell", []) == 0.0
+    assert caption_word_f1("rain falls.", ["Rain, falls"]) == 1.0  # case and punctuation do not count
+
+
+def test_caption_quality_per_split_and_confidence_quartile():
+    from hci_atr.metrics import caption_quality, caption_word_f1
+
+    refs = ["a dog barks", "a car passes"]
+    # 8 test captions: the confident half right, the rest wrong, so the quartiles' F1 rises with confidence
+    rows = [("test", "a dog barks" if c >= 0.5 else "birds sing", refs, c)
+            for c in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)]
+    rows += [("train", "a car passes", refs, None), ("train", "", refs, None), ("val", "x", [], 0.3)]
+    q = caption_quality(rows)
+    assert set(q) == {"test", "train"}  # val: no reference; the empty caption is not counted
+    assert q["train"] == {"n": 1, "word_f1": 1.0}  # no confidence: no quartiles
+    assert q["test"]["n"] == 8 and q["test"]["word_f1"] == pytest.approx(0.5)
+    assert [b["word_f1"] for b in q["test"]["by_confidence"]] == [0.0, 0.0, 1.0, 1.0]
+    assert [(b["min"], b["max"], b["n"]) for b in q["test"]["by_confidence"]] == \
+        [(0.1, 0.2, 2), (0.3, 0.4, 2), (0.5, 0.6, 2), (0.7, 0.8, 2)]
+    assert caption_word_f1("birds sing", refs) == 0.0

@@ -413,9 +413,22 @@ def test_caption_all_nearest_backend_via_cli(ray_session, features_run, clean_se
     out = tmp_path / "captions"
     main(["caption-all", "--data", str(clean_set), "--out", str(out), "--captioner", "nearest",
           "--model", str(model_dir), "--features", str(feats), "--num-workers", "2", "--batch-size", "4"])
-    assert f"captions: {N_CLIPS} rows, 0 failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"captions: {N_CLIPS} rows, 0 failed" in printed
     t = _parts(out)
     got = dict(zip(t["audio_id"].to_pylist(), t["generated_caption"].to_pylist()))
+    # caption quality against each clip's own captions, per split and per confidence quartile: in the manifest and
+    # printed, equal to the library's computation on what was written
+    from hci_atr.data.formats import read_dataset
+    from hci_atr.metrics import caption_quality
+    from workflows.caption import format_quality
+
+    conf = dict(zip(t["audio_id"].to_pylist(), t["confidence"].to_pylist()))
+    want_q = caption_quality([(r.split, got[r.audio_id], r.captions, conf[r.audio_id])
+                              for r in read_dataset(clean_set)])
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert manifest["quality"] == json.loads(json.dumps(want_q)) and want_q
+    assert format_quality(want_q) in printed and "word F1" in printed
     assert len(got) == N_CLIPS
     want, _ = _direct("nearest", str(model_dir), clean_set, features=str(feats))
     assert got == want

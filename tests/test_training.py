@@ -67,27 +67,32 @@ def test_ac_uses_train_and_switch_losses(tiny_text_dir):
     assert hist[-1]["loss_total"] < hist[0]["loss_total"]
 
 
-@pytest.mark.parametrize("over", [{}, {"model.ac_branch": True, "model.ac_fusion": True, "model.ac_augment": True,
-                                       "model.learn_level_weights": True}])
-def test_sharded_loss_is_the_global_batch_loss(tiny_text_dir, over):
+_ALL_AC = {"model.ac_branch": True, "model.ac_fusion": True, "model.ac_augment": True,
+           "model.learn_level_weights": True}
+
+
+@pytest.mark.parametrize("over,n", [({}, 6), (_ALL_AC, 6), (_ALL_AC, 10)])
+def test_sharded_loss_is_the_global_batch_loss(tiny_text_dir, over, n):
     """Two simulated workers (threads sharing one autograd graph, gathering each other's texts): the mean of their
     losses is the loss of the whole batch at every level, each worker scored only its own audio rows, and the
-    gradient DDP would apply (the mean of the workers' gradients) is the whole-batch gradient."""
+    gradient DDP would apply (the mean of the workers' gradients) is the whole-batch gradient. With 10 clips, clips
+    0 and 8 (1 and 9) share their captions, one on each worker: the identical-text positives cross the gather."""
     from model_helpers import ThreadGather
 
     cfg, model, _ = _setup(tiny_text_dir, **over)
     model.eval()  # no dropout: the two computations must see the same network
     # one caption per clip and exactly the target frames: training batches without any random choice
-    rows = tiny_rows(6, n_frames=n_frames(cfg.audio), captions_per_clip=1, generated=True)
+    rows = tiny_rows(n, n_frames=n_frames(cfg.audio), captions_per_clip=1, generated=True)
     whole = make_batch(rows, cfg, model, train=True, generator=torch.Generator())
-    halves = [make_batch(rows[:3], cfg, model, train=True, generator=torch.Generator()),
-              make_batch(rows[3:], cfg, model, train=True, generator=torch.Generator())]
+    h = n // 2
+    halves = [make_batch(rows[:h], cfg, model, train=True, generator=torch.Generator()),
+              make_batch(rows[h:], cfg, model, train=True, generator=torch.Generator())]
     params = [p for p in model.parameters() if p.requires_grad]
 
     ref = model(**whole.forward_kwargs()).losses
     ref_grad = torch.autograd.grad(ref["total"], params, allow_unused=True)
     outs = ThreadGather(2).run(lambda r, g: model(**halves[r].forward_kwargs(), gather=g))
-    assert [tuple(o.scores.fused.shape) for o in outs] == [(3, len(whole.text))] * 2  # own rows x global texts
+    assert [tuple(o.scores.fused.shape) for o in outs] == [(h, len(whole.text))] * 2  # own rows x global texts
     for name, value in ref.items():
         torch.testing.assert_close((outs[0].losses[name] + outs[1].losses[name]) / 2, value, atol=1e-5, rtol=1e-5)
     assert abs(outs[0].losses["total"].item() - ref["total"].item()) > 1e-3  # a worker alone is not the global loss
@@ -471,3 +476,57 @@ def test_fit_runs_a_frozen_tower_once_per_distinct_caption(tiny_text_dir):
     assert n_cached == 12 and n_plain == 2 * (8 + 8)
     for a, b in zip(cached, plain):
         assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-5) and a["val_rsum"] == b["val_rsum"]
+
+
+def test_identical_texts_are_positives_of_every_clip_that_owns_them(tiny_text_dir):
+    """tiny_rows(10): clips 0 and 8 have the same captions (so do 1 and 9). A training batch names every text's
+    identity and every clip's own texts; the positives are then each clip's texts plus the identical texts of the
+    other clip, never its negatives; the ids of a generated caption that ac_augment adds count for its clip."""
+    from hci_atr.losses import positives_mask
+
+    cfg, model, _ = _setup(tiny_text_dir, **{"model.ac_augment": True})
+    rows = tiny_rows(10, n_frames=n_frames(cfg.audio), captions_per_clip=1, generated=True)
+    b = make_batch(rows, cfg, model, train=True, generator=torch.Generator())
+    assert b.text_ids.shape == (20,) and b.audio_text_ids.shape[0] == 10 and b.text_generated.tolist() == \
+        [False] * 10 + [bool(r.get("generated_caption")) for r in rows]
+    plain = positives_mask(b.audio_keys, b.text_keys)
+    pos = positives_mask(b.audio_keys, b.text_keys, b.audio_text_ids, b.text_ids)
+    assert bool((pos >= plain).all())  # only ever adds positives
+    added = sorted((int(i), int(j)) for i, j in (pos & ~plain).nonzero().tolist())
+    # real captions 0<->8, 1<->9; generated "dog barks" of clip 8 (i % 3 != 0) is not clip 0's (clip 0 has none)
+    want = {(0, 8), (8, 0), (1, 9), (9, 1)}
+    gens = {i: r.get("generated_caption") for i, r in enumerate(rows)}
+    for i in range(10):
+        for j in range(10):
+            if i != j and gens[j] and gens[i] == gens[j]:  # the same generated text on two clips
+                want.add((i, 10 + j))
+    assert set(added) == want
+    ev = make_batch(rows, cfg, model, train=False)
+    assert ev.text_ids is None and ev.audio_text_ids is None  # evaluation scores by text_to_audio alone
+
+
+def test_the_ac_branch_never_scores_a_generated_caption_against_itself(tiny_text_dir):
+    """With ac_branch and ac_augment, an added (clip, generated caption) pair would be scored by the branch as the
+    caption against itself (cosine 1). The branch score of those texts is 0 and the branch loss is the InfoNCE
+    over the real captions only; the other levels still train on the added pairs."""
+    from hci_atr.losses import info_nce, positives_mask
+
+    cfg, model, _ = _setup(tiny_text_dir, **{"model.ac_branch": True, "model.ac_augment": True,
+                                            "model.use_segment": False})
+    model.eval()
+    rows = tiny_rows(6, n_frames=n_frames(cfg.audio), captions_per_clip=1, generated=True)
+    b = make_batch(rows, cfg, model, train=True, generator=torch.Generator())
+    out = model(**b.forward_kwargs())
+    gen = b.text_generated
+    assert bool(gen.any()) and bool((out.scores.levels["ac_branch"][:, gen] == 0).all())
+    with torch.no_grad():
+        a = model.encode_audio(b.mel, b.mel_mask, b.aux, b.aux_mask)
+        raw = model.score(a, model.encode_text(b.text)).levels["ac_branch"]
+    own = b.text_to_audio[gen]
+    assert torch.allclose(raw[own, gen.nonzero().squeeze(1)], torch.ones(int(gen.sum())), atol=1e-5)  # the trap
+    pos = positives_mask(b.audio_keys, b.text_keys, b.audio_text_ids, b.text_ids)
+    real = ~gen
+    want = info_nce(raw[:, real], pos[:, real], model.temps.tau("ac_branch"), b.pair_weight[real])
+    torch.testing.assert_close(out.losses["ac_branch"], want, atol=1e-5, rtol=1e-5)
+    assert out.losses["clip"].item() != pytest.approx(
+        info_nce(out.scores.levels["clip"][:, real], pos[:, real], model.temps.tau("clip"), b.pair_weight[real]).item())

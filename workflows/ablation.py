@@ -34,6 +34,12 @@ built on the model of variant ``caption_variant`` (default ``clip``) trained wit
 (its best epoch chosen on validation), with the training split's features as its caption bank. A clip gets a caption
 of its nearest OTHER training clip (leave-one-out; its own reference captions are excluded too), so training clips do
 not get their own caption back and no test caption is ever in the bank or seen by the captioning model.
+The training clips were seen by that model, though, and the test clips were not: their captions are better than a
+test clip's. ``--ac-folds K`` (K > 1) cross-fits them: the training clips are dealt into K seeded folds
+(:func:`caption_folds`); for each fold the caption variant is trained on the other folds alone and captions the
+fold from a bank of the other folds' clips, so every clip, training or test, is captioned by a model and a bank that
+never saw it (validation and test clips keep the model trained on the whole training split). Cost: K more trainings
+of the caption variant per seed.
 """
 
 from __future__ import annotations
@@ -149,20 +155,28 @@ def train_and_evaluate(cfg: Settings, train_rows: list[dict], val_rows: list[dic
 
 
 def nearest_captions(model_dir: str | os.PathLike, features_dir: str | os.PathLike, rows: list[dict],
-                     bank_split: str = "train", threads: int = 1, batch_size: int = 32) -> dict[str, Any]:
+                     bank_split: str = "train", threads: int = 1, batch_size: int = 32,
+                     min_confidence: float | None = None, bank_exclude: Sequence[str] = ()) -> dict[str, Any]:
     """Caption every row with the ``nearest`` backend on the model in ``model_dir`` (caption bank: the
-    ``bank_split`` rows of ``features_dir``). Returns ``{"captions": {audio_id: caption}, "errors": {...}}``.
+    ``bank_split`` rows of ``features_dir``). Returns ``{"captions": {audio_id: caption}, "errors": {...},
+    "ignored": n}``: captions below ``min_confidence`` (``model.ac_min_confidence``) are left out, as
+    :func:`hci_atr.data.shards.read_captions` leaves them out of a caption-all output. ``bank_exclude``: clips left
+    out of the bank (cross-fitting: a fold is captioned from the other folds' clips only).
 
     Rows need ``audio_id``, ``audio_path`` and ``captions`` (the own captions, only used to exclude them).
     """
     import torch
 
     from hci_atr.captioners.nearest import NearestCaptioner
+    from hci_atr.data.shards import trusted
 
     torch.set_num_threads(max(1, int(threads)))
     cap = NearestCaptioner(str(model_dir), features=str(features_dir), split=bank_split)
+    if bank_exclude:
+        cap.use_bank(cap.bank.without(bank_exclude))
     out: dict[str, str] = {}
     errors: dict[str, str] = {}
+    ignored = 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         batch = {"audio_id": np.array([r["audio_id"] for r in chunk], dtype=object),
@@ -171,12 +185,33 @@ def nearest_captions(model_dir: str | os.PathLike, features_dir: str | os.PathLi
         for j, r in enumerate(chunk):  # one list per cell (np.array of lists would make a 2-D array)
             batch["captions"][j] = list(r["captions"])
         res = cap(batch)
-        for aid, text, err in zip(res["audio_id"], res["generated_caption"], res["error"]):
+        for aid, text, err, conf in zip(res["audio_id"], res["generated_caption"], res["error"],
+                                        res["confidence"]):
             if err:
                 errors[str(aid)] = str(err)
-            elif text:
+            elif text and trusted(float(conf), min_confidence):
                 out[str(aid)] = str(text)
-    return {"captions": out, "errors": errors}
+            elif text:
+                ignored += 1
+    return {"captions": out, "errors": errors, "ignored": ignored}
+
+
+def caption_folds(audio_ids: Sequence[str], k: int, seed: int) -> dict[str, int]:
+    """Cross-fitting folds of the training clips: audio_id -> fold in ``range(k)``, a seeded permutation of the
+    sorted ids dealt round-robin (equal sizes within one; the same ids, k and seed give the same folds)."""
+    ids = sorted(audio_ids)
+    order = np.random.default_rng(int(seed)).permutation(len(ids))
+    return {ids[int(j)]: pos % int(k) for pos, j in enumerate(order)}
+
+
+def merge_captions(parts: Sequence[dict]) -> dict[str, Any]:
+    """Caption results (:func:`nearest_captions`) of disjoint row sets -> one: captions, errors, ignored."""
+    out: dict[str, Any] = {"captions": {}, "errors": {}, "ignored": 0}
+    for p in parts:
+        out["captions"].update(p["captions"])
+        out["errors"].update(p["errors"])
+        out["ignored"] += int(p.get("ignored", 0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,7 +270,7 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
                  caption_variant: str = "clip", test_split: str = "test", tracking_uri: str | None = None,
                  experiment: str = "hci-atr-ablation", log_mlflow: bool = True, resume: bool = True,
                  command: str = "", echo: Callable[[str], None] | None = None, demo_pairs_in_split: bool = False,
-                 pairs_file: str | os.PathLike | None = None) -> AblationResult:
+                 pairs_file: str | os.PathLike | None = None, ac_folds: int = 1) -> AblationResult:
     """Run every variant x seed as a Ray task and write the table, plot and MLflow runs. See the module docstring.
 
     ``data``: a dataset path (any format :func:`hci_atr.data.formats.read_dataset` reads); None makes the demo
@@ -243,6 +278,7 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
     hard-negative pairs inside each split, :func:`hci_atr.data.demo.make_demo`). ``cfg``: the base config (budget:
     epochs, batch size, encoders ...). ``resume``: skip variant x seed runs whose JSON exists for the same settings.
     ``pairs_file``: the hard-negative pairs scored on the test split (default: the dataset's ``demo_pairs.json``).
+    ``ac_folds`` > 1 cross-fits the training clips' auxiliary captions (see the module docstring).
     """
     import ray
 
@@ -259,6 +295,8 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("ablation: give at least one seed")
+    if int(ac_folds) < 1:
+        raise ConfigError(f"ablation: --ac-folds must be >= 1 (1: no cross-fitting), got {ac_folds}")
     if caption_variant not in VARIANTS or VARIANTS[caption_variant].uses_captions:
         raise ConfigError(f"ablation: caption_variant must be a variant without AC (got {caption_variant!r})")
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a mistyped command leaves nothing behind
@@ -301,9 +339,32 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
                                   pairs=pairs)
 
     @ray.remote(num_cpus=1)
-    def caption_task(_trained: dict, model_dir: str, rows: list[dict]) -> dict:
+    def caption_task(_trained: dict, model_dir: str, rows: list[dict], bank_exclude: Sequence[str] = ()) -> dict:
         # _trained: the captioning model's train_task result; passing it orders this task after that one
-        return nearest_captions(model_dir, features, rows, bank_split=cfg.run.train_split, threads=1)
+        return nearest_captions(model_dir, features, rows, bank_split=cfg.run.train_split, threads=1,
+                                min_confidence=cfg.model.ac_min_confidence, bank_exclude=bank_exclude)
+
+    @ray.remote(num_cpus=0)
+    def merge_task(*parts: dict) -> dict:
+        return merge_captions(parts)
+
+    train_rows = splits[cfg.run.train_split]
+    other_rows_ref = ray.put(splits[cfg.run.val_split] + splits[test_split])
+
+    def _fold_caption_tasks(seed: int) -> list:
+        """Cross-fitting: per fold, the caption variant trained on the other folds' training clips captions the
+        fold's clips from a bank of the other folds' clips, so no training clip is captioned by a model or bank
+        that saw it (as no test clip is)."""
+        fold = caption_folds([r["audio_id"] for r in train_rows], ac_folds, seed)
+        ccfg = variant_config(cfg, VARIANTS[caption_variant], seed)
+        tasks = []
+        for f in range(int(ac_folds)):
+            inside = [r for r in train_rows if fold[r["audio_id"]] == f]
+            rest = ray.put([r for r in train_rows if fold[r["audio_id"]] != f])
+            fold_dir = out / "caption_models" / f"{caption_variant}_seed{seed}_fold{f}of{ac_folds}"
+            trained_f = train_task.remote(ccfg.to_dict(), rest, val_ref, test_ref, None, str(fold_dir))
+            tasks.append(caption_task.remote(trained_f, str(fold_dir), inside, [r["audio_id"] for r in inside]))
+        return tasks
 
     results: dict[tuple[str, int], dict] = {}
     pending: dict[Any, tuple[str, int, Path, dict]] = {}
@@ -319,7 +380,8 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
             cap_path = out / "captions" / f"seed{seed}.json"
             cap_source = {"captioner": "nearest", "model_variant": cv.name, "seed": seed,
                           "model_config_key": config_key(ccfg, {"data": fingerprint}),
-                          "bank_split": cfg.run.train_split, "model_dir": str(model_dir)}
+                          "bank_split": cfg.run.train_split, "model_dir": str(model_dir),
+                          **({"folds": int(ac_folds)} if ac_folds > 1 else {})}
             cached = _load_done(cap_path, config_key(ccfg, {"data": fingerprint, "captions": cap_source}))
             if resume and cached is not None:
                 caption_ref = ray.put(cached)
@@ -333,7 +395,11 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
                     trained = train_task.remote(ccfg.to_dict(), train_ref, val_ref, test_ref, None, str(model_dir))
                     if cv in chosen:  # its numbers are also the table's row for this variant
                         pending[trained] = (cv.name, seed, cres, {"key": key, "config": ccfg.to_dict()})
-                caption_ref = caption_task.remote(trained, str(model_dir), all_rows_ref)
+                if ac_folds > 1:
+                    caption_ref = merge_task.remote(caption_task.remote(trained, str(model_dir), other_rows_ref),
+                                                    *_fold_caption_tasks(seed))
+                else:
+                    caption_ref = caption_task.remote(trained, str(model_dir), all_rows_ref)
                 pending[caption_ref] = ("__captions__", seed, cap_path,
                                         {"key": config_key(ccfg, {"data": fingerprint, "captions": cap_source}),
                                          **cap_source})

@@ -122,6 +122,40 @@ def nearest_bank(model: str, params: dict[str, Any], pipeline, progress: bool = 
     return ray.put(NearestBank.from_tables(tables, mel_config=features_audio_config(features)))
 
 
+def quality_of(out: Path, records) -> dict[str, dict]:
+    """Caption quality of a finished output against the records' own captions, per split
+    (:func:`hci_atr.metrics.caption_quality`: word F1, and per confidence quartile where the backend gives one)."""
+    import pyarrow.parquet as pq
+
+    from hci_atr.metrics import caption_quality
+
+    refs = {r.audio_id: (r.split, r.captions) for r in records}
+    rows = []
+    for f in sorted(Path(out).glob("part-*.parquet")):
+        has_conf = "confidence" in pq.read_schema(f).names  # shards written before the column: unknown
+        t = pq.read_table(f, columns=["audio_id", "generated_caption"] + ["confidence"] * has_conf).to_pydict()
+        confs = t["confidence"] if has_conf else [None] * len(t["audio_id"])
+        for aid, gen, conf in zip(t["audio_id"], t["generated_caption"], confs):
+            if aid in refs:
+                rows.append((refs[aid][0], gen, refs[aid][1], conf))
+    return caption_quality(rows)
+
+
+def format_quality(quality: dict[str, dict]) -> str:
+    """One line: word F1 per split, and the test (else last) split's F1 per confidence quartile when known."""
+    if not quality:
+        return "caption quality: no captioned clip with reference captions"
+    line = "caption quality (word F1 vs the clip's own captions): " + ", ".join(
+        f"{s} {q['word_f1']:.3f} (n={q['n']})" for s, q in quality.items())
+    split = "test" if "test" in quality else list(quality)[-1]
+    quart = quality[split].get("by_confidence")
+    if quart:
+        line += (f"; {split} by confidence quartile (low -> high): "
+                 + " / ".join(f"{b['word_f1']:.3f}" for b in quart)
+                 + f" (confidence {quart[0]['min']:.2f}-{quart[-1]['max']:.2f})")
+    return line
+
+
 def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: str, model: str | None = None,
                 params: dict[str, Any] | None = None, cfg: Settings | None = None, fmt: str = "auto",
                 splits: Iterable[str] | None = None, seed: int = 0, progress: bool = True) -> dict:
@@ -157,7 +191,7 @@ def caption_all(data: str | os.PathLike, out: str | os.PathLike, *, captioner: s
                 ctor["bank"] = nearest_bank(model, params, p, progress=progress)
                 extra_seconds["bank_seconds"] = round(time.perf_counter() - t_bank, 3)
             map_pending(records, output, cls, ctor, p, batch_format="numpy", progress=progress)
-        manifest = output.finish()
+        manifest = output.finish({"quality": quality_of(output.dir, records)})
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     manifest.update(extra_seconds)
     manifest["computed_shards"] = len(output.pending)

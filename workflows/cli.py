@@ -124,7 +124,7 @@ def caption_all_cmd(ctx, data, fmt, out, splits, num_workers, batch_size, gpus_p
     _submit_if_cluster(ctx, cluster)
     import yaml
 
-    from workflows.caption import caption_all
+    from workflows.caption import caption_all, format_quality
 
     kv = {}
     for item in params:
@@ -139,6 +139,7 @@ def caption_all_cmd(ctx, data, fmt, out, splits, num_workers, batch_size, gpus_p
                     splits=_split_list(splits), seed=seed)
     click.echo(f"captions: {m['rows']} rows, {m['failed']} failed, {m['shards']} shards "
                f"({m['computed_shards']} computed) -> {out}")
+    click.echo(format_quality(m.get("quality") or {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,6 +382,9 @@ def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, track
               help="Any config override for every variant, repeatable (e.g. --set model.segment_size=4).")
 @click.option("--caption-variant", default="clip", show_default=True,
               help="Variant whose model (same seed, trained on the training split) writes the auxiliary captions.")
+@click.option("--ac-folds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cross-fit the training clips' auxiliary captions over K folds (K more caption-model trainings "
+                   "per seed); 1: one caption model for every clip.")
 @click.option("--test-split", default="test", show_default=True)
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI [$MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
 @click.option("--experiment", default="hci-atr-ablation", show_default=True)
@@ -389,8 +393,8 @@ def demo_cmd(workdir, quick, size, epochs, num_workers, seed, config_path, track
 @click.option("--publish", default=None, type=click.Path(file_okay=False),
               help="Also copy table.md, table.csv and ablation.png into this folder (e.g. bench/results).")
 def ablate_cmd(preset, out_dir, data, fmt, size, pairs_in_split, pairs_file, duration, config_path, variants, seeds,
-               epochs, batch_size, lr, temperature, audio_width, sets, caption_variant, test_split, tracking_uri,
-               experiment, no_mlflow, no_resume, publish) -> None:
+               epochs, batch_size, lr, temperature, audio_width, sets, caption_variant, ac_folds, test_split,
+               tracking_uri, experiment, no_mlflow, no_resume, publish) -> None:
     """Train and evaluate every ablation variant x seed as Ray tasks; table (mean ± std, paired differences to the
     first variant with 95 % bootstrap intervals, pair accuracy per type) + plot + MLflow."""
     import shlex
@@ -421,7 +425,8 @@ def ablate_cmd(preset, out_dir, data, fmt, size, pairs_in_split, pairs_file, dur
         out_dir or ("hci_atr_runs/ablation" + (f"-{preset}" if preset else "")), cfg=cfg, data=data, fmt=fmt,
         demo_size=size or (p.demo_size if p else 240), variants=variants or (p.variants if p else None),
         demo_pairs_in_split=bool(pairs_in_split or (p.pairs_in_split if p else False)), pairs_file=pairs_file,
-        seeds=seed_list, caption_variant=caption_variant, test_split=test_split, tracking_uri=tracking_uri,
+        seeds=seed_list, caption_variant=caption_variant, ac_folds=ac_folds, test_split=test_split,
+        tracking_uri=tracking_uri,
         experiment=experiment, log_mlflow=not no_mlflow, resume=not no_resume,
         command="hci-atr " + shlex.join(click.get_current_context().find_root().obj.get("argv") or ["ablate"]),
         echo=click.echo)

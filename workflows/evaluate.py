@@ -116,7 +116,7 @@ def evaluate(model_ref: str | os.PathLike, features_dir: str | os.PathLike, spli
         raise ConfigError(f"{model_ref}: the model uses auxiliary captions (ac_fusion/ac_branch); pass --captions DIR "
                           "with the generated captions of this split")
     check_features_match(features_dir, mcfg.audio, who=f"the model {model_ref}")
-    rows = read_split_rows(features_dir, split, read_captions(captions_dir))
+    rows = read_split_rows(features_dir, split, read_captions(captions_dir, mcfg.model.ac_min_confidence))
     if not rows:
         raise ConfigError(f"{features_dir}: no rows with split '{split}'; pick one of the extracted splits")
     pairs = read_pairs(pairs_file, [str(r["audio_id"]) for r in rows]) if pairs_file else None  # fail before embedding

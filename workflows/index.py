@@ -95,11 +95,12 @@ class IndexEmbedder:
 
 def collect_items(data: str | os.PathLike | None = None, audio_dir: str | os.PathLike | None = None,
                   captions: str | os.PathLike | None = None, fmt: str = "auto",
-                  splits: Iterable[str] | None = None) -> list[IndexItem]:
-    """The clips to index: a dataset (any reader) or a folder of audio files, with generated captions joined."""
+                  splits: Iterable[str] | None = None, min_confidence: float | None = None) -> list[IndexItem]:
+    """The clips to index: a dataset (any reader) or a folder of audio files, with generated captions joined (those
+    the model trusts: ``min_confidence``, its ``model.ac_min_confidence``)."""
     if (data is None) == (audio_dir is None):
         raise DataError("index: pass exactly one of --data (a dataset) or --audio-dir (a folder of audio files)")
-    generated = read_captions(captions)
+    generated = read_captions(captions, min_confidence)
     if data is not None:
         from hci_atr.data.formats import read_dataset
 
@@ -146,11 +147,11 @@ def build_index(model_dir: str | os.PathLike, out: str | os.PathLike, *, data: s
     cfg = cfg or Settings()
     p = dataclasses.replace(cfg.pipeline, num_workers=int(num_workers or cfg.pipeline.num_workers),
                             batch_size=int(batch_size or cfg.pipeline.batch_size))
-    items = collect_items(data, audio_dir, captions, fmt, splits)
     # driver copy (caption embeddings, config, weights hash), loaded first: a bad model dir fails here in one line,
     # before any actor tries (and retries) to load it
     model_path = str(Path(model_dir).resolve())
     model = HciAtrModel.from_pretrained(model_path).eval()
+    items = collect_items(data, audio_dir, captions, fmt, splits, model.cfg.model.ac_min_confidence)
     t0 = time.perf_counter()
     writer = IndexWriter(out, model, model_dir=model_path, unit_dtype=cfg.serve.index_unit_dtype)
     try:

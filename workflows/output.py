@@ -355,8 +355,9 @@ class ShardedOutput:
                 f"more than pipeline.max_failure_rate={self.max_failure_rate:g}; stopped. See "
                 f"{self.dir / ERRORS_FILE} (first: {first_id}: {first_reason}); fix the inputs and re-run to resume")
 
-    def finish(self) -> dict:
-        """Check every shard is on disk, then write the ``_SUCCESS`` manifest (last) and return it."""
+    def finish(self, report: dict | None = None) -> dict:
+        """Check every shard is on disk, then write the ``_SUCCESS`` manifest (last; ``report``: what the stage
+        measured of its own output, e.g. caption quality) and return it."""
         missing = [s.file_name for s in self.shards if not (self.dir / s.file_name).exists()]
         if missing:
             raise RuntimeError(f"{self.dir}: {len(missing)} shards missing after the run (first: {missing[0]})")
@@ -364,7 +365,7 @@ class ShardedOutput:
         manifest = {"stage": self.stage, "rows": rows, "failed": self.failed, "total": self.total,
                     "shards": len(self.shards), "fingerprint": plan_fingerprint(self.shards),
                     "identity": self.identity, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    **self.extra_manifest}
+                    **self.extra_manifest, **(report or {})}
         if rows + self.failed != self.total:
             raise RuntimeError(f"{self.dir}: {rows} rows + {self.failed} failures != {self.total} inputs")
         atomic_write_text(self.dir / SUCCESS_FILE, json.dumps(manifest, indent=1))

@@ -284,8 +284,13 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     if counts[cfg.run.train_split] < tc.batch_size * cfg.run.num_workers:
         raise ConfigError(f"{features_dir}: {counts[cfg.run.train_split]} training rows cannot fill one batch of "
                           f"{tc.batch_size} on each of {cfg.run.num_workers} workers; lower --batch-size")
-    captions = read_captions(captions_dir)
-    if (cfg.model.ac_fusion or cfg.model.ac_branch or cfg.model.ac_augment) and not captions:
+    captions = read_captions(captions_dir, cfg.model.ac_min_confidence)
+    uses_ac = cfg.model.ac_fusion or cfg.model.ac_branch or cfg.model.ac_augment
+    if uses_ac and captions_dir and not captions and read_captions(captions_dir):
+        raise ConfigError(f"{captions_dir}: every generated caption is below model.ac_min_confidence="
+                          f"{cfg.model.ac_min_confidence:g}; lower it (caption-all prints caption quality per "
+                          f"confidence quartile) or leave it unset")
+    if uses_ac and not captions:
         raise ConfigError("auxiliary captions are switched on (--ac / --ac-fusion / --ac-branch / --ac-augment) but "
                           "no --captions directory was given; run `hci-atr caption-all` and pass --captions DIR")
     if cfg.run.shuffle not in SHUFFLES:

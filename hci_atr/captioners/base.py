@@ -14,7 +14,10 @@ run any of them as an actor pool with ``ds.map_batches(Cls, fn_constructor_kwarg
   ``audio_id, audio_path, video_path (None/"" when absent), start_time (float, NaN when unknown), split, captions``
   to the columns :data:`OUTPUT_COLUMNS`. A per-row failure never raises: that row gets ``generated_caption=""`` and
   a one-line ``error``; the other rows of the batch are still captioned. ``seconds`` is the row's own decode time
-  plus an equal share of the batched model time.
+  plus an equal share of the batched model time. ``confidence`` is the backend's own measure of how much the
+  caption can be trusted (``nearest``: the cosine of the clip and the training clip it borrowed from), NaN where
+  the backend has none; ``model.ac_min_confidence`` ignores captions below a threshold
+  (:func:`hci_atr.data.shards.read_captions`).
 
 Backends, each in its own module and imported only when asked for by name (:func:`captioner_class`):
 ``blip`` (video frames, :mod:`hci_atr.captioners.blip`), ``audio`` (audio-to-text seq2seq,
@@ -30,22 +33,27 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from hci_atr.data.text import normalize_caption  # noqa: F401 - the backends' deduplication key, re-exported
 from hci_atr.errors import CaptionerError, one_line
 
-OUTPUT_COLUMNS = ("audio_id", "generated_caption", "captioner", "model", "params", "seconds", "error")
+OUTPUT_COLUMNS = ("audio_id", "generated_caption", "captioner", "model", "params", "seconds", "confidence", "error")
+
+
+class CaptionRow(NamedTuple):
+    """What a backend's :meth:`Captioner.caption_rows` gives per row."""
+
+    caption: str
+    error: str
+    seconds: float
+    confidence: float | None = None  # None: the backend has no measure
 MERGE_RULES = ("join", "most_frequent")
 
 
 # -- caption text -------------------------------------------------------------------------------------------------
-
-
-def normalize_caption(text: str) -> str:
-    """Lower-case, collapse whitespace, strip trailing punctuation: the key used to deduplicate captions."""
-    return " ".join(str(text).lower().split()).strip(" .;,")
 
 
 def merge_captions(captions: Sequence[str], rule: str = "join") -> str:
@@ -231,20 +239,23 @@ class Captioner:
         """The effective parameters as sorted JSON (the ``params`` column; file paths as given)."""
         return json.dumps(self.params, sort_keys=True, default=str)
 
-    def caption_rows(self, batch: dict[str, Any], n: int) -> list[tuple[str, str, float]]:
+    def caption_rows(self, batch: dict[str, Any], n: int) -> list[CaptionRow]:
+        """One :class:`CaptionRow` (or a ``(caption, error, seconds)`` tuple) per row; never raises for a row."""
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         n = batch_len(batch)
-        rows = self.caption_rows(batch, n) if n else []
+        rows = [CaptionRow(*r) for r in self.caption_rows(batch, n)] if n else []
         return {
             "audio_id": np.array([str(a) for a in column(batch, "audio_id", n)], dtype=object),
             "generated_caption": np.array([r[0] for r in rows], dtype=object),
             "captioner": np.array([self.name] * n, dtype=object),
             "model": np.array([self.model_ref] * n, dtype=object),
             "params": np.array([self.params_json] * n, dtype=object),
-            "seconds": np.array([r[2] for r in rows], dtype=np.float32),
-            "error": np.array([r[1] for r in rows], dtype=object),
+            "seconds": np.array([r.seconds for r in rows], dtype=np.float32),
+            "confidence": np.array([math.nan if r.confidence is None else r.confidence for r in rows],
+                                   dtype=np.float32),
+            "error": np.array([r.error for r in rows], dtype=object),
         }
 
 

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hci_atr.captioners.base import Captioner, cell_text, column, decode_rows, normalize_caption, torch_device
+from hci_atr.captioners.base import CaptionRow, Captioner, cell_text, column, decode_rows, normalize_caption, torch_device
 from hci_atr.data.audio import clip_features
 from hci_atr.data.shards import audio_config_dict, bank_rows, features_audio_config, read_bank
 from hci_atr.errors import CaptionerError, DataError, HciAtrError, one_line
@@ -58,6 +58,16 @@ class NearestBank:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def without(self, audio_ids) -> "NearestBank":
+        """The bank minus the clips ``audio_ids`` (cross-fitting: a fold is captioned from the other folds only)."""
+        drop = set(audio_ids)
+        keep = [i for i, a in enumerate(self.ids) if a not in drop]
+        counts = [len(c) for c in self.captions]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        text_rows = [k for i in keep for k in range(starts[i], starts[i + 1])]
+        return NearestBank([self.ids[i] for i in keep], [self.captions[i] for i in keep], self.audio[keep],
+                           self.text[text_rows], [self.paths[i] for i in keep], self.mel_config)
 
     def to_table(self):
         """As a pyarrow table, one row per clip: the :data:`COLUMNS`; ``text_embedding`` holds the clip's captions'
@@ -219,6 +229,11 @@ class NearestCaptioner(Captioner):
                 raise CaptionerError(f"captioner 'nearest': {e}") from None
             bank = _embed_bank(self.model, ids, paths, captions, mels, int(self.params["embed_batch_size"]),
                                features_audio_config(features))
+        self.use_bank(bank)
+
+    def use_bank(self, bank: NearestBank) -> None:
+        """Caption from ``bank`` from now on (e.g. ``captioner.use_bank(captioner.bank.without(fold_ids))``)."""
+        self.bank = bank
         # a query clip that is a bank clip (same id, same file) has the bank's mel when the front ends agree: its
         # embedding is the bank's row, no need to decode and embed it again
         self.reuse = (bool(self.params["reuse_bank_embeddings"]) and bank.mel_config is not None
@@ -251,7 +266,7 @@ class NearestCaptioner(Captioner):
         for k, i in enumerate(todo):
             mels[i], errors[i], seconds[i] = decoded[k], errs[k], secs[k]
         ok = [i for i in range(n) if not errors[i]]
-        captions = [""] * n
+        captions, confidence = [""] * n, [None] * n
         if ok:
             t0 = time.perf_counter()
             try:
@@ -267,17 +282,20 @@ class NearestCaptioner(Captioner):
                 sim_audio = (query @ self.bank_audio.T).numpy()  # [B, N] clip-level audio-audio cosine
                 sim_text = (query @ self.bank_text.T).numpy()  # [B, C] audio-caption cosine
                 for row, i in enumerate(ok):
-                    captions[i], errors[i] = self._pick(ids[i], own[i], sim_audio[row], sim_text[row])
+                    captions[i], errors[i], confidence[i] = self._pick(ids[i], own[i], sim_audio[row],
+                                                                       sim_text[row])
             except Exception as e:  # noqa: BLE001
                 for i in ok:
                     errors[i] = f"caption lookup failed: {one_line(e)}"
             share = (time.perf_counter() - t0) / len(ok)
             for i in ok:
                 seconds[i] += share
-        return [(captions[i], errors[i], seconds[i]) for i in range(n)]
+        return [CaptionRow(captions[i], errors[i], seconds[i], confidence[i]) for i in range(n)]
 
-    def _pick(self, audio_id: str, own_captions: Any, sim_audio: np.ndarray, sim_text: np.ndarray) -> tuple[str, str]:
-        """The caption for one clip: nearest training clip (not itself), then its caption closest to the audio."""
+    def _pick(self, audio_id: str, own_captions: Any, sim_audio: np.ndarray, sim_text: np.ndarray
+              ) -> tuple[str, str, float | None]:
+        """The caption for one clip: nearest training clip (not itself), then its caption closest to the audio.
+        ``(caption, error, confidence)``; the confidence is the clip-level cosine of the clip and that neighbour."""
         own_set = set()
         if self.params["exclude_own_captions"] and own_captions is not None and not isinstance(own_captions, float):
             own_set = {normalize_caption(c) for c in list(own_captions) if c is not None}
@@ -290,5 +308,5 @@ class NearestCaptioner(Captioner):
                 continue
             cap_index = np.flatnonzero(self.caption_owner == j)
             best = max(allowed, key=lambda k: sim_text[cap_index[k]])
-            return self.bank_captions[j][best], ""
-        return "", "no training clip other than this one has a usable caption"
+            return self.bank_captions[j][best], "", float(sim_audio[j])
+        return "", "no training clip other than this one has a usable caption", None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ CAPTION_SCHEMA = pa.schema([
     ("model", pa.string()),
     ("params", pa.string()),  # JSON
     ("seconds", pa.float32()),
+    ("confidence", pa.float32()),  # the captioner's own trust in the caption; NaN: none (hci_atr.captioners.base)
 ])
 
 
@@ -197,9 +199,12 @@ def read_bank(path: str | os.PathLike, split: str) -> tuple[list[str], list[str]
 # -- generated captions -------------------------------------------------------------------------------------------
 
 
-def read_captions(captions_dir: str | os.PathLike | None) -> dict[str, str]:
+def read_captions(captions_dir: str | os.PathLike | None, min_confidence: float | None = None) -> dict[str, str]:
     """audio_id -> generated caption from a ``caption-all`` output directory (or one parquet file of it);
-    {} when ``captions_dir`` is None. Empty captions are left out (the clip then has AC masked out)."""
+    {} when ``captions_dir`` is None. Empty captions are left out (the clip then has AC masked out), and so are
+    captions whose captioner ``confidence`` is below ``min_confidence`` (``model.ac_min_confidence``): a poor
+    caption is ignored rather than trusted. A caption without a confidence (NaN, or shards written before the
+    column) is kept."""
     if not captions_dir:
         return {}
     import pyarrow.parquet as pq
@@ -214,7 +219,9 @@ def read_captions(captions_dir: str | os.PathLike | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in files:
         try:
-            t = pq.read_table(f, columns=["audio_id", "generated_caption"])
+            names = pq.read_schema(f).names
+            cols = ["audio_id", "generated_caption"] + (["confidence"] if "confidence" in names else [])
+            t = pq.read_table(f, columns=cols)
         except (KeyError, ValueError, pa.ArrowInvalid) as e:
             if "generated_caption" in str(e) or "audio_id" in str(e) or isinstance(e, KeyError):
                 raise DataError(f"{f}: missing column 'audio_id' or 'generated_caption' (expected the caption-all "
@@ -222,10 +229,19 @@ def read_captions(captions_dir: str | os.PathLike | None) -> dict[str, str]:
             raise DataError(f"{f}: not a readable parquet file ({one_line(e)[:120]})") from None
         except OSError as e:
             raise DataError(f"{f}: not a readable parquet file ({one_line(e)[:120]})") from None
-        for aid, cap in zip(t.column("audio_id").to_pylist(), t.column("generated_caption").to_pylist()):
-            if aid is not None and cap:
+        conf = t.column("confidence").to_pylist() if "confidence" in t.column_names else [None] * t.num_rows
+        for aid, cap, c in zip(t.column("audio_id").to_pylist(), t.column("generated_caption").to_pylist(), conf):
+            if aid is not None and cap and trusted(c, min_confidence):
                 out[aid] = cap
     return out
+
+
+def trusted(confidence: float | None, min_confidence: float | None) -> bool:
+    """Whether a generated caption with ``confidence`` passes ``model.ac_min_confidence`` (None: every caption
+    does; an unknown confidence, None or NaN, always does)."""
+    if min_confidence is None or confidence is None or math.isnan(confidence):
+        return True
+    return confidence >= min_confidence
 
 
 # -- front end agreement ------------------------------------------------------------------------------------------

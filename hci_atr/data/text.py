@@ -90,9 +90,10 @@ def split_words(text: str, refine: Callable[[str], list[str]] | None = None) -> 
     return words, breaks
 
 
-def words_of(text: str) -> list[str]:
-    """Just the words of ``text`` (see :func:`split_words`)."""
-    return split_words(text)[0]
+def normalize_caption(text: str) -> str:
+    """Lower-case, collapse whitespace, strip trailing punctuation: when two captions are the same text (the
+    captioners deduplicate by it; training counts identical texts as positives of every clip that owns one)."""
+    return " ".join(str(text).lower().split()).strip(" .;,")
 
 
 def check_query(query: object, max_chars: int | None = None) -> str:

@@ -327,17 +327,22 @@ class HciAtrModel(nn.Module):
             else:
                 cap, has = a.aux_sentence, a.aux_mask
             levels["ac_branch"] = branch_similarity(t.sentence, cap, has)
+        return Scores(levels, self.fuse_levels(levels))
+
+    def fuse_levels(self, levels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The fused score of level score matrices (``model.fusion``: weighted sum, or calibrated by the levels'
+        temperatures)."""
         if self.cfg.model.fusion == "calibrated":
-            fused = calibrated_fuse(levels, self.level_weights(), {n: self.temps.tau(n) for n in levels})
-        else:
-            fused = fuse(levels, self.level_weights())
-        return Scores(levels, fused)
+            return calibrated_fuse(levels, self.level_weights(), {n: self.temps.tau(n) for n in levels})
+        return fuse(levels, self.level_weights())
 
     # -- training forward -----------------------------------------------------------------------------------------
     def forward(self, mel: torch.Tensor, mel_mask: torch.Tensor, text: TextBatch, audio_keys: torch.Tensor,
                 text_keys: torch.Tensor, pair_weight: torch.Tensor | None = None, aux: TextBatch | None = None,
                 aux_mask: torch.Tensor | None = None, gather: Gather | None = None, hard_text: TextBatch | None = None,
-                hard_source: torch.Tensor | None = None) -> LossOutput:
+                hard_source: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+                audio_text_ids: torch.Tensor | None = None, text_generated: torch.Tensor | None = None
+                ) -> LossOutput:
         """Contrastive losses of a batch (a DDP-wrapped model calls this through ``__call__``).
 
         mel [B_a, T, M], mel_mask [B_a, T]; text: B_t captions; audio_keys [B_a], text_keys [B_t] (float64 clip
@@ -353,6 +358,13 @@ class HciAtrModel(nn.Module):
         (:func:`hci_atr.losses.hard_negative_loss`); they never enter the contrastive loss, are never gathered
         and are nobody's positive. ``losses["hard"]`` is the term (0 for a batch without any), and ``total`` gains
         ``model.hard_negative_weight * hard``.
+
+        Identical texts (:func:`hci_atr.losses.positives_mask`): ``text_ids`` [B_t] (float64 identity of each text's
+        normalised words) and ``audio_text_ids`` [B_a, K] (those of the texts each clip owns, NaN padding): a text is
+        a positive of every clip that owns the same text, never a negative of it. ``text_generated`` [B_t] bool
+        marks the generated captions that ``ac_augment`` adds: the AC branch compares a query with the clip's
+        generated caption, so for those texts it would compare the caption with itself (cosine 1): their branch
+        score is 0 and the branch level's loss leaves them out.
         """
         a = self.encode_audio(mel, mel_mask, aux, aux_mask)
         t = self.encode_text(text)
@@ -360,9 +372,17 @@ class HciAtrModel(nn.Module):
             pair_weight = torch.ones(len(t), device=t.sentence.device)
         t_local, weight_local, keys_local = t, pair_weight, text_keys
         if gather is not None:
-            t, pair_weight, text_keys = _gather_text(t, pair_weight, text_keys, gather)
+            t, pair_weight, text_keys, text_ids, text_generated = _gather_text(t, pair_weight, text_keys, gather,
+                                                                              text_ids, text_generated)
         scores = self.score(a, t)
-        pos = positives_mask(audio_keys, text_keys)
+        pos = positives_mask(audio_keys, text_keys, audio_text_ids, text_ids)
+        level_weight: torch.Tensor | dict[str, torch.Tensor] = pair_weight
+        if "ac_branch" in scores.levels and text_generated is not None and bool(text_generated.any()):
+            gen = text_generated.to(device=pair_weight.device, dtype=torch.bool)
+            branch = scores.levels["ac_branch"].masked_fill(gen[None, :], 0.0)
+            scores = Scores({**scores.levels, "ac_branch": branch}, self.fuse_levels({**scores.levels,
+                                                                                      "ac_branch": branch}))
+            level_weight = {"*": pair_weight, "ac_branch": pair_weight * (~gen).to(pair_weight.dtype)}
         levels = dict(scores.levels)
         weights: dict[str, float | torch.Tensor] = {
             n: float(self.cfg.model.level_weights[LEVELS.index(n)]) for n in self.enabled_levels}
@@ -371,7 +391,7 @@ class HciAtrModel(nn.Module):
         if self.cfg.model.learn_level_weights:  # the learnt mixture is trained through the fused score
             levels["fused"] = scores.fused
             weights["fused"] = 1.0
-        losses = hierarchical_loss(levels, pos, self.temps, weights, pair_weight, gather, taus=self.fused_taus())
+        losses = hierarchical_loss(levels, pos, self.temps, weights, level_weight, gather, taus=self.fused_taus())
         if self.hard_negatives_on:
             local = scores if gather is None else self.score(a, t_local)
             hard = self._hard_loss(a, local, audio_keys, keys_local, weight_local, hard_text, hard_source, weights)
@@ -498,12 +518,18 @@ def _join_key(halves: torch.Tensor) -> torch.Tensor:
     return h[:, 0] * _KEY_HALF + h[:, 1]
 
 
-def _gather_text(t: TextEmbeddings, pair_weight: torch.Tensor, keys: torch.Tensor, gather: Gather
-                 ) -> tuple[TextEmbeddings, torch.Tensor, torch.Tensor]:
-    """Every worker's texts (embeddings, masks, concurrent phrases, pair weights, clip keys) in rank order: one
-    collective."""
+def _gather_text(t: TextEmbeddings, pair_weight: torch.Tensor, keys: torch.Tensor, gather: Gather,
+                 text_ids: torch.Tensor | None = None, generated: torch.Tensor | None = None
+                 ) -> tuple[TextEmbeddings, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Every worker's texts (embeddings, masks, concurrent phrases, pair weights, clip keys, and when given the
+    texts' identities and generated flags) in rank order: one collective."""
     parts = [t.sentence, t.phrases, t.phrase_mask.to(torch.bool), t.words, t.word_mask.to(torch.bool)]
     if t.phrase_concurrent is not None:
         parts.append(t.phrase_concurrent.to(torch.bool))
-    *fields, weight, halves = _gather_packed(gather, parts + [pair_weight, _split_key(keys)])
-    return TextEmbeddings(*fields), weight, _join_key(halves)
+    extra = ([_split_key(text_ids)] if text_ids is not None else []) + \
+        ([generated.to(torch.bool)] if generated is not None else [])
+    out = _gather_packed(gather, parts + [pair_weight, _split_key(keys)] + extra)
+    fields, (weight, halves), rest = out[:len(parts)], out[len(parts):len(parts) + 2], out[len(parts) + 2:]
+    ids = _join_key(rest.pop(0)) if text_ids is not None else None
+    gen = rest.pop(0) if generated is not None else None
+    return TextEmbeddings(*fields), weight, _join_key(halves), ids, gen

@@ -12,6 +12,7 @@ model's hard negatives on, a training batch also carries the hard-negative capti
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
@@ -21,6 +22,7 @@ import torch
 from hci_atr.config import Config
 from hci_atr.data.audio import crop_frames, n_frames
 from hci_atr.data.negatives import hard_negative_texts
+from hci_atr.data.text import normalize_caption
 from hci_atr.data.shards import row_mel, table_to_rows
 from hci_atr.errors import DataError
 from hci_atr.models.model import HciAtrModel
@@ -32,6 +34,12 @@ def audio_key(audio_id: str) -> float:
     return float(int.from_bytes(hashlib.blake2b(str(audio_id).encode(), digest_size=6).digest(), "big"))
 
 
+def text_key(text: str) -> float:
+    """A float64-exact (48-bit) identity for a caption's text (:func:`hci_atr.data.text.normalize_caption`): two
+    captions with the same key are the same text."""
+    return audio_key("text:" + normalize_caption(text))
+
+
 @dataclass
 class Batch:
     """One training/eval batch.
@@ -40,7 +48,10 @@ class Batch:
     pair_weight [B_t] (1 real caption, ac_augment_weight generated caption, 0 placeholder); aux: generated captions
     (one per clip) + aux_mask [B_a], or None; audio_ids [B_a]; text_to_audio [B_t] (row index of each text);
     hard_text: K hard-negative captions and hard_source [K] (long: the index in ``text`` of the real caption each
-    was built from), or None (evaluation, hard negatives off, or none in this batch).
+    was built from), or None (evaluation, hard negatives off, or none in this batch). Training batches also carry
+    text_ids [B_t] (:func:`text_key` of each text), audio_text_ids [B_a, K] (those of every text a clip owns: its
+    captions and, with ``ac_augment``, its generated one; NaN padding) and text_generated [B_t] (the generated
+    captions ``ac_augment`` added), see :meth:`hci_atr.models.model.HciAtrModel.forward`.
     """
 
     mel: torch.Tensor
@@ -55,11 +66,15 @@ class Batch:
     text_to_audio: torch.Tensor
     hard_text: TextBatch | None = None
     hard_source: torch.Tensor | None = None
+    text_ids: torch.Tensor | None = None
+    audio_text_ids: torch.Tensor | None = None
+    text_generated: torch.Tensor | None = None
 
     def forward_kwargs(self) -> dict:
         return dict(mel=self.mel, mel_mask=self.mel_mask, text=self.text, audio_keys=self.audio_keys,
                     text_keys=self.text_keys, pair_weight=self.pair_weight, aux=self.aux, aux_mask=self.aux_mask,
-                    hard_text=self.hard_text, hard_source=self.hard_source)
+                    hard_text=self.hard_text, hard_source=self.hard_source, text_ids=self.text_ids,
+                    audio_text_ids=self.audio_text_ids, text_generated=self.text_generated)
 
 
 class Rows(Protocol):
@@ -144,12 +159,15 @@ def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
     keys = torch.tensor([audio_key(i) for i in ids], dtype=torch.float64)
     text_keys, weights, t2a = keys.clone(), torch.ones(len(rows)), torch.arange(len(rows))
     gens = [generated_caption(r) for r in rows]
-    if train and cfg.model.ac_augment:
+    generated = torch.zeros(len(rows), dtype=torch.bool)
+    augment = train and cfg.model.ac_augment
+    if augment:
         has = torch.tensor([bool(g) for g in gens])
         texts = texts + gens
         text_keys = torch.cat([keys, keys])
         weights = torch.cat([weights, has.float() * cfg.model.ac_augment_weight])
         t2a = torch.cat([t2a, t2a])
+        generated = torch.cat([generated, has])
     pad = cfg.model.max_words if train else None
     text = core.tokenize(texts, pad_words_to=pad)
     aux = aux_mask = None
@@ -164,8 +182,17 @@ def make_batch(rows: list[dict], cfg: Config, model: HciAtrModel, train: bool,
         if negs:  # never gathered: no fixed width needed
             hard_text = core.tokenize(negs)
             hard_source = torch.tensor(source, dtype=torch.long, device=dev)
+    text_ids = audio_text_ids = text_generated = None
+    if train:
+        text_ids = torch.tensor([text_key(x) if x else math.nan for x in texts], dtype=torch.float64, device=dev)
+        owned = [[text_key(c) for c in caps] + ([text_key(g)] if augment and g else []) for caps, g in zip(owns, gens)]
+        width = max(len(o) for o in owned)
+        audio_text_ids = torch.tensor([o + [math.nan] * (width - len(o)) for o in owned], dtype=torch.float64,
+                                      device=dev)
+        text_generated = generated.to(dev)
     return Batch(torch.from_numpy(np.stack(mels)).to(dev), torch.from_numpy(np.stack(masks)).to(dev), text,
-                 keys.to(dev), text_keys.to(dev), weights.to(dev), aux, aux_mask, ids, t2a, hard_text, hard_source)
+                 keys.to(dev), text_keys.to(dev), weights.to(dev), aux, aux_mask, ids, t2a, hard_text, hard_source,
+                 text_ids, audio_text_ids, text_generated)
 
 
 def eval_audio(rows: list[dict], cfg: Config, model: HciAtrModel) -> tuple[torch.Tensor, torch.Tensor]:
