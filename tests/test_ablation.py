@@ -156,9 +156,11 @@ def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
     kw = calls[-1]
     assert kw["demo_size"] == 240 and kw["demo_pairs_in_split"] is False and kw["variants"] is None
     assert kw["cfg"].train.early_stopping_patience == 0 and kw["out_dir"] == "hci_atr_runs/ablation"
-    assert [v.name for v in parse_variants(None)] == list(ablation.DEFAULT_VARIANTS)  # the order variants are opt-in
+    from workflows import variants as defs
+
+    assert [v.name for v in parse_variants(None)] == list(defs.DEFAULT_VARIANTS)  # the order variants are opt-in
     choice = next(o for o in ablate_cmd.params if o.name == "preset").type
-    assert isinstance(choice, click.Choice) and list(choice.choices) == list(ablation.PRESETS)
+    assert isinstance(choice, click.Choice) and list(choice.choices) == list(defs.PRESETS)
 
 
 def test_demo_table_has_pair_accuracy_columns():

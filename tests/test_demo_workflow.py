@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end_and_resumes(ray_session, tmp_path):
         assert metrics["pairs_n"] == n_test
         assert ("pairs_acc" in metrics) == (n_test > 0)
     rows = [ln for ln in out["table"].splitlines() if ln.startswith("| ") and "model" not in ln]
-    assert len(rows) == 3 and rows[0].startswith("| clip-only")
+    assert len(rows) == 3 and rows[0].startswith("| clip only")
     work = tmp_path / "runs"
     for name in ("clip", "hci", "hci_ac"):
         assert (work / "models" / name / "config.yaml").is_file()
