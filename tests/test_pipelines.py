@@ -274,7 +274,8 @@ def test_an_actor_failure_comes_back_as_data_and_raises_on_the_driver_as_the_pro
     records = read_dataset(data)
     items = pa.Table.from_pylist(shard_items(records, plan_shards([r.audio_id for r in records], 5)))
     (tmp_path / "out").mkdir()
-    for exc, cls, text in [(AudioError("clip00: cannot decode\nsecond line"), AudioError, "clip00: cannot decode second line"),
+    for exc, cls, text in [(AudioError("clip00: cannot decode\nsecond line"), AudioError,
+                            "clip00: cannot decode second line"),
                            (KeyError("mel"), RuntimeError, "a pipeline actor failed: KeyError: 'mel'")]:
         worker = ShardWorker(Broken, {"exc": exc}, str(tmp_path / "out"), FEATURE_SCHEMA, 2, "pyarrow")
         got = worker(items)
@@ -356,7 +357,7 @@ def test_caption_all_audio_backend(ray_session, tmp_path):
                     cfg=_cfg(max_failure_rate=0.5), progress=False)
     assert m["rows"] == 5 and m["failed"] == 1
     t = _parts(out)
-    assert t.column_names == ["audio_id", "generated_caption", "captioner", "model", "params", "seconds"]
+    assert t.column_names == ["audio_id", "generated_caption", "captioner", "model", "params", "seconds", "confidence"]
     assert t["audio_id"].to_pylist() == [f"clip{i:02d}" for i in range(5)]
     assert set(t["captioner"].to_pylist()) == {"audio"} and set(t["model"].to_pylist()) == {str(model)}
     assert json.loads(t["params"][0].as_py())["max_new_tokens"] == 5
