@@ -249,7 +249,7 @@ def test_tiny_ablation_end_to_end(ray_session, tmp_path, tiny_text_dir):
 
 
 def test_caption_folds_are_seeded_equal_and_cover_every_clip():
-    from workflows.ablation import caption_folds
+    from workflows.ablation_tasks import caption_folds
 
     ids = [f"c{i:02d}" for i in range(11)]
     f = caption_folds(ids, 3, seed=0)
@@ -263,7 +263,8 @@ def test_cross_fitted_captions_come_from_models_that_never_saw_the_clip(ray_sess
     """--ac-folds 2: two more caption models per seed, each trained on the other fold's training clips; every clip
     is captioned (training clips by their fold's model from the other fold's bank, the rest by the full model)."""
     from hci_atr.data.shards import read_split_rows
-    from workflows.ablation import caption_folds, run_ablation
+    from workflows.ablation import run_ablation
+    from workflows.ablation_tasks import caption_folds
 
     cfg = Settings().override({"model.text_encoder": str(tiny_text_dir), "model.audio_width": 4, "model.embed_dim": 32,
                                "model.max_words": 16, "train.epochs": 1, "train.batch_size": 4,

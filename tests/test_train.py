@@ -351,7 +351,7 @@ def test_one_worker_matches_the_in_process_loop(solo_run, feats, work, tiny_text
     over its Ray Data split) give the same first epoch for the same seed: the same rows in the same order, batches,
     crops, losses and validation."""
     from hci_atr.data.shards import read_split_rows
-    from workflows.ablation import train_and_evaluate
+    from workflows.ablation_tasks import train_and_evaluate
 
     res, _ = solo_run
     rows = {s: read_split_rows(feats, s) for s in ("train", "val", "test")}
