@@ -36,10 +36,10 @@ of its nearest OTHER training clip (leave-one-out; its own reference captions ar
 not get their own caption back and no test caption is ever in the bank or seen by the captioning model.
 The training clips were seen by that model, though, and the test clips were not: their captions are better than a
 test clip's. ``--ac-folds K`` (K > 1) cross-fits them: the training clips are dealt into K seeded folds
-(:func:`workflows.ablation_tasks.caption_folds`); for each fold the caption variant is trained on the other folds alone and captions the
-fold from a bank of the other folds' clips, so every clip, training or test, is captioned by a model and a bank that
-never saw it (validation and test clips keep the model trained on the whole training split). Cost: K more trainings
-of the caption variant per seed.
+(:func:`workflows.ablation_tasks.caption_folds`); for each fold the caption variant is trained on the other folds
+alone and captions the fold from a bank of the other folds' clips, so every clip, training or test, is captioned by
+a model and a bank that never saw it (validation and test clips keep the model trained on the whole training
+split). Cost: K more trainings of the caption variant per seed.
 """
 
 from __future__ import annotations
@@ -211,12 +211,11 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
     train_rows = splits[cfg.run.train_split]
     other_rows_ref = ray.put(splits[cfg.run.val_split] + splits[test_split])
 
-    def _fold_caption_tasks(seed: int) -> list:
+    def _fold_caption_tasks(seed: int, ccfg: Settings) -> list:
         """Cross-fitting: per fold, the caption variant trained on the other folds' training clips captions the
         fold's clips from a bank of the other folds' clips, so no training clip is captioned by a model or bank
         that saw it (as no test clip is)."""
         fold = caption_folds([r["audio_id"] for r in train_rows], ac_folds, seed)
-        ccfg = variant_config(cfg, VARIANTS[caption_variant], seed)
         tasks = []
         for f in range(int(ac_folds)):
             inside = [r for r in train_rows if fold[r["audio_id"]] == f]
@@ -257,7 +256,7 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
                         pending[trained] = (cv.name, seed, cres, {"key": key, "config": ccfg.to_dict()})
                 if ac_folds > 1:
                     caption_ref = merge_task.remote(caption_task.remote(trained, str(model_dir), other_rows_ref),
-                                                    *_fold_caption_tasks(seed))
+                                                    *_fold_caption_tasks(seed, ccfg))
                 else:
                     caption_ref = caption_task.remote(trained, str(model_dir), all_rows_ref)
                 pending[caption_ref] = ("__captions__", seed, cap_path,

@@ -120,9 +120,10 @@ def paired_interval(results: dict[tuple[str, int], dict], base: str, variant: st
 
 def aggregate(results: dict[tuple[str, int], dict], variants: Sequence[Any],
               n_resamples: int = BOOTSTRAP_RESAMPLES) -> list[dict[str, Any]]:
-    """Per variant (:class:`workflows.variants.Variant`s, the first the baseline): mean and sample std (ddof=1; 0 for one seed) of every test metric and pair accuracy over its
-    seeds; the paired difference of T2A R@1 against the first variant (same seeds) as mean ± std over seeds; and,
-    for T2A and A2T R@1, the paired difference over (seed, query) with its 95 % bootstrap interval
+    """Per variant (:class:`workflows.variants.Variant`s, the first the baseline): mean and sample std (ddof=1; 0
+    for one seed) of every test metric and pair accuracy over its seeds; the paired difference of T2A R@1 against
+    the first variant (same seeds) as mean ± std over seeds; and, for T2A and A2T R@1, the paired difference over
+    (seed, query) with its 95 % bootstrap interval
     (:func:`paired_interval`: ``d_<metric>_diff``, ``_lo``, ``_hi``, ``_n`` queries)."""
     out = []
     base = variants[0].name if variants else None

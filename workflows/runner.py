@@ -83,15 +83,11 @@ def project_errors():
     that error alone, so the user reads its one line rather than Ray's traceback; anything else passes unchanged."""
     try:
         yield
-        return
     except Exception as e:  # noqa: BLE001 - re-raised unless it hides a project error
         user = project_error_in(e)
         if user is None or user is e:
             raise
-    # raised outside the except block, so the project error carries no context: Ray's error holds the traceback of
-    # the failed pipeline's frames, and through them its executor's actor handles; Ray Data releases actors by
-    # reference, so while that traceback lived, a pool actor stayed alive holding its CPU
-    raise user from None
+        raise user from None
 
 
 def returns_failures(call: Callable) -> Callable:

@@ -50,6 +50,8 @@ class CaptionRow(NamedTuple):
     error: str
     seconds: float
     confidence: float | None = None  # None: the backend has no measure
+
+
 MERGE_RULES = ("join", "most_frequent")
 
 
@@ -248,7 +250,7 @@ class Captioner:
         rows = [CaptionRow(*r) for r in self.caption_rows(batch, n)] if n else []
         return {
             "audio_id": np.array([str(a) for a in column(batch, "audio_id", n)], dtype=object),
-            "generated_caption": np.array([r[0] for r in rows], dtype=object),
+            "generated_caption": np.array([r.caption for r in rows], dtype=object),
             "captioner": np.array([self.name] * n, dtype=object),
             "model": np.array([self.model_ref] * n, dtype=object),
             "params": np.array([self.params_json] * n, dtype=object),

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hci_atr.captioners.base import CaptionRow, Captioner, cell_text, column, decode_rows, normalize_caption, torch_device
+from hci_atr.captioners.base import (CaptionRow, Captioner, cell_text, column, decode_rows, normalize_caption,
+                                    torch_device)
 from hci_atr.data.audio import clip_features
 from hci_atr.data.shards import audio_config_dict, bank_rows, features_audio_config, read_bank
 from hci_atr.errors import CaptionerError, DataError, HciAtrError, one_line
