@@ -82,6 +82,9 @@ class ModelConfig:
     ac_augment: bool = False  # (audio, generated caption) pairs join training
     ac_branch_weight: float = 0.5
     ac_augment_weight: float = 0.5
+    # the audio a generated caption is an extra positive of (ac_augment with ac_fusion): "unfused", the clip encoded
+    # without its caption (else the pair rewards copying the fused caption through); "fused", the fused audio
+    ac_augment_audio: str = "unfused"
     # generated captions whose captioner confidence is below this are ignored (no fusion, branch or extra pair);
     # None: every caption is used. nearest's confidence is the cosine of the clip and its neighbour
     ac_min_confidence: float | None = None
@@ -100,6 +103,7 @@ class ModelConfig:
                               ("temporal_positions", ("sinusoidal", "learned", "none")),
                               ("segment_order", ("none", "position_bias", "soft_dtw")),
                               ("fusion", ("sum", "calibrated")),
+                              ("ac_augment_audio", ("unfused", "fused")),
                               ("audio_clip_pooling", ("frames", "panns")),
                               ("hard_negatives", ("none", "order", "attribute", "both"))):
             if getattr(self, name) not in allowed:

@@ -146,6 +146,20 @@ def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
     assert (hard.temporal_context, hard.hard_negatives, hard.hard_negative_weight) == ("gru", "both", 0.5)
     clip = variant_config(cfg, VARIANTS["clip"], 0).model
     assert not clip.use_segment and clip.temporal_context == "none" and clip.hard_negatives == "none"
+    # the AC uses one at a time, and the old scoring of the extra pairs, each its own row
+    ac = {n: variant_config(cfg, VARIANTS[n], 0).model for n in
+          ("hci_acfusion", "hci_acbranch", "hci_acaugment", "hci_ac", "hci_ac_fusedpairs")}
+    assert {n: (m.ac_fusion, m.ac_branch, m.ac_augment, m.ac_augment_audio) for n, m in ac.items()} == {
+        "hci_acfusion": (True, False, False, "unfused"), "hci_acbranch": (False, True, False, "unfused"),
+        "hci_acaugment": (False, False, True, "unfused"), "hci_ac": (True, True, True, "unfused"),
+        "hci_ac_fusedpairs": (True, True, True, "fused")}
+    assert all(m.use_segment and m.use_frame and m.freeze_text for m in ac.values())
+    # the text tower: frozen in every row but the two that train it (its top 2 layers, or all)
+    for name, layers in (("hci_order_text2", 2), ("hci_order_textall", -1)):
+        tv = variant_config(cfg, VARIANTS[name], 0)
+        assert not tv.model.freeze_text and tv.train.text_train_layers == layers and tv.model.segment_order == \
+            "position_bias"
+    assert all(variant_config(cfg, v, 0).model.freeze_text for n, v in VARIANTS.items() if "_text" not in n)
     # flags win over the preset; without a preset nothing of it applies
     main(["ablate", "--preset", "compositional", "--epochs", "10", "--size", "400", "--variants", "clip,hci",
           "--out", str(tmp_path / "o"), "--no-mlflow"])

@@ -530,3 +530,41 @@ def test_the_ac_branch_never_scores_a_generated_caption_against_itself(tiny_text
     torch.testing.assert_close(out.losses["ac_branch"], want, atol=1e-5, rtol=1e-5)
     assert out.losses["clip"].item() != pytest.approx(
         info_nce(out.scores.levels["clip"][:, real], pos[:, real], model.temps.tau("clip"), b.pair_weight[real]).item())
+
+
+@pytest.mark.parametrize("audio", ["unfused", "fused"])
+def test_a_generated_caption_is_a_positive_of_its_clip_without_itself_fused_in(tiny_text_dir, audio):
+    """With ac_fusion and ac_augment, a generated caption added as a positive would be scored against audio that
+    already holds that caption (fused in), a pair the fusion wins by copying the caption through. With
+    ac_augment_audio="unfused" those columns are scored against the clips encoded without their captions (and the
+    fusion gets no gradient from them); "fused" keeps the old scoring. The real captions' columns are the fused
+    audio's either way."""
+    cfg, model, _ = _setup(tiny_text_dir, **{"model.ac_fusion": True, "model.ac_augment": True,
+                                            "model.ac_augment_audio": audio})
+    model.eval()
+    with torch.no_grad():  # a fusion that visibly moves the frames (the gate starts near closed)
+        for p in model.fusion.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    rows = tiny_rows(6, n_frames=n_frames(cfg.audio), captions_per_clip=1, generated=True)
+    b = make_batch(rows, cfg, model, train=True, generator=torch.Generator())
+    gen = b.text_generated
+    assert bool(gen.any()) and bool((~gen).any())
+    out = model(**b.forward_kwargs())
+    with torch.no_grad():
+        t = model.encode_text(b.text)
+        fused = model.score(model.encode_audio(b.mel, b.mel_mask, b.aux, b.aux_mask), t).levels
+        plain = model.score(model.encode_audio(b.mel, b.mel_mask), t).levels
+    for level in ("clip", "segment", "frame"):
+        got = out.scores.levels[level]
+        assert not torch.allclose(fused[level][:, gen], plain[level][:, gen], atol=1e-4)  # the fusion matters
+        torch.testing.assert_close(got[:, ~gen], fused[level][:, ~gen], atol=1e-5, rtol=1e-5)
+        want = plain if audio == "unfused" else fused
+        torch.testing.assert_close(got[:, gen], want[level][:, gen], atol=1e-5, rtol=1e-5)
+    # the generated captions' loss terms reach the fusion only when they are scored against fused audio
+    model.zero_grad()
+    only_gen = b.forward_kwargs()
+    only_gen["pair_weight"] = b.pair_weight * gen.to(b.pair_weight.dtype)
+    model(**only_gen).losses["total"].backward()
+    grads = [p.grad for p in model.fusion.parameters() if p.grad is not None]
+    moved = any(float(g.abs().max()) > 0 for g in grads)
+    assert moved == (audio == "fused")

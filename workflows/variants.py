@@ -36,6 +36,7 @@ def _switches(clip=True, segment=False, frame=False, fusion=False, branch=False,
 # negatives (hci_atr.data.negatives) on top
 _ORDER = {"model.temporal_context": "gru", "model.segment_order": "position_bias", "model.fusion": "calibrated"}
 _HARD = {"model.hard_negatives": "both", "model.hard_negative_weight": 0.5}
+_TEXT = {"model.freeze_text": False}
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("clip", "clip only", _switches()),
@@ -43,13 +44,24 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("clip_frame", "clip + frame", _switches(frame=True)),
     Variant("hci", "HCI (clip + segment + frame)", _switches(segment=True, frame=True)),
     Variant("hci_acfusion", "HCI + AC fusion", _switches(segment=True, frame=True, fusion=True)),
+    Variant("hci_acbranch", "HCI + AC branch", _switches(segment=True, frame=True, branch=True)),
+    Variant("hci_acaugment", "HCI + AC augment", _switches(segment=True, frame=True, augment=True)),
     Variant("hci_ac", "HCI + AC (fusion, branch, augment)",
             _switches(segment=True, frame=True, fusion=True, branch=True, augment=True)),
+    # the extra (clip, generated caption) pairs scored against the audio with that caption fused in (the old rule)
+    Variant("hci_ac_fusedpairs", "HCI + AC, extra pairs on fused audio",
+            {**_switches(segment=True, frame=True, fusion=True, branch=True, augment=True),
+             "model.ac_augment_audio": "fused"}),
     Variant("clip_ac", "clip + AC (fusion, branch, augment)", _switches(fusion=True, branch=True, augment=True)),
     Variant("hci_order", "HCI + order (GRU, position bias, calibrated)",
             {**_switches(segment=True, frame=True), **_ORDER}),
     Variant("hci_order_hard", "HCI + order + hard negatives (w 0.5)",
             {**_switches(segment=True, frame=True), **_ORDER, **_HARD}),
+    # the text tower trained at train.text_lr (frozen in every other row): its top two layers, or all of them
+    Variant("hci_order_text2", "HCI + order, text top 2 layers trained",
+            {**_switches(segment=True, frame=True), **_ORDER, **_TEXT, "train.text_train_layers": 2}),
+    Variant("hci_order_textall", "HCI + order, text fully trained",
+            {**_switches(segment=True, frame=True), **_ORDER, **_TEXT, "train.text_train_layers": -1}),
 ]}
 # what runs without --variants: the HCI levels and AC uses (the order variants are the compositional preset's)
 DEFAULT_VARIANTS = ("clip", "clip_segment", "clip_frame", "hci", "hci_acfusion", "hci_ac", "clip_ac")

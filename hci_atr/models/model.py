@@ -259,20 +259,36 @@ class HciAtrModel(nn.Module):
 
         Returns AudioEmbeddings: clip [B, D], segments [B, S, D], frames [B, T', D] (+ masks), aux sentence.
         """
+        return self._encode_audio(mel, mel_mask, aux, aux_mask)[0]
+
+    def _encode_audio(self, mel: torch.Tensor, mel_mask: torch.Tensor | None, aux: TextBatch | None,
+                      aux_mask: torch.Tensor | None, unfused: bool = False
+                      ) -> tuple[AudioEmbeddings, AudioEmbeddings | None]:
+        """:meth:`encode_audio`, and with ``unfused`` (and ``model.ac_fusion`` on) also the same clips encoded
+        without their generated captions fused in (sharing the convolution; no aux sentence), else None."""
         conv, fmask = self.audio.conv_frames(mel, mel_mask)  # [B, T', C_conv], [B, T']
         feats = self.audio.frame_embedding(conv, fmask)  # [B, T', C]
         h = self.audio_proj(feats) * fmask[..., None].to(feats.dtype)
         if self.temporal is not None:  # frames see the clip around them, in order, before any pooling
             h = self.temporal(h, fmask)
+        plain_h = None
         aux_sentence = has_aux = None
         if self.uses_aux and aux is not None:
             has_aux = (torch.ones(len(aux), dtype=torch.bool, device=h.device) if aux_mask is None
                        else aux_mask.to(torch.bool).to(h.device)) & aux.word_mask.any(1)
             aux_words, aux_sent = self._text_units(aux)
             if self.cfg.model.ac_fusion:
+                plain_h = h if unfused else None
                 h = self.fusion(h, aux_words, aux.word_mask, has_aux) * fmask[..., None].to(h.dtype)
             if self.cfg.model.ac_branch:
                 aux_sentence = _norm(self.sentence_head(aux_sent)) * has_aux[:, None].to(h.dtype)
+        fused = self._pool_audio(conv, h, fmask, aux_sentence, has_aux)
+        return fused, None if plain_h is None else self._pool_audio(conv, plain_h, fmask, None, None)
+
+    def _pool_audio(self, conv: torch.Tensor, h: torch.Tensor, fmask: torch.Tensor, aux_sentence: torch.Tensor | None,
+                    has_aux: torch.Tensor | None) -> AudioEmbeddings:
+        """The clip, segment and frame embeddings of projected frames ``h`` [B, T', C] (conv: the encoder's
+        features, for PANNs' clip path)."""
         if self.cfg.model.audio_clip_pooling == "panns":
             # PANNs' clip path: pool the conv features over time first, then fc1 (what a CNN14 checkpoint expects)
             clip = self.audio_proj(self.audio.clip_embedding(conv, fmask))
@@ -364,9 +380,14 @@ class HciAtrModel(nn.Module):
         a positive of every clip that owns the same text, never a negative of it. ``text_generated`` [B_t] bool
         marks the generated captions that ``ac_augment`` adds: the AC branch compares a query with the clip's
         generated caption, so for those texts it would compare the caption with itself (cosine 1): their branch
-        score is 0 and the branch level's loss leaves them out.
+        score is 0 and the branch level's loss leaves them out. With ``model.ac_fusion`` too, the audio those texts
+        are scored against would hold the very caption fused in (a pair won by copying it through the fusion), so
+        with ``model.ac_augment_audio="unfused"`` (the default) their columns are scored against the clips encoded
+        without their captions.
         """
-        a = self.encode_audio(mel, mel_mask, aux, aux_mask)
+        m = self.cfg.model
+        a, a_plain = self._encode_audio(mel, mel_mask, aux, aux_mask,
+                                        unfused=m.ac_augment and m.ac_augment_audio == "unfused")
         t = self.encode_text(text)
         if pair_weight is None:
             pair_weight = torch.ones(len(t), device=t.sentence.device)
@@ -377,12 +398,17 @@ class HciAtrModel(nn.Module):
         scores = self.score(a, t)
         pos = positives_mask(audio_keys, text_keys, audio_text_ids, text_ids)
         level_weight: torch.Tensor | dict[str, torch.Tensor] = pair_weight
-        if "ac_branch" in scores.levels and text_generated is not None and bool(text_generated.any()):
+        if text_generated is not None and bool(text_generated.any()):
             gen = text_generated.to(device=pair_weight.device, dtype=torch.bool)
-            branch = scores.levels["ac_branch"].masked_fill(gen[None, :], 0.0)
-            scores = Scores({**scores.levels, "ac_branch": branch}, self.fuse_levels({**scores.levels,
-                                                                                      "ac_branch": branch}))
-            level_weight = {"*": pair_weight, "ac_branch": pair_weight * (~gen).to(pair_weight.dtype)}
+            fixed = dict(scores.levels)
+            if a_plain is not None:  # a generated caption is scored against its clip's audio without it fused in
+                idx = gen.nonzero()[:, 0]
+                plain = self.score(a_plain, t.select(idx)).levels
+                fixed = {n: s if n == "ac_branch" else s.index_copy(1, idx, plain[n]) for n, s in fixed.items()}
+            if "ac_branch" in fixed:
+                fixed["ac_branch"] = fixed["ac_branch"].masked_fill(gen[None, :], 0.0)
+                level_weight = {"*": pair_weight, "ac_branch": pair_weight * (~gen).to(pair_weight.dtype)}
+            scores = Scores(fixed, self.fuse_levels(fixed))
         levels = dict(scores.levels)
         weights: dict[str, float | torch.Tensor] = {
             n: float(self.cfg.model.level_weights[LEVELS.index(n)]) for n in self.enabled_levels}
