@@ -331,6 +331,32 @@ def test_features_of_another_front_end_are_refused_before_training(feats, work, 
     assert not (work / "ray_results" / "panns").exists()
 
 
+
+def test_captions_all_below_the_confidence_threshold_are_refused_before_training(feats, work, tiny_text_dir,
+                                                                                 tmp_path):
+    """AC on, and every generated caption below model.ac_min_confidence: one line naming the threshold and what to
+    do, before any run folder or worker exists (a folder of only untrusted captions is not "no --captions")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hci_atr.data.shards import CAPTION_SCHEMA
+    from hci_atr.errors import ConfigError
+    from workflows.train import train
+
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    n = 3
+    pq.write_table(pa.table({"audio_id": ["a", "b", "c"], "generated_caption": ["ca", "cb", "cc"],
+                             "captioner": ["nearest"] * n, "model": ["m"] * n, "params": ["{}"] * n,
+                             "seconds": [0.0] * n, "confidence": [0.4, 0.6, 0.7]},
+                            schema=CAPTION_SCHEMA), caps / "part-00000.parquet")
+    over = {"model.ac_fusion": True, "model.ac_min_confidence": 0.8}
+    with pytest.raises(ConfigError, match=r"every generated caption is below model.ac_min_confidence=0.8; lower it"):
+        train(_cfg(tiny_text_dir, work, "untrusted", **over), feats, captions_dir=caps, tracking_uri=_uri(work))
+    assert not (work / "ray_results" / "untrusted").exists()
+    with pytest.raises(ConfigError, match="no --captions directory"):  # no folder at all is the other message
+        train(_cfg(tiny_text_dir, work, "untrusted", **over), feats, tracking_uri=_uri(work))
+
 # -- one worker: the in-process loop's numbers; a broken latest checkpoint --------------------------------------------
 
 
