@@ -155,7 +155,7 @@ def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
         "hci_ac_fusedpairs": (True, True, True, "fused")}
     assert all(m.use_segment and m.use_frame and m.freeze_text for m in ac.values())
     # the text tower: frozen in every row but the two that train it (its top 2 layers, or all)
-    for name, layers in (("hci_order_text2", 2), ("hci_order_textall", -1)):
+    for name, layers in (("hci_order_text2", 2), ("hci_order_textall", -1), ("hci_order_hard_text2", 2)):
         tv = variant_config(cfg, VARIANTS[name], 0)
         assert not tv.model.freeze_text and tv.train.text_train_layers == layers and tv.model.segment_order == \
             "position_bias"

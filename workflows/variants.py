@@ -62,6 +62,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             {**_switches(segment=True, frame=True), **_ORDER, **_TEXT, "train.text_train_layers": 2}),
     Variant("hci_order_textall", "HCI + order, text fully trained",
             {**_switches(segment=True, frame=True), **_ORDER, **_TEXT, "train.text_train_layers": -1}),
+    Variant("hci_order_hard_text2", "HCI + order + hard negatives, text top 2 layers trained",
+            {**_switches(segment=True, frame=True), **_ORDER, **_HARD, **_TEXT, "train.text_train_layers": 2}),
 ]}
 # what runs without --variants: the HCI levels and AC uses (the order variants are the compositional preset's)
 DEFAULT_VARIANTS = ("clip", "clip_segment", "clip_frame", "hci", "hci_acfusion", "hci_ac", "clip_ac")
