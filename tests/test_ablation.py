@@ -148,10 +148,11 @@ def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
     assert not clip.use_segment and clip.temporal_context == "none" and clip.hard_negatives == "none"
     # the AC uses one at a time, and the old scoring of the extra pairs, each its own row
     ac = {n: variant_config(cfg, VARIANTS[n], 0).model for n in
-          ("hci_acfusion", "hci_acbranch", "hci_acaugment", "hci_ac", "hci_ac_fusedpairs")}
+          ("hci_acfusion", "hci_acbranch", "hci_acaugment", "hci_acfusionbranch", "hci_ac", "hci_ac_fusedpairs")}
     assert {n: (m.ac_fusion, m.ac_branch, m.ac_augment, m.ac_augment_audio) for n, m in ac.items()} == {
         "hci_acfusion": (True, False, False, "unfused"), "hci_acbranch": (False, True, False, "unfused"),
-        "hci_acaugment": (False, False, True, "unfused"), "hci_ac": (True, True, True, "unfused"),
+        "hci_acaugment": (False, False, True, "unfused"), "hci_acfusionbranch": (True, True, False, "unfused"),
+        "hci_ac": (True, True, True, "unfused"),
         "hci_ac_fusedpairs": (True, True, True, "fused")}
     assert all(m.use_segment and m.use_frame and m.freeze_text for m in ac.values())
     # the text tower: frozen in every row but the two that train it (its top 2 layers, or all)

@@ -46,6 +46,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("hci_acfusion", "HCI + AC fusion", _switches(segment=True, frame=True, fusion=True)),
     Variant("hci_acbranch", "HCI + AC branch", _switches(segment=True, frame=True, branch=True)),
     Variant("hci_acaugment", "HCI + AC augment", _switches(segment=True, frame=True, augment=True)),
+    Variant("hci_acfusionbranch", "HCI + AC fusion + branch",
+            _switches(segment=True, frame=True, fusion=True, branch=True)),
     Variant("hci_ac", "HCI + AC (fusion, branch, augment)",
             _switches(segment=True, frame=True, fusion=True, branch=True, augment=True)),
     # the extra (clip, generated caption) pairs scored against the audio with that caption fused in (the old rule)
