@@ -101,6 +101,12 @@ def test_recipes_load_and_say_what_they_promise():
         cfg = load_settings(CONFIGS / f"{name}.yaml")
         assert isinstance(cfg, Settings)
     assert load_settings(CONFIGS / "demo.yaml") == Settings()  # demo.yaml spells out the defaults
+    # compositional.yaml is the preset's settings with the switches of the row that measured best, nothing else
+    from workflows.variants import VARIANTS, get_preset, variant_config
+
+    preset = get_preset("compositional")
+    best = variant_config(Settings().override(preset.overrides), VARIANTS["hci_order_text2"], 0)
+    assert load_settings(CONFIGS / "compositional.yaml") == best
     for name, seconds, lr in (("audiocaps", 10.0, 1e-4), ("clotho", 30.0, 5e-5)):
         cfg = load_settings(CONFIGS / f"{name}.yaml")
         assert cfg.audio.sample_rate == 32000 and cfg.audio.n_mels == 64 and cfg.audio.duration == seconds
