@@ -137,7 +137,7 @@ def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
     assert kw["demo_pairs_in_split"] is True
     assert cfg.audio.duration == 5.0 and cfg.model.audio_width == 8
     assert cfg.train.epochs == 40 and cfg.train.early_stopping_patience == 4
-    assert list(kw["variants"]) == ["clip", "hci", "hci_order", "hci_order_hard"]
+    assert list(kw["variants"]) == ["clip", "hci", "hci_order", "hci_order_hard", "hci_order_text2"]
     assert kw["out_dir"] == "hci_atr_runs/ablation-compositional"
     order = variant_config(cfg, VARIANTS["hci_order"], 0).model
     assert (order.use_segment, order.use_frame, order.temporal_context, order.segment_order, order.fusion) == \
