@@ -331,7 +331,6 @@ def test_features_of_another_front_end_are_refused_before_training(feats, work, 
     assert not (work / "ray_results" / "panns").exists()
 
 
-
 def test_captions_all_below_the_confidence_threshold_are_refused_before_training(feats, work, tiny_text_dir,
                                                                                  tmp_path):
     """AC on, and every generated caption below model.ac_min_confidence: one line naming the threshold and what to
@@ -356,6 +355,7 @@ def test_captions_all_below_the_confidence_threshold_are_refused_before_training
     assert not (work / "ray_results" / "untrusted").exists()
     with pytest.raises(ConfigError, match="no --captions directory"):  # no folder at all is the other message
         train(_cfg(tiny_text_dir, work, "untrusted", **over), feats, tracking_uri=_uri(work))
+
 
 # -- one worker: the in-process loop's numbers; a broken latest checkpoint --------------------------------------------
 

@@ -398,7 +398,8 @@ class HciAtrModel(nn.Module):
         scores = self.score(a, t)
         pos = positives_mask(audio_keys, text_keys, audio_text_ids, text_ids)
         level_weight: torch.Tensor | dict[str, torch.Tensor] = pair_weight
-        if text_generated is not None and bool(text_generated.any()):
+        rescored = a_plain is not None or "ac_branch" in scores.levels  # what the generated captions change
+        if rescored and text_generated is not None and bool(text_generated.any()):
             gen = text_generated.to(device=pair_weight.device, dtype=torch.bool)
             fixed = dict(scores.levels)
             if a_plain is not None:  # a generated caption is scored against its clip's audio without it fused in
