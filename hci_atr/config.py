@@ -135,7 +135,7 @@ class TrainConfig:
     text_lr: float = 2e-5  # the text transformer's parameters (with model.freeze_text false)
     audio_pretrained_lr: float = 1e-4  # the audio encoder's parameters model.audio_checkpoint (PANNs) filled
     text_train_layers: int = -1  # with model.freeze_text false: -1 trains every layer, k only the top k (rest frozen)
-    text_cache_mb: float = 1024.0  # a frozen text tower's outputs kept per caption for the run (MiB; 0: off)
+    text_cache_mb: float = 1024.0  # the frozen text layers' outputs kept per caption for the run (MiB; 0: off)
 
     def __post_init__(self):
         for name in ("text_lr", "audio_pretrained_lr"):

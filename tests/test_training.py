@@ -478,6 +478,106 @@ def test_fit_runs_a_frozen_tower_once_per_distinct_caption(tiny_text_dir):
         assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-5) and a["val_rsum"] == b["val_rsum"]
 
 
+def _layer_rows(model, seen):
+    """Count the captions (rows) that pass through the text tower's lowest layer."""
+    model.text._layers()[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+
+
+def test_partial_cache_runs_the_frozen_layers_once_and_changes_nothing(tiny_text_dir):
+    """Only the top layer of the 2-layer tower trains: the cache keeps the lower layer's output per caption and each
+    step runs the top layer on it. The words, sentences and the top layer's gradients are those of the whole tower
+    (same dropout draws), and a kept caption skips the lower layer."""
+    cfg, model, _ = _setup(tiny_text_dir, **{"train.text_train_layers": 1})
+    model.text.train_top_layers(1)
+    model.train()
+    texts = ["a dog barks loudly", "rain falls on a tin roof then thunder", "a bell"]
+    batch = model.tokenize(texts, pad_words_to=cfg.model.max_words)
+    top = list(model.text._layers()[1].parameters())
+
+    def encode():
+        for q in model.parameters():
+            q.grad = None
+        torch.manual_seed(3)  # the top layer's dropout: the same draws on both paths
+        out = model.encode_text(batch)
+        (out.sentence.sum() + out.words.square().sum()).backward()
+        return out, [q.grad.clone() for q in top]
+
+    ref, ref_grads = encode()
+    assert model.text.enable_cache(cfg.train.text_cache_mb) and model.text.cache_from == 1
+    seen = []
+    _layer_rows(model, seen)
+    for _ in range(2):  # first: the one-time check and the misses; then: every caption kept
+        got, grads = encode()
+        for a, b in zip(got._values(), ref._values()):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    cache = model.text.cache
+    assert len(cache) == 3 and (cache.hits, cache.misses) == (3, 3)
+    assert seen == [3, 3, 3]  # the check's whole tower, the check's frozen part, the misses; nothing the second time
+    # a kept caption in another batch (other padding) reads its kept states
+    model.text.disable_cache()
+    model.eval()
+    plain = model.encode_text(model.tokenize(["a bell", "wind blows"]))
+    assert model.text.enable_cache(64)
+    model.encode_text(batch)
+    cached = model.encode_text(model.tokenize(["a bell", "wind blows"]))
+    for a, b in zip(cached._values(), plain._values()):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_cache_is_off_where_it_cannot_be_exact(tiny_text_dir, monkeypatch):
+    """No cache when every layer trains or the embeddings train; one that disagrees with the whole tower on its
+    first batch turns itself off, and that batch is encoded by the whole tower."""
+    _, every, _ = _setup(tiny_text_dir)
+    assert not every.text.enable_cache(64)  # all layers and the embeddings train
+    _, top2, _ = _setup(tiny_text_dir)
+    top2.text.train_top_layers(2)  # both layers train: nothing frozen below them but the embeddings
+    assert not top2.text.enable_cache(64)
+    _, model, _ = _setup(tiny_text_dir)
+    model.text.train_top_layers(1)
+    model.text.transformer.embeddings.word_embeddings.weight.requires_grad_(True)  # a part below the top trains
+    assert not model.text.enable_cache(64)
+    model.text.train_top_layers(1)
+    model.eval()
+    batch = model.tokenize(["a dog barks loudly", "a bell"])
+    ref = model.encode_text(batch)
+    assert model.text.enable_cache(64)
+    real = type(model.text)._top_hidden
+    # a model whose layers do not compose: starting at the top layer gives something else
+    monkeypatch.setattr(type(model.text), "_top_hidden", lambda self, *a: real(self, *a) + 1.0)
+    got = model.encode_text(batch)
+    assert model.text.cache is None
+    for a, b in zip(got._values(), ref._values()):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_fit_runs_the_frozen_lower_layers_once_per_distinct_caption(tiny_text_dir):
+    """As the frozen-tower test, with only the top layer training: the lower layer sees each of the 12 distinct
+    captions once (plus the first batch twice for the one-time check), and the numbers are those without it."""
+    from hci_atr.training import InProcess, fit, seeded_model
+
+    def run(cache_mb):
+        cfg = tiny_cfg(tiny_text_dir, **{"train.text_train_layers": 1, "train.epochs": 2,
+                                         "train.text_cache_mb": cache_mb})
+        model = seeded_model(cfg)
+        seen = []
+        _layer_rows(model, seen)
+        rows, val = tiny_rows(8, captions_per_clip=1), tiny_rows(4, seed=1)
+        res = fit(model, cfg, InProcess(cfg, rows, val))
+        assert model.text.cache is None
+        return res.state.history, sum(seen), cfg
+
+    cached, n_cached, cfg = run(64)
+    plain, n_plain, _ = run(0)
+    assert n_cached == 12 + 2 * cfg.train.batch_size and n_plain == 2 * (8 + 8)
+    for a, b in zip(cached, plain):
+        assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-5) and a["val_rsum"] == b["val_rsum"]
+
+
 def test_identical_texts_are_positives_of_every_clip_that_owns_them(tiny_text_dir):
     """tiny_rows(10): clips 0 and 8 have the same captions (so do 1 and 9). A training batch names every text's
     identity and every clip's own texts; the positives are then each clip's texts plus the identical texts of the

