@@ -206,9 +206,9 @@ def ray_head():
             pytest.fail("ray start --head failed:\n" + "".join(log[-30:]))
         yield f"127.0.0.1:{dash}"
     finally:
-        try:
+        try:  # a throwaway head: a few seconds to stop, then killed (waiting longer only delays the suite)
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)
         except ProcessLookupError:
             pass
         except subprocess.TimeoutExpired:

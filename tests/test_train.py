@@ -15,7 +15,7 @@ import torch
 
 ray = pytest.mark.ray
 
-EPOCHS = 6
+EPOCHS = 4
 BATCH = 4  # per worker; 2 workers -> global batch 8
 KILL = {"epoch": 2, "batch": 1, "rank": 1}  # SIGKILL worker rank 1 in epoch 2, after its first batch
 
