@@ -60,9 +60,10 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every variant (YAML value), repeatable")
     args = ap.parse_args()
-    import yaml
+    from hci_atr.config import NULL
+    from workflows.cli import parse_key_values
 
-    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    extra = {k: NULL if v is None else v for k, v in parse_key_values(args.set, "--set").items()}  # as ablate --set
     preset = get_preset("compositional")
     base = Settings().override(preset.overrides, "preset")
     torch.set_num_threads(args.threads)

@@ -334,8 +334,9 @@ def test_failure_rate_above_threshold_stops_with_one_line_error(ray_session, tmp
 # -- caption-all ---------------------------------------------------------------------------------------------------
 
 
-def _direct(captioner, model, data, confidence=False, **params):
-    """What the backend returns when called directly on all rows (the pipeline must reproduce it)."""
+def _direct(captioner, model, data, **params):
+    """What the backend returns when called directly on all rows (the pipeline must reproduce it): captions,
+    errors and confidences by audio id."""
     from hci_atr.captioners import build_captioner
     from hci_atr.data.formats import read_dataset
     from workflows.runner import record_row
@@ -343,8 +344,7 @@ def _direct(captioner, model, data, confidence=False, **params):
     rows = [record_row(r) for r in read_dataset(data)]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     out = build_captioner(captioner, model, "cpu", **params)(batch)
-    got = dict(zip(out["audio_id"], out["generated_caption"])), dict(zip(out["audio_id"], out["error"]))
-    return (*got, dict(zip(out["audio_id"], out["confidence"]))) if confidence else got
+    return tuple(dict(zip(out["audio_id"], out[k])) for k in ("generated_caption", "error", "confidence"))
 
 
 def test_caption_all_audio_backend(ray_session, tmp_path):
@@ -363,7 +363,7 @@ def test_caption_all_audio_backend(ray_session, tmp_path):
     assert set(t["captioner"].to_pylist()) == {"audio"} and set(t["model"].to_pylist()) == {str(model)}
     assert json.loads(t["params"][0].as_py())["max_new_tokens"] == 5
     assert all(s >= 0 for s in t["seconds"].to_pylist())
-    want, want_err = _direct("audio", str(model), data, **params)
+    want, want_err, _ = _direct("audio", str(model), data, **params)
     assert dict(zip(t["audio_id"].to_pylist(), t["generated_caption"].to_pylist())) == {
         k: v for k, v in want.items() if not want_err[k]}
     errors = pq.read_table(out / ERRORS_FILE).to_pylist()
@@ -382,7 +382,7 @@ def test_caption_all_blip_backend(ray_session, tmp_path):
                     cfg=_cfg(num_workers=1, batch_size=3), progress=False)
     assert m["rows"] == 3 and m["failed"] == 0
     t = _parts(out)
-    want, _ = _direct("blip", str(model), data, **params)
+    want, _, _ = _direct("blip", str(model), data, **params)
     assert dict(zip(t["audio_id"].to_pylist(), t["generated_caption"].to_pylist())) == want
     assert set(t["captioner"].to_pylist()) == {"blip"}
 
@@ -432,7 +432,7 @@ def test_caption_all_nearest_backend_via_cli(ray_session, features_run, clean_se
     assert manifest["quality"] == json.loads(json.dumps(want_q)) and want_q
     assert format_quality(want_q) in printed and "word F1" in printed
     assert len(got) == N_CLIPS
-    want, _, want_conf = _direct("nearest", str(model_dir), clean_set, confidence=True, features=str(feats))
+    want, _, want_conf = _direct("nearest", str(model_dir), clean_set, features=str(feats))
     # the same neighbour for every clip, except where two neighbours tie to float rounding (the bank is embedded in
     # other batches by the actors, and this untrained model's clips are near-copies of each other): there the
     # neighbour's cosine is the same to 1e-5 and so is the caption's form

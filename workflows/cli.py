@@ -90,6 +90,19 @@ def _submit_if_cluster(ctx: click.Context, cluster: str | None) -> None:
         sys.exit(submit_self_as_job(cluster, ctx.find_root().obj.get("argv") or sys.argv[1:]))
 
 
+def parse_key_values(items, param_hint: str) -> dict:
+    """``KEY=VALUE`` items -> {key: YAML value}; a missing ``=`` or key is a one-line usage error."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=param_hint)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _split_list(splits: str | None) -> list[str] | None:
     return [s.strip() for s in splits.split(",") if s.strip()] if splits else None
 
@@ -122,16 +135,9 @@ def caption_all_cmd(ctx, data, fmt, out, splits, num_workers, batch_size, gpus_p
                     captioner, model, features, params) -> None:
     """Write one auxiliary caption per clip with a captioner backend (Ray Data actors; resumable)."""
     _submit_if_cluster(ctx, cluster)
-    import yaml
-
     from workflows.caption import caption_all, format_quality
 
-    kv = {}
-    for item in params:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
-        kv[key.strip()] = yaml.safe_load(value)
+    kv = parse_key_values(params, "--param")
     if features:
         kv["features"] = features
     cfg = _pipeline_config(config, num_workers, batch_size, gpus_per_worker)
@@ -399,8 +405,6 @@ def ablate_cmd(preset, out_dir, data, fmt, size, pairs_in_split, pairs_file, dur
     first variant with 95 % bootstrap intervals, pair accuracy per type) + plot + MLflow."""
     import shlex
 
-    import yaml
-
     from hci_atr.config import NULL
     from workflows.settings import load_settings
     from workflows import ablation
@@ -408,12 +412,8 @@ def ablate_cmd(preset, out_dir, data, fmt, size, pairs_in_split, pairs_file, dur
 
     overrides = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
                  "model.init_temperature": temperature, "model.audio_width": audio_width, "audio.duration": duration}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        parsed = yaml.safe_load(value)
-        overrides[key.strip()] = NULL if parsed is None else parsed  # "null" / "~" / "": clear the field
+    for key, parsed in parse_key_values(sets, "--set").items():
+        overrides[key] = NULL if parsed is None else parsed  # "null" / "~" / "": clear the field
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
