@@ -160,6 +160,10 @@ def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
         tv = variant_config(cfg, VARIANTS[name], 0)
         assert not tv.model.freeze_text and tv.train.text_train_layers == layers and tv.model.segment_order == \
             "position_bias"
+    # ... and on plain HCI (no order switches): what a default with the text tower's top 2 layers would train
+    tv = variant_config(cfg, VARIANTS["hci_text2"], 0)
+    assert (not tv.model.freeze_text, tv.train.text_train_layers, tv.model.segment_order, tv.model.temporal_context,
+            tv.model.use_segment, tv.model.use_frame) == (True, 2, "none", "none", True, True)
     assert all(variant_config(cfg, v, 0).model.freeze_text for n, v in VARIANTS.items() if "_text" not in n)
     # flags win over the preset; without a preset nothing of it applies
     main(["ablate", "--preset", "compositional", "--epochs", "10", "--size", "400", "--variants", "clip,hci",

@@ -60,6 +60,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("hci_order_hard", "HCI + order + hard negatives (w 0.5)",
             {**_switches(segment=True, frame=True), **_ORDER, **_HARD}),
     # the text tower trained at train.text_lr (frozen in every other row): its top two layers, or all of them
+    Variant("hci_text2", "HCI, text top 2 layers trained",
+            {**_switches(segment=True, frame=True), **_TEXT, "train.text_train_layers": 2}),
     Variant("hci_order_text2", "HCI + order, text top 2 layers trained",
             {**_switches(segment=True, frame=True), **_ORDER, **_TEXT, "train.text_train_layers": 2}),
     Variant("hci_order_textall", "HCI + order, text fully trained",
