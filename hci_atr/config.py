@@ -92,7 +92,7 @@ class ModelConfig:
     temporal_context: str = "none"  # none | gru | transformer: a sequence model over the frames before any pooling
     temporal_positions: str = "sinusoidal"  # sinusoidal | learned | none: frame positions added to its input
     temporal_layers: int = 1
-    segment_order: str = "none"  # none | position_bias | soft_dtw: the segment-phrase score hears order
+    segment_order: str = "none"  # none | position_bias | event_bias | soft_dtw: the segment-phrase score hears order
     fusion: str = "sum"  # sum | calibrated: levels divided by their learnt temperatures before the weighted sum
     unit_weights: bool = False  # learnt per-unit weights instead of plain means in the segment/frame set scores
     hard_negatives: str = "none"  # none | order | attribute | both: hard-negative captions of each clip
@@ -101,7 +101,7 @@ class ModelConfig:
     def __post_init__(self):
         for name, allowed in (("temporal_context", ("none", "gru", "transformer")),
                               ("temporal_positions", ("sinusoidal", "learned", "none")),
-                              ("segment_order", ("none", "position_bias", "soft_dtw")),
+                              ("segment_order", ("none", "position_bias", "event_bias", "soft_dtw")),
                               ("fusion", ("sum", "calibrated")),
                               ("ac_augment_audio", ("unfused", "fused")),
                               ("audio_clip_pooling", ("frames", "panns")),

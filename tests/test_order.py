@@ -11,6 +11,7 @@ from hci_atr.config import Config
 from hci_atr.errors import ConfigError
 from hci_atr.models.hci import set_similarity
 from hci_atr.models.model import HciAtrModel
+from hci_atr.data.negatives import event_places
 from hci_atr.models.order import (SegmentOrder, concurrent_phrases, relative_places, unit_set_similarity)
 from hci_atr.models.temporal import MAX_POSITIONS, TemporalContext, sinusoidal_positions
 from hci_atr.models.weighting import UnitWeights, calibrated_fuse, masked_softmax
@@ -220,6 +221,82 @@ def test_soft_dtw_concurrent_phrase_leaves_the_alignment():
     assert relaxed > plain
 
 
+def test_event_places_read_the_time_order_from_the_markers():
+    q, h = 0.25, 0.75
+    cases = {
+        "A loud beep, then a knock": [q, q, q, None, h, h],
+        "a knock after a beep": [h, h, None, q, q],  # "after" puts the later-mentioned event first
+        "After a beep, a knock": [None, q, q, h, h],
+        "A beep is heard before a knock": [q, q, q, q, None, h, h],
+        "first a beep, then a knock, and finally a bell": [None, 1 / 6, 1 / 6, None, 0.5, 0.5, None, None, 5 / 6,
+                                                           5 / 6],
+        # what frames the sequence has no place; the sequence keeps its own
+        "Over a hum, a beep and then a knock": [None, None, None, q, q, None, None, h, h],
+        "A beep followed by a knock while a hum continues": [q, q, None, None, h, h, None, None, None, None],
+        # no order stated: one event, only commas, or markers that disagree in direction
+        "A loud beep over a hum": [None] * 6,
+        "a dog barks": [None] * 3,
+        "rain, wind": [None] * 2,
+        "a beep then a knock after a bell": [None] * 8,
+    }
+    for caption, want in cases.items():
+        got = event_places(caption)
+        assert [g is None for g in got] == [w is None for w in want], caption
+        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None]), caption
+
+
+def test_event_bias_hand_computed_after_read_forwards_and_no_order_no_bias():
+    segs, smask, texts, tmask = _ab_case()  # one clip: A then B; texts[1] mentions B first
+    terms = SegmentOrder("event_bias", init_strength=0.2).terms()
+    k = float(terms.strength.detach())
+    blind = set_similarity(segs, smask, texts[1:], tmask[1:])
+    # "B after A": B is the later event (place 3/4), A the earlier (1/4): each phrase's best segment is its own, at
+    # distance 0, so the caption scores as in order (1.0); position_bias reads it as "B then A" (1 - k/2)
+    after = torch.tensor([[0.75, 0.25]])
+    got = unit_set_similarity(segs, smask, texts[1:], tmask[1:], order=terms, places=after)
+    torch.testing.assert_close(got, torch.tensor([[1.0]]))
+    pos = SegmentOrder("position_bias", init_strength=0.2).terms()
+    torch.testing.assert_close(unit_set_similarity(segs, smask, texts[1:], tmask[1:], order=pos),
+                               torch.tensor([[1 - k / 2]]))
+    # "B then A" (B placed first) against the A-then-B clip: 1 - k/2, as position_bias
+    before = torch.tensor([[0.25, 0.75]])
+    torch.testing.assert_close(unit_set_similarity(segs, smask, texts[1:], tmask[1:], order=terms, places=before),
+                               torch.tensor([[1 - k / 2]]))
+    # a caption that states no order (no places) scores exactly as the order-blind score; one placed phrase alone
+    # is biased only on its own
+    none = torch.full((1, 2), -1.0)
+    torch.testing.assert_close(unit_set_similarity(segs, smask, texts[1:], tmask[1:], order=terms, places=none),
+                               blind)
+    one = torch.tensor([[0.25, -1.0]])  # phrase B placed first: its best segment B is at 3/4 -> 1 - k/2 on B only
+    torch.testing.assert_close(unit_set_similarity(segs, smask, texts[1:], tmask[1:], order=terms, places=one),
+                               torch.tensor([[(2 - k / 2) / 2]]))
+    with pytest.raises(ValueError, match="places"):
+        unit_set_similarity(segs, smask, texts, tmask, order=terms)
+
+
+def test_phrase_places_in_the_model_follow_the_events(tiny_text_dir):
+    m = _model(tiny_text_dir, **{"model.segment_order": "event_bias", "model.max_words": 16})
+    caps = ["a knock after a beep", "a beep, then a knock", "a loud beep over a hum", "rain", "caf\u00e9 then a beep"]
+    t = m.encode_text(m.tokenize(caps))
+    places = [t.phrase_place[i][t.phrase_mask[i]].tolist() for i in range(len(caps))]
+    assert places[0] == [0.75, 0.25]  # "a knock | after a beep"
+    assert places[1] == [0.25, 0.75]
+    assert places[2] == [-1.0, -1.0]  # one event: no order
+    assert places[3] == [-1.0]
+    assert set(places[4]) == {-1.0}  # not plain ASCII: the word indices may not be the tokenizer's, so none
+    # padded phrases have no place either; position_bias computes none
+    assert (t.phrase_place[~t.phrase_mask] == -1).all()
+    assert _model(tiny_text_dir, **{"model.segment_order": "position_bias"}).encode_text(
+        m.tokenize(caps)).phrase_place is None
+    # the one-event captions' segment scores are the order-blind ones (no bias), the ordered captions' are not
+    with torch.no_grad():
+        a = m.encode_audio(_mel(1))
+        s = m.score(a, t).levels["segment"]
+        ref = set_similarity(a.segments, a.segment_mask, t.phrases, t.phrase_mask)
+    torch.testing.assert_close(s[:, 2:4], ref[:, 2:4])
+    assert not torch.allclose(s[:, :2], ref[:, :2])
+
+
 def test_relative_places():
     mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
     torch.testing.assert_close(relative_places(mask), torch.tensor([[0.25, 0.75, 0, 0], [0.125, 0.375, 0.625, 0.875]]))
@@ -231,7 +308,7 @@ def _rand_units(b, n, d, gen, lengths):
     return x * mask[..., None], mask
 
 
-@pytest.mark.parametrize("mode", [None, "position_bias", "soft_dtw"])
+@pytest.mark.parametrize("mode", [None, "position_bias", "event_bias", "soft_dtw"])
 def test_order_score_padding_invariant_blocked_equals_full_and_empty_sides_score_zero(mode):
     g = torch.Generator().manual_seed(0)
     a, am = _rand_units(4, 5, 8, g, [5, 3, 1, 0])
@@ -240,20 +317,23 @@ def test_order_score_padding_invariant_blocked_equals_full_and_empty_sides_score
     aw = masked_softmax(torch.randn(4, 5, generator=g), am)
     tw = masked_softmax(torch.randn(3, 4, generator=g), tm)
     order = None if mode is None else SegmentOrder(mode).terms()
-    kw = dict(a_weight=aw, t_weight=tw, concurrent=conc, order=order)
+    places = torch.tensor([[0.75, -1.0, -1.0, 0.25], [0.25, 0.75, -1, -1], [-1.0] * 4])
+    kw = dict(a_weight=aw, t_weight=tw, concurrent=conc, order=order, places=places)
     ref = unit_set_similarity(a, am, t, tm, **kw)
     assert ref.shape == (4, 3) and torch.isfinite(ref).all()
     assert torch.all(ref[3] == 0) and torch.all(ref[:, 2] == 0)
     pad = lambda x, n: F.pad(x, (0, 0, 0, n)) if x.dim() == 3 else F.pad(x, (0, n))
     got = unit_set_similarity(pad(a, 3), pad(am, 3), pad(t, 2), pad(tm, 2), a_weight=pad(aw, 3),
-                              t_weight=pad(tw, 2), concurrent=pad(conc, 2), order=order)
+                              t_weight=pad(tw, 2), concurrent=pad(conc, 2), order=order,
+                              places=F.pad(places, (0, 2), value=-1.0))
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(unit_set_similarity(a, am, t, tm, **kw, max_elems=25), ref)
 
 
-def test_order_score_in_the_model_padding_invariant_and_switch_changes_only_the_segment_level(tiny_text_dir):
+@pytest.mark.parametrize("mode", ["position_bias", "event_bias"])
+def test_order_score_in_the_model_padding_invariant_and_switch_changes_only_the_segment_level(tiny_text_dir, mode):
     base = _model(tiny_text_dir)
-    m = _model(tiny_text_dir, **{"model.segment_order": "position_bias"})
+    m = _model(tiny_text_dir, **{"model.segment_order": mode})
     mel, tb = _mel(), base.tokenize(CAPS)
     with torch.no_grad():
         ref = base.score(base.encode_audio(mel), base.encode_text(tb))
@@ -339,13 +419,16 @@ def test_calibrated_fused_loss_uses_temperature_one(tiny_text_dir):
 # -- across workers ---------------------------------------------------------------------------------------------------
 
 
-def test_sharded_loss_with_every_switch_is_the_global_batch_loss(tiny_text_dir):
-    """Two simulated workers gathering each other's texts (concurrency tags travel with them): the mean of their
-    losses is the whole batch's at every level; the hard term (local) too when the workers hold as many groups."""
+@pytest.mark.parametrize("mode", ["position_bias", "event_bias"])
+def test_sharded_loss_with_every_switch_is_the_global_batch_loss(tiny_text_dir, mode):
+    """Two simulated workers gathering each other's texts (concurrency tags and phrase places travel with them): the
+    mean of their losses is the whole batch's at every level; the hard term (local) too when the workers hold as
+    many groups."""
     from hci_atr.data.negatives import hard_negative_texts
     from model_helpers import ThreadGather
 
-    m = _model(tiny_text_dir, **{**ORDER_SWITCHES, "model.fusion": "calibrated", "model.learn_level_weights": True,
+    m = _model(tiny_text_dir, **{**ORDER_SWITCHES, "model.segment_order": mode, "model.fusion": "calibrated",
+                                 "model.learn_level_weights": True,
                                  "model.hard_negatives": "both", "model.hard_negative_weight": 0.5})
     caps = ["a loud beep, then a knock", "rain while a dog barks", "a dog barks after a car passes",
             "a bell rings before a man speaks", "a hum with birds over it", "a fast ticking then a slow drip"]
@@ -364,6 +447,7 @@ def test_sharded_loss_with_every_switch_is_the_global_batch_loss(tiny_text_dir):
     assert len(halves[0]["hard_source"]) == len(halves[1]["hard_source"])
     assert len(set(halves[0]["hard_source"].tolist())) == len(set(halves[1]["hard_source"].tolist()))
     assert m.encode_text(whole["text"]).phrase_concurrent.any()
+    assert (m.encode_text(whole["text"]).phrase_place is not None) == (mode == "event_bias")
     ref = m(**whole).losses
     outs = ThreadGather(2).run(lambda r, g: m(**halves[r], gather=g))
     assert set(outs[0].losses) == set(ref) and "hard" in ref

@@ -35,6 +35,8 @@ def _switches(clip=True, segment=False, frame=False, fusion=False, branch=False,
 # the order-aware switches of the compositional benchmark (hci_atr.models.temporal / order / weighting), and hard
 # negatives (hci_atr.data.negatives) on top
 _ORDER = {"model.temporal_context": "gru", "model.segment_order": "position_bias", "model.fusion": "calibrated"}
+# the same with the phrase places read as time from the sequence markers (no bias where a caption states no order)
+_ORDER_EVENT = {**_ORDER, "model.segment_order": "event_bias"}
 _HARD = {"model.hard_negatives": "both", "model.hard_negative_weight": 0.5}
 _TEXT = {"model.freeze_text": False}
 
@@ -57,6 +59,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("clip_ac", "clip + AC (fusion, branch, augment)", _switches(fusion=True, branch=True, augment=True)),
     Variant("hci_order", "HCI + order (GRU, position bias, calibrated)",
             {**_switches(segment=True, frame=True), **_ORDER}),
+    Variant("hci_event", "HCI + order by events (GRU, event bias, calibrated)",
+            {**_switches(segment=True, frame=True), **_ORDER_EVENT}),
     Variant("hci_order_hard", "HCI + order + hard negatives (w 0.5)",
             {**_switches(segment=True, frame=True), **_ORDER, **_HARD}),
     # the text tower trained at train.text_lr (frozen in every other row): its top two layers, or all of them

@@ -74,12 +74,30 @@ def clause_breaks(caption: str) -> set[int]:
     return out
 
 
-def _events(caption: str) -> tuple[list[str], list[list[str]], list[str], list[str]] | None:
+class _Word(str):
+    """A word that remembers its index in the caption; it compares, hashes and joins as the plain word."""
+
+    index: int
+
+
+def _indexed(words: list[str]) -> list[str]:
+    out = []
+    for i, w in enumerate(words):
+        x = _Word(w)
+        x.index = i
+        out.append(x)
+    return out
+
+
+def _events(caption: str, indexed: bool = False) -> tuple[list[str], list[list[str]], list[str], list[str]] | None:
     """A caption -> (opening, events, markers, closing): ``len(markers) == len(events) - 1``, marker k between event
     k and k + 1, in the caption's order of mention ("" where only punctuation separates two events); ``opening`` /
     ``closing``: words that frame the whole sequence and stay in place ("first", "over a hum," / "while a hum
-    continues in the background"). None when the caption has no sequence marker between two events."""
+    continues in the background"). None when the caption has no sequence marker between two events. ``indexed``:
+    every word is a :class:`_Word` that knows its index in ``split_words(caption)``."""
     words, breaks = split_words(caption)
+    if indexed:
+        words = _indexed(words)
     if not words:
         return None
     clause = clause_breaks(caption)
@@ -145,6 +163,32 @@ def _events(caption: str) -> tuple[list[str], list[list[str]], list[str], list[s
     if not any(markers) or any(not e for e in flat):
         return None  # only commas between clauses state no order
     return opening, flat, markers, closing
+
+
+# markers after which the next event comes *earlier* in time ("a knock after a beep": the beep is first)
+_BACKWARD_MARKERS = frozenset({"after"})
+
+
+def event_places(caption: str) -> list[float | None]:
+    """Per word of ``split_words(caption)``: the place in time of the event the word describes, ``(rank + 1/2) /
+    n_events``, with the events ranked by the caption's sequence markers ("a beep, then a knock" and "a knock after
+    a beep" both put the beep at 0.25 and the knock at 0.75). None for words outside every event (the markers, a
+    framing "first", "over a hum," or "while a hum continues"), and for every word of a caption that states no
+    order: one event, or markers that disagree in direction ("a beep then a knock after a bell")."""
+    words = split_words(caption)[0]
+    out: list[float | None] = [None] * len(words)
+    parsed = _events(caption, indexed=True)
+    if parsed is None:
+        return out
+    _, events, markers, _ = parsed
+    backward = [m in _BACKWARD_MARKERS for m in markers]
+    if any(backward) and not all(backward):
+        return out
+    ranks = range(len(events) - 1, -1, -1) if all(backward) else range(len(events))
+    for rank, event in zip(ranks, events):
+        for w in event:
+            out[w.index] = (rank + 0.5) / len(events)
+    return out
 
 
 def order_swapped(caption: str) -> str | None:

@@ -89,7 +89,8 @@ class AudioEmbeddings(_Batched):
 class TextEmbeddings(_Batched):
     """L2-normalised text embeddings: sentence [B, D]; phrases [B, P, D] + phrase_mask [B, P];
     words [B, L, D] + word_mask [B, L]; phrase_concurrent [B, P] (phrases whose events are concurrent, so their
-    place in the caption is no order: set when ``model.segment_order`` is on) or None."""
+    place in the caption is no order: set when ``model.segment_order`` is on) or None; phrase_place [B, P] (the
+    place in time of each phrase's event, -1 none: set when ``model.segment_order`` is event_bias) or None."""
 
     sentence: torch.Tensor
     phrases: torch.Tensor
@@ -97,6 +98,7 @@ class TextEmbeddings(_Batched):
     words: torch.Tensor
     word_mask: torch.Tensor
     phrase_concurrent: torch.Tensor | None = None
+    phrase_place: torch.Tensor | None = None
 
 
 
@@ -238,6 +240,8 @@ class HciAtrModel(nn.Module):
             words=_norm(self.word_head(words)) * wm[..., None].to(words.dtype),
             word_mask=wm,
             phrase_concurrent=None if self._tagger is None else self._tagger(batch),
+            phrase_place=self._tagger.places(batch) if self.cfg.model.segment_order == "event_bias" and
+            self._tagger is not None else None,
         )
 
     @torch.no_grad()
@@ -327,7 +331,7 @@ class HciAtrModel(nn.Module):
                     a.segments, a.segment_mask, t.phrases, t.phrase_mask,
                     a_weight=None if uw is None else uw["segment"](a.segments, a.segment_mask),
                     t_weight=None if uw is None else uw["phrase"](t.phrases, t.phrase_mask),
-                    concurrent=t.phrase_concurrent,
+                    concurrent=t.phrase_concurrent, places=t.phrase_place,
                     order=None if self.segment_order is None else self.segment_order.terms(), max_elems=max_elems)
         if self.cfg.model.use_frame:
             if uw is None:
@@ -551,12 +555,13 @@ def _gather_text(t: TextEmbeddings, pair_weight: torch.Tensor, keys: torch.Tenso
     """Every worker's texts (embeddings, masks, concurrent phrases, pair weights, clip keys, and when given the
     texts' identities and generated flags) in rank order: one collective."""
     parts = [t.sentence, t.phrases, t.phrase_mask.to(torch.bool), t.words, t.word_mask.to(torch.bool)]
-    if t.phrase_concurrent is not None:
-        parts.append(t.phrase_concurrent.to(torch.bool))
+    optional = {f: v for f in ("phrase_concurrent", "phrase_place") if (v := getattr(t, f)) is not None}
+    parts += [v.to(torch.bool) if f == "phrase_concurrent" else v for f, v in optional.items()]
     extra = ([_split_key(text_ids)] if text_ids is not None else []) + \
         ([generated.to(torch.bool)] if generated is not None else [])
     out = _gather_packed(gather, parts + [pair_weight, _split_key(keys)] + extra)
     fields, (weight, halves), rest = out[:len(parts)], out[len(parts):len(parts) + 2], out[len(parts) + 2:]
     ids = _join_key(rest.pop(0)) if text_ids is not None else None
     gen = rest.pop(0) if generated is not None else None
-    return TextEmbeddings(*fields), weight, _join_key(halves), ids, gen
+    base = ("sentence", "phrases", "phrase_mask", "words", "word_mask", *optional)
+    return TextEmbeddings(**dict(zip(base, fields))), weight, _join_key(halves), ids, gen

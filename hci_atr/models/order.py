@@ -7,6 +7,11 @@ two additions, each optional:
 - **order** (:class:`SegmentOrder`, ``model.segment_order``):
   - ``position_bias``: before the maxima, ``sim[s, p] -= strength * |r_s - r_p|``, where ``r_s = (s + 1/2) / S_valid``
     is a segment's place in the clip and ``r_p = (p + 1/2) / P_valid`` a phrase's place in the caption;
+  - ``event_bias``: the same bias, with ``r_p`` the place *in time* of the event the phrase describes, as the
+    caption's sequence markers order them (:func:`hci_atr.data.negatives.event_places`: "a knock after a beep" puts
+    the beep first), and no bias at all on a phrase whose caption states no order (one event, or markers that
+    disagree) or that frames the sequence ("over a hum,"). ``position_bias`` biases a one-event caption toward the
+    middle of the clip and reads "X after Y" backwards; this mode does neither;
   - ``soft_dtw``: the text -> audio half becomes a monotonic soft alignment: phrases in caption order take segments
     in clip order, ``D[p, s] = w_p sim[s, p] + g_p * logcumsumexp_s(D[p-1] / g_p)``, ``g_p = gamma * w_p``, scored at
     the last phrase's best segment (a soft-DTW over paths that may skip segments; gamma learnt);
@@ -30,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hci_atr.data.negatives import CONCURRENCY_WORDS, SEQUENCE_WORDS, clause_breaks
+from hci_atr.data.negatives import CONCURRENCY_WORDS, SEQUENCE_WORDS, clause_breaks, event_places
 
-ORDER_MODES = ("none", "position_bias", "soft_dtw")
+ORDER_MODES = ("none", "position_bias", "event_bias", "soft_dtw")
 _NEG = -1e4  # below any score; where a maximum must ignore padded units
 
 
@@ -107,6 +112,27 @@ class ConcurrencyTagger:
         return concurrent_phrases(batch.phrase_matrix, batch.phrase_mask, conc, seq,
                                   clause_starts(getattr(batch, "texts", None), batch.word_mask))
 
+    @staticmethod
+    def places(batch) -> torch.Tensor:
+        """TextBatch -> [B, P] float: each phrase's place in time (:func:`phrase_places`)."""
+        return phrase_places(batch.texts, batch.phrase_matrix, batch.phrase_mask)
+
+
+def phrase_places(texts: list[str], phrase_matrix: torch.Tensor, phrase_mask: torch.Tensor) -> torch.Tensor:
+    """[B, P]: the place in time (in (0, 1)) of the event each phrase describes
+    (:func:`hci_atr.data.negatives.event_places` of its words; a phrase takes the place of its placed words, which
+    all lie in one event since a sequence marker starts a phrase), -1 where it has none. As in
+    :func:`clause_starts`, word indices are the tokenizer's only for plain-ASCII captions: others get -1 throughout."""
+    b, _, n_words = phrase_matrix.shape
+    word = torch.full((b, n_words), -1.0)
+    for i, text in enumerate(texts):
+        if text.isascii():
+            places = event_places(text)[:n_words]
+            word[i, :len(places)] = torch.tensor([-1.0 if x is None else x for x in places])
+    member = (phrase_matrix > 0).cpu()
+    out = torch.where(member, word[:, None, :], torch.full_like(member, -1.0, dtype=torch.float32)).amax(-1)
+    return torch.where(phrase_mask.bool().cpu(), out, torch.full_like(out, -1.0)).to(phrase_matrix.device)
+
 
 def clause_starts(texts: list[str] | None, word_mask: torch.Tensor) -> torch.Tensor | None:
     """[B, L]: word l of caption b follows clause punctuation (``, ; : . ! ?``), from the caption strings. Word
@@ -140,22 +166,24 @@ class OrderTerms:
     """What one scoring call needs of :class:`SegmentOrder` (its parameters read once)."""
 
     mode: str
-    strength: torch.Tensor  # position_bias: bias per unit of relative distance (>= 0)
+    strength: torch.Tensor  # position_bias / event_bias: bias per unit of relative distance (>= 0)
     gamma: torch.Tensor  # soft_dtw: smoothing (> 0)
     way_out: torch.Tensor  # in [0, 1]: how much a caption with concurrent phrases drops the order term
 
 
 class SegmentOrder(nn.Module):
-    """The learnt parameters of the order term: strength (position_bias), gamma (soft_dtw), the way out."""
+    """The learnt parameters of the order term: strength (position_bias, event_bias), gamma (soft_dtw), the way
+    out."""
 
     def __init__(self, mode: str, init_strength: float = 0.1, init_gamma: float = 0.05):
         super().__init__()
-        if mode not in ("position_bias", "soft_dtw"):
-            raise ValueError(f"segment order: unknown mode {mode!r} (use position_bias or soft_dtw)")
+        if mode not in ORDER_MODES[1:]:
+            raise ValueError(f"segment order: unknown mode {mode!r} (use one of {', '.join(ORDER_MODES[1:])})")
         self.mode = mode
+        biased = mode in ("position_bias", "event_bias")
         # strength = softplus(raw) >= 0; gamma = exp(log_gamma); way_out = sigmoid(logit), 0.5 at the start
-        raw = init_strength if mode == "position_bias" else 1.0
-        self.raw_strength = nn.Parameter(torch.tensor(math.log(math.expm1(raw))), requires_grad=mode == "position_bias")
+        raw = init_strength if biased else 1.0
+        self.raw_strength = nn.Parameter(torch.tensor(math.log(math.expm1(raw))), requires_grad=biased)
         self.log_gamma = nn.Parameter(torch.tensor(math.log(init_gamma)), requires_grad=mode == "soft_dtw")
         self.way_out_logit = nn.Parameter(torch.tensor(0.0))
 
@@ -200,8 +228,10 @@ def _soft_alignment(sim: torch.Tensor, am: torch.Tensor, tm: torch.Tensor, tw: t
 
 
 def _block(a: torch.Tensor, am: torch.Tensor, t: torch.Tensor, tm: torch.Tensor, aw: torch.Tensor | None,
-           tw: torch.Tensor | None, conc: torch.Tensor | None, order: OrderTerms | None) -> torch.Tensor:
-    """a [A, S, D], am [A, S]; t [T, P, D], tm [T, P]; aw [A, S] / tw [T, P] unit weights or None; conc [T, P]."""
+           tw: torch.Tensor | None, conc: torch.Tensor | None, order: OrderTerms | None,
+           places: torch.Tensor | None = None) -> torch.Tensor:
+    """a [A, S, D], am [A, S]; t [T, P, D], tm [T, P]; aw [A, S] / tw [T, P] unit weights or None; conc [T, P];
+    places [T, P] (event_bias: each phrase's place in time, -1 none)."""
     sim = torch.einsum("asd,tpd->atsp", a, t)  # [A, T, S, P]
     pair = am[:, None, :, None] & tm[None, :, None, :]
     if conc is None:
@@ -211,9 +241,15 @@ def _block(a: torch.Tensor, am: torch.Tensor, t: torch.Tensor, tm: torch.Tensor,
     if order is not None:
         relax = 1.0 - order.way_out * has_conc  # [T]: the way out for captions with concurrent phrases
     raw = sim
-    if order is not None and order.mode == "position_bias":
-        dist = (relative_places(am)[:, None, :, None] - relative_places(tm)[None, :, None, :]).abs()
-        scale = order.strength * (~conc).to(sim.dtype) * relax[:, None]  # [T, P]
+    if order is not None and order.mode in ("position_bias", "event_bias"):
+        if order.mode == "event_bias":
+            if places is None:
+                raise ValueError("segment order event_bias needs the phrases' places in time (phrase_places)")
+            text_place, placed = places.clamp(min=0.0), (places >= 0) & tm
+        else:
+            text_place, placed = relative_places(tm), tm
+        dist = (relative_places(am)[:, None, :, None] - text_place[None, :, None, :]).abs()
+        scale = order.strength * (~conc & placed).to(sim.dtype) * relax[:, None]  # [T, P]
         sim = sim - scale[None, :, None, :] * dist.to(sim.dtype)
     sim = sim.masked_fill(~pair, _NEG)
     text_best = sim.amax(dim=2)  # [A, T, P]
@@ -232,12 +268,13 @@ def _block(a: torch.Tensor, am: torch.Tensor, t: torch.Tensor, tm: torch.Tensor,
 def unit_set_similarity(a: torch.Tensor, a_mask: torch.Tensor, t: torch.Tensor, t_mask: torch.Tensor, *,
                         a_weight: torch.Tensor | None = None, t_weight: torch.Tensor | None = None,
                         concurrent: torch.Tensor | None = None, order: OrderTerms | None = None,
-                        max_elems: int = 1 << 24) -> torch.Tensor:
+                        places: torch.Tensor | None = None, max_elems: int = 1 << 24) -> torch.Tensor:
     """Set similarity of every audio with every text, with optional unit weights and order term.
 
     a [B_a, S, D], a_mask [B_a, S]; t [B_t, P, D], t_mask [B_t, P]; a_weight [B_a, S] / t_weight [B_t, P] (sum 1
     over valid units) or None (plain means); concurrent [B_t, P] or None (no concurrent phrase); order: the terms
-    of a :class:`SegmentOrder` or None (order-blind) -> [B_a, B_t]. With neither weights nor order it equals
+    of a :class:`SegmentOrder` or None (order-blind); places [B_t, P] (what ``event_bias`` needs: each phrase's
+    place in time, -1 none; :func:`phrase_places`) -> [B_a, B_t]. With neither weights nor order it equals
     :func:`hci_atr.models.hci.set_similarity`.
     """
     a_mask = a_mask.to(torch.bool)
@@ -251,11 +288,12 @@ def unit_set_similarity(a: torch.Tensor, a_mask: torch.Tensor, t: torch.Tensor, 
     a, a_mask, a_weight = a[:, :s_used], a_mask[:, :s_used], cut(a_weight, s_used)
     t, t_mask, t_weight = t[:, :p_used], t_mask[:, :p_used], cut(t_weight, p_used)
     concurrent = None if concurrent is None else concurrent[:, :p_used].to(torch.bool) & t_mask
+    places = None if places is None else places[:, :p_used]
     ba, s, _ = a.shape
     bt, p, _ = t.shape
     per_pair = max(1, s * p)
     if ba * bt * per_pair <= max_elems:
-        return _block(a, a_mask, t, t_mask, a_weight, t_weight, concurrent, order)
+        return _block(a, a_mask, t, t_mask, a_weight, t_weight, concurrent, order, places)
     bt_blk = max(1, min(bt, max_elems // per_pair))
     ba_blk = max(1, max_elems // (per_pair * bt_blk))
     rows = []
@@ -265,6 +303,7 @@ def unit_set_similarity(a: torch.Tensor, a_mask: torch.Tensor, t: torch.Tensor, 
             ai, tj = slice(i, i + ba_blk), slice(j, j + bt_blk)
             cols.append(_block(a[ai], a_mask[ai], t[tj], t_mask[tj], None if a_weight is None else a_weight[ai],
                                None if t_weight is None else t_weight[tj],
-                               None if concurrent is None else concurrent[tj], order))
+                               None if concurrent is None else concurrent[tj], order,
+                               None if places is None else places[tj]))
         rows.append(torch.cat(cols, dim=1))
     return torch.cat(rows, dim=0)
