@@ -302,3 +302,18 @@ def test_cross_fitted_captions_come_from_models_that_never_saw_the_clip(ray_sess
     by_fold = [{c for r in train if fold[r["audio_id"]] == f for c in r["captions"]} for f in range(2)]
     for r in train:  # a training clip's caption is one of the other fold's captions
         assert caps["captions"][r["audio_id"]] in by_fold[1 - fold[r["audio_id"]]]
+
+
+def test_epoch_line_says_the_best_epoch_and_how_close_early_stopping_is():
+    from types import SimpleNamespace as NS
+
+    from workflows.ablation_tasks import epoch_line
+
+    end = NS(epoch=5, stop=False, metrics={"loss_total": 2.1234, "val_rsum": 250.12, "epoch_seconds": 61.2},
+             state=NS(best_rsum=251.0, best_epoch=3, bad_epochs=2))
+    assert epoch_line("hci seed 0", end, 40, 4) == \
+        "hci seed 0: epoch 6/40 loss 2.123, val R-sum 250.1 (best 251.0 at epoch 4, 2/4 without a better one), 61 s"
+    end.stop, end.state.bad_epochs = True, 4
+    assert epoch_line("hci seed 0", end, 40, 4).endswith("4/4 without a better one), 61 s - stopping early")
+    end.state.bad_epochs = 0
+    assert "without" not in epoch_line("clip seed 1", end, 40, 0)

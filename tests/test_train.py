@@ -372,17 +372,22 @@ def solo_run(feats, work, tiny_text_dir):
 
 
 @ray
-def test_one_worker_matches_the_in_process_loop(solo_run, feats, work, tiny_text_dir):
+def test_one_worker_matches_the_in_process_loop(solo_run, feats, work, tiny_text_dir, capsys):
     """The ablation path (in-process fit loop over read_split_rows) and `hci-atr train`'s worker path (the same loop
     over its Ray Data split) give the same first epoch for the same seed: the same rows in the same order, batches,
-    crops, losses and validation."""
+    crops, losses and validation. The ablation path prints one progress line per epoch."""
     from hci_atr.data.shards import read_split_rows
     from workflows.ablation_tasks import train_and_evaluate
 
     res, _ = solo_run
     rows = {s: read_split_rows(feats, s) for s in ("train", "val", "test")}
+    capsys.readouterr()
     abl = train_and_evaluate(_cfg(tiny_text_dir, work, "solo", epochs=1, **{"run.num_workers": 1}), rows["train"],
-                             rows["val"], rows["test"], threads=1)
+                             rows["val"], rows["test"], threads=1, label="hci seed 0")
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hci seed 0: epoch")]
+    h = abl["history"][0]
+    assert out == [f"hci seed 0: epoch 1/1 loss {h['loss_total']:.3f}, val R-sum {h['val_rsum']:.1f} (best "
+                   f"{h['val_rsum']:.1f} at epoch 1), {h['epoch_seconds']:.0f} s"]
     a, t = abl["history"][0], res.history[0]
     assert t["batches"] == a["batches"] == 34 // BATCH
     for k in ("loss_total", "loss_clip", "loss_segment", "loss_frame"):

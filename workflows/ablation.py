@@ -193,10 +193,10 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
     all_rows_ref = ray.put([r for rows in splits.values() for r in rows])
 
     @ray.remote(num_cpus=1)
-    def train_task(cfg_dict: dict, tr, va, te, caps: dict | None, model_dir: str | None) -> dict:
+    def train_task(cfg_dict: dict, tr, va, te, caps: dict | None, model_dir: str | None, label: str) -> dict:
         return train_and_evaluate(Settings.from_dict(cfg_dict), tr, va, te,
                                   captions=(caps or {}).get("captions"), model_dir=model_dir, threads=1,
-                                  pairs=pairs)
+                                  pairs=pairs, label=label)
 
     @ray.remote(num_cpus=1)
     def caption_task(_trained: dict, model_dir: str, rows: list[dict], bank_exclude: Sequence[str] = ()) -> dict:
@@ -221,7 +221,8 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
             inside = [r for r in train_rows if fold[r["audio_id"]] == f]
             rest = ray.put([r for r in train_rows if fold[r["audio_id"]] != f])
             fold_dir = out / "caption_models" / f"{caption_variant}_seed{seed}_fold{f}of{ac_folds}"
-            trained_f = train_task.remote(ccfg.to_dict(), rest, val_ref, test_ref, None, str(fold_dir))
+            trained_f = train_task.remote(ccfg.to_dict(), rest, val_ref, test_ref, None, str(fold_dir),
+                                          f"{caption_variant} seed {seed} fold {f + 1}/{ac_folds} (captioner)")
             tasks.append(caption_task.remote(trained_f, str(fold_dir), inside, [r["audio_id"] for r in inside]))
         return tasks
 
@@ -251,7 +252,8 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
                 if done is not None and (model_dir / "config.yaml").is_file():
                     trained = ray.put(done)
                 else:
-                    trained = train_task.remote(ccfg.to_dict(), train_ref, val_ref, test_ref, None, str(model_dir))
+                    trained = train_task.remote(ccfg.to_dict(), train_ref, val_ref, test_ref, None, str(model_dir),
+                                                f"{cv.name} seed {seed} (captioner)")
                     if cv in chosen:  # its numbers are also the table's row for this variant
                         pending[trained] = (cv.name, seed, cres, {"key": key, "config": ccfg.to_dict()})
                 if ac_folds > 1:
@@ -274,7 +276,7 @@ def run_ablation(out_dir: str | os.PathLike, *, cfg: Settings | None = None, dat
                 results[(v.name, seed)] = done
                 continue
             ref = train_task.remote(vcfg.to_dict(), train_ref, val_ref, test_ref,
-                                    caption_ref if v.uses_captions else None, None)
+                                    caption_ref if v.uses_captions else None, None, f"{v.name} seed {seed}")
             pending[ref] = (v.name, seed, path, {"key": key, "config": vcfg.to_dict(),
                                                  **({"caption_source": cap_source} if v.uses_captions else {})})
     total = sum(1 for p in pending.values() if p[0] != "__captions__")

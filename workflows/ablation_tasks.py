@@ -51,16 +51,26 @@ def split_outcomes(model, rows: list[dict], cfg, pairs: Sequence | None = None) 
     return {k: float(v) for k, v in metrics.items()}, per_query
 
 
+def epoch_line(label: str, end, epochs: int, patience: int = 0) -> str:
+    """One progress line for a finished epoch (an :class:`hci_atr.training.EpochEnd`; epochs counted from 1): loss,
+    validation R-sum, the best so far, and how close early stopping is."""
+    m, st = end.metrics, end.state
+    wait = f", {st.bad_epochs}/{patience} without a better one" if patience > 0 and st.bad_epochs else ""
+    return (f"{label}: epoch {end.epoch + 1}/{epochs} loss {m.get('loss_total', float('nan')):.3f}, val R-sum "
+            f"{m['val_rsum']:.1f} (best {st.best_rsum:.1f} at epoch {st.best_epoch + 1}{wait}), "
+            f"{m.get('epoch_seconds', 0.0):.0f} s" + (" - stopping early" if end.stop else ""))
+
+
 def train_and_evaluate(cfg: Settings, train_rows: list[dict], val_rows: list[dict], test_rows: list[dict], *,
                        captions: dict[str, str] | None = None, model_dir: str | os.PathLike | None = None,
-                       threads: int = 1, pairs: Sequence | None = None) -> dict[str, Any]:
+                       threads: int = 1, pairs: Sequence | None = None, label: str | None = None) -> dict[str, Any]:
     """Train ``HciAtrModel(cfg)`` with the library's fit loop (:func:`hci_atr.training.fit`, in-process hooks: the
     same seeding, warm-up, best epoch and early stopping as each ``hci-atr train`` worker), put back the epoch with
     the best validation R-sum, evaluate it on ``test_rows``. Returns ``{"test": metrics, "val": metrics,
     "per_query", "best_epoch", "epochs_run", "stopped_early", "history", "seconds", "threads"}`` (metrics as
     :func:`hci_atr.training.evaluate` gives them, in percent; ``test`` also has the pair accuracies of ``pairs``
     (:func:`hci_atr.data.pairs.read_pairs` of ``test_rows``); ``per_query`` as :func:`split_outcomes`).
-    ``model_dir``: save the best model there.
+    ``model_dir``: save the best model there. ``label``: print a progress line per epoch (:func:`epoch_line`).
 
     The training rows are batched in audio_id order (as :func:`hci_atr.data.shards.read_split_rows` returns them),
     the order a single ``hci-atr train`` worker sees its split in, so one worker and this loop give the same numbers.
@@ -78,7 +88,9 @@ def train_and_evaluate(cfg: Settings, train_rows: list[dict], val_rows: list[dic
                           f"{len(train_rows)}/{len(val_rows)}/{len(test_rows)}); use a larger dataset or --size")
     train_rows = sorted(train_rows, key=lambda r: str(r["audio_id"]))
     model = seeded_model(cfg)
-    hooks = InProcess(cfg, train_rows, val_rows, batch_size=min(tc.batch_size, len(train_rows)))
+    progress = None if label is None else (lambda end: print(epoch_line(label, end, tc.epochs, tc.early_stopping_patience),
+                                                          flush=True))
+    hooks = InProcess(cfg, train_rows, val_rows, batch_size=min(tc.batch_size, len(train_rows)), progress=progress)
     result = fit(model, cfg, hooks)
     state = result.state
     hooks.restore_best(model)

@@ -323,11 +323,12 @@ class InProcess(FitHooks):
     (:meth:`restore_best` puts them back)."""
 
     def __init__(self, cfg: Config, train_rows: Sequence[dict] | Rows, val_rows: list[dict],
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, progress: Callable[[EpochEnd], None] | None = None):
         self.cfg = cfg
         self.train_rows, self.val_rows = train_rows, val_rows
         self.batch_size = batch_size or cfg.train.batch_size
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.progress = progress  # called with each EpochEnd (a progress line)
 
     def batches(self, model, epoch, generator):
         return iter_batches(self.train_rows, self.cfg, model, True, generator, batch_size=self.batch_size,
@@ -340,6 +341,8 @@ class InProcess(FitHooks):
         if end.is_best:  # frozen parameters never change, so they need no copy
             self.best_state = {n: p.detach().clone() for n, p in end.model.state_dict(keep_vars=True).items()
                                if not (isinstance(p, torch.nn.Parameter) and not p.requires_grad)}
+        if self.progress is not None:
+            self.progress(end)
 
     def restore_best(self, model: HciAtrModel) -> None:
         if self.best_state is not None:
