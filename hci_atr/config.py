@@ -136,6 +136,10 @@ class TrainConfig:
     audio_pretrained_lr: float = 1e-4  # the audio encoder's parameters model.audio_checkpoint (PANNs) filled
     text_train_layers: int = -1  # with model.freeze_text false: -1 trains every layer, k only the top k (rest frozen)
     text_cache_mb: float = 1024.0  # the frozen text layers' outputs kept per caption for the run (MiB; 0: off)
+    # none | text: each training batch built from groups of clips whose captions read alike (hci_atr.training.mining),
+    # so a clip meets its order-swapped or attribute-flipped twin as a negative; batch_mining_group clips a group
+    batch_mining: str = "none"
+    batch_mining_group: int = 2
 
     def __post_init__(self):
         for name in ("text_lr", "audio_pretrained_lr"):
@@ -146,6 +150,10 @@ class TrainConfig:
                               f"got {self.text_train_layers}")
         if self.text_cache_mb < 0:
             raise ConfigError(f"train.text_cache_mb: expected >= 0 (0: off), got {self.text_cache_mb}")
+        if self.batch_mining not in ("none", "text"):
+            raise ConfigError(f"train.batch_mining: expected one of none, text, got {self.batch_mining!r}")
+        if self.batch_mining_group < 2:
+            raise ConfigError(f"train.batch_mining_group: expected >= 2 clips a group, got {self.batch_mining_group}")
 
 
 class _Null:

@@ -317,3 +317,25 @@ def test_epoch_line_says_the_best_epoch_and_how_close_early_stopping_is():
     assert epoch_line("hci seed 0", end, 40, 4).endswith("4/4 without a better one), 61 s - stopping early")
     end.state.bad_epochs = 0
     assert "without" not in epoch_line("clip seed 1", end, 40, 0)
+
+
+def test_switches_added_later_leave_the_key_of_a_run_without_them_unchanged():
+    """A run's key is the hash of its config as it was before the neutral switches existed (so published results
+    still resume); the same switch on enters the key."""
+    import hashlib
+    import json
+
+    from workflows.ablation import KEY_NEUTRAL, LOOP_RULES, config_key
+    from workflows.settings import Settings
+
+    cfg = variant_config(Settings(), VARIANTS["hci"], 0)
+    before = cfg.to_dict()
+    for section, fields in KEY_NEUTRAL.items():
+        for name in fields:
+            del before[section][name]
+    blob = json.dumps({"config": before, "loop": LOOP_RULES, "data": "x"}, sort_keys=True, default=str)
+    assert config_key(cfg, {"data": "x"}) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    mined = variant_config(Settings(), VARIANTS["hci_mined"], 0)
+    assert mined.train.batch_mining == "text" and config_key(mined) != config_key(cfg)
+    assert config_key(mined.override({"train.batch_mining_group": 3})) != config_key(mined)
+    assert variant_config(Settings(), VARIANTS["hci_event_mined"], 0).model.segment_order == "event_bias"

@@ -67,10 +67,21 @@ LOOP_RULES = 2
 RESULT_FORMAT = 2
 
 
+# Switches added after results were published, at the value that is the code before them bit for bit: at that value
+# they stay out of the key, so those results still resume (any other value enters the key as usual).
+KEY_NEUTRAL = {"train": {"batch_mining": "none", "batch_mining_group": 2}}
+
+
 def config_key(cfg: Settings, extra: dict[str, Any] | None = None) -> str:
     """A short hash of everything that decides a run's numbers (resolved config + data + caption source + the fit
-    loop's rules)."""
-    blob = json.dumps({"config": cfg.to_dict(), "loop": LOOP_RULES, **(extra or {})}, sort_keys=True, default=str)
+    loop's rules; :data:`KEY_NEUTRAL` fields at their neutral value left out)."""
+    conf = cfg.to_dict()
+    for section, neutral in KEY_NEUTRAL.items():
+        part = conf.get(section, {})
+        for name, value in neutral.items():
+            if name in part and part[name] == value:
+                del part[name]
+    blob = json.dumps({"config": conf, "loop": LOOP_RULES, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

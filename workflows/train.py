@@ -335,6 +335,9 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     mode, why = choose_data_mode(cfg.run.data_mode, split_disk_bytes(files, file_counts),
                                  float(ray.cluster_resources().get("object_store_memory", 0)),
                                  cfg.run.object_store_share)
+    if mode == "stream" and cfg.train.batch_mining != "none":
+        raise ConfigError(f"train.batch_mining={cfg.train.batch_mining} groups clips across the whole split, which "
+                          f"streaming ({why}) never holds at once: use --data-mode materialize or batch_mining none")
     say(f"training data: {mode} ({why}); shuffle {cfg.run.shuffle}")
     tracking.set_tags(uri, run_id, {"data.mode": mode})
     loop_config = {"cfg": cfg.to_dict(), "features_dir": str(features_dir), "captions": captions,

@@ -61,6 +61,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             {**_switches(segment=True, frame=True), **_ORDER}),
     Variant("hci_event", "HCI + order by events (GRU, event bias, calibrated)",
             {**_switches(segment=True, frame=True), **_ORDER_EVENT}),
+    # batches of caption-text neighbours (hci_atr.training.mining): a clip meets its twin as an in-batch negative
+    Variant("hci_mined", "HCI, mined batches (caption-text neighbours)",
+            {**_switches(segment=True, frame=True), "train.batch_mining": "text"}),
+    Variant("hci_event_mined", "HCI + order by events, mined batches",
+            {**_switches(segment=True, frame=True), **_ORDER_EVENT, "train.batch_mining": "text"}),
     Variant("hci_order_hard", "HCI + order + hard negatives (w 0.5)",
             {**_switches(segment=True, frame=True), **_ORDER, **_HARD}),
     # the text tower trained at train.text_lr (frozen in every other row): its top two layers, or all of them

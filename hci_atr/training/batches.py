@@ -25,6 +25,7 @@ from hci_atr.data.negatives import hard_negative_texts
 from hci_atr.data.text import normalize_caption
 from hci_atr.data.shards import row_mel, table_to_rows
 from hci_atr.errors import DataError
+from hci_atr.training.mining import caption_vectors, mined_order, nearest_candidates
 from hci_atr.models.model import HciAtrModel
 from hci_atr.models.text_encoder import TextBatch
 
@@ -114,6 +115,13 @@ class ArrowRows:
 
     def audio_ids(self) -> list[str]:
         return [str(a) for a in self.table.column("audio_id").take(self.positions).to_pylist()]
+
+
+def _captions(rows: Sequence[dict] | Rows) -> list[list[str]]:
+    """Every row's own captions (for :mod:`hci_atr.training.mining`), without decoding the mels."""
+    if isinstance(rows, ArrowRows):
+        return [list(c or []) for c in rows.table.column("captions").take(rows.positions).to_pylist()]
+    return [list(r["captions"]) for r in rows]
 
 
 def _take(rows: Sequence[dict] | Rows, positions: list[int]) -> list[dict]:
@@ -207,11 +215,17 @@ def eval_audio(rows: list[dict], cfg: Config, model: HciAtrModel) -> tuple[torch
 def iter_batches(rows: Sequence[dict] | Rows, cfg: Config, model: HciAtrModel, train: bool,
                  generator: torch.Generator | None, batch_size: int | None = None,
                  drop_last: bool = False) -> Iterable[Batch]:
-    """Shuffle (training: ``randperm(len(rows), generator)``) and cut ``rows`` into Batches, in the order given
-    otherwise. The same rows in the same order and the same generator state give the same batches, whoever calls."""
+    """Shuffle (training: ``randperm(len(rows), generator)``, or with ``train.batch_mining: text`` the mined order of
+    :mod:`hci_atr.training.mining`, near neighbours among ``rows`` side by side) and cut ``rows`` into Batches, in the
+    order given otherwise. The same rows in the same order and the same generator state give the same batches,
+    whoever calls."""
     bs = batch_size or cfg.train.batch_size
     n = len(rows)
-    order = torch.randperm(n, generator=generator).tolist() if train else list(range(n))
+    if train and cfg.train.batch_mining == "text":
+        order = mined_order(nearest_candidates(caption_vectors(_captions(rows))), cfg.train.batch_mining_group,
+                            generator)
+    else:
+        order = torch.randperm(n, generator=generator).tolist() if train else list(range(n))
     stop = n - (n % bs if drop_last else 0)
     for i in range(0, stop, bs):
         chunk = order[i:i + bs]
