@@ -331,6 +331,17 @@ def test_features_of_another_front_end_are_refused_before_training(feats, work, 
     assert not (work / "ray_results" / "panns").exists()
 
 
+def test_mined_batches_with_streamed_rows_are_refused_before_training(feats, work, tiny_text_dir):
+    """Mined batches need a worker's whole share at once; streaming never holds it: one line, no run folder."""
+    from hci_atr.errors import ConfigError
+    from workflows.train import train
+
+    over = {"train.batch_mining": "text", "run.data_mode": "stream"}
+    with pytest.raises(ConfigError, match=r"train.batch_mining=text .* use --data-mode materialize"):
+        train(_cfg(tiny_text_dir, work, "mined", **over), feats, tracking_uri=_uri(work))
+    assert not (work / "ray_results" / "mined").exists()
+
+
 def test_captions_all_below_the_confidence_threshold_are_refused_before_training(feats, work, tiny_text_dir,
                                                                                  tmp_path):
     """AC on, and every generated caption below model.ac_min_confidence: one line naming the threshold and what to

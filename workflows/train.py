@@ -250,6 +250,13 @@ def default_torch_threads(num_workers: int, cpus: int | None = None) -> int:
     return max(1, cpus // max(1, num_workers))
 
 
+def _refuse_mining_when_streaming(cfg: Settings, why: str) -> None:
+    if cfg.train.batch_mining != "none":
+        raise ConfigError(f"train.batch_mining={cfg.train.batch_mining} groups clips across a worker's whole share, "
+                          f"which streaming ({why}) never holds at once: use --data-mode materialize, or "
+                          f"train.batch_mining none")
+
+
 def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os.PathLike | None = None, *,
           tracking_uri: str | None = None, ray_address: str | None = None, fault: dict | None = None,
           torch_threads: int | None = None, log_examples: bool = True, register: bool = True,
@@ -296,6 +303,8 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     if cfg.run.shuffle not in SHUFFLES:
         raise ConfigError(f"run.shuffle: expected one of {', '.join(SHUFFLES)}, got {cfg.run.shuffle!r}")
     choose_data_mode(cfg.run.data_mode, 0, 0, cfg.run.object_store_share)  # refuse a bad mode before any work
+    if cfg.run.data_mode == "stream":
+        _refuse_mining_when_streaming(cfg, "run.data_mode=stream")
     if fault is None and os.environ.get("HCI_ATR_FAULT"):
         e, b, r, m = os.environ["HCI_ATR_FAULT"].split(":", 3)
         fault = {"epoch": int(e), "batch": int(b), "rank": int(r), "marker": m}
@@ -335,9 +344,8 @@ def train(cfg: Settings, features_dir: str | os.PathLike, captions_dir: str | os
     mode, why = choose_data_mode(cfg.run.data_mode, split_disk_bytes(files, file_counts),
                                  float(ray.cluster_resources().get("object_store_memory", 0)),
                                  cfg.run.object_store_share)
-    if mode == "stream" and cfg.train.batch_mining != "none":
-        raise ConfigError(f"train.batch_mining={cfg.train.batch_mining} groups clips across the whole split, which "
-                          f"streaming ({why}) never holds at once: use --data-mode materialize or batch_mining none")
+    if mode == "stream":
+        _refuse_mining_when_streaming(cfg, why)
     say(f"training data: {mode} ({why}); shuffle {cfg.run.shuffle}")
     tracking.set_tags(uri, run_id, {"data.mode": mode})
     loop_config = {"cfg": cfg.to_dict(), "features_dir": str(features_dir), "captions": captions,
