@@ -137,11 +137,14 @@ def test_compositional_preset_resolves_to_its_settings(tmp_path, monkeypatch):
     assert kw["demo_pairs_in_split"] is True
     assert cfg.audio.duration == 5.0 and cfg.model.audio_width == 8
     assert cfg.train.epochs == 40 and cfg.train.early_stopping_patience == 4
-    assert list(kw["variants"]) == ["clip", "hci", "hci_order", "hci_order_hard", "hci_order_text2"]
+    assert list(kw["variants"]) == ["clip", "hci", "hci_order", "hci_event", "hci_order_hard", "hci_order_text2"]
     assert kw["out_dir"] == "hci_atr_runs/ablation-compositional"
     order = variant_config(cfg, VARIANTS["hci_order"], 0).model
     assert (order.use_segment, order.use_frame, order.temporal_context, order.segment_order, order.fusion) == \
         (True, True, "gru", "position_bias", "calibrated") and order.hard_negatives == "none"
+    event = variant_config(cfg, VARIANTS["hci_event"], 0).model
+    assert (event.temporal_context, event.segment_order, event.fusion, event.hard_negatives) == \
+        ("gru", "event_bias", "calibrated", "none")
     hard = variant_config(cfg, VARIANTS["hci_order_hard"], 0).model
     assert (hard.temporal_context, hard.hard_negatives, hard.hard_negative_weight) == ("gru", "both", 0.5)
     clip = variant_config(cfg, VARIANTS["clip"], 0).model

@@ -116,7 +116,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            "T2A R@1 by 0.07 points, A2T R@1 by 0.33) with the hard-negative pairs inside each split; every variant "
            "trained until validation R-sum has not improved for 4 epochs (at most 40)",
            demo_size=2000, pairs_in_split=True,
-           variants=("clip", "hci", "hci_order", "hci_order_hard", "hci_order_text2"),
+           variants=("clip", "hci", "hci_order", "hci_event", "hci_order_hard", "hci_order_text2"),
            overrides={"audio.duration": 5.0, "model.audio_width": 8, "train.epochs": 40,
                       "train.early_stopping_patience": 4}),
 ]}
