@@ -9,6 +9,9 @@ hold). Prints the seconds of the training pass and of the validation that follow
     python bench/compositional.py                          # hci_order_hard, the most expensive variant
     python bench/compositional.py --variant clip --variant hci
     python bench/compositional.py --variant hci_order_text2 --epochs 3 --set train.text_cache_mb=0
+    # the demo's size and width (240 clips: 168 train; cnn-small width 32, 24 clips a batch): frozen vs top-2 tower
+    python bench/compositional.py --size 240 --set model.audio_width=32 --set train.batch_size=24 \
+        --variant hci --variant hci_text2 --epochs 3
 
 With ``--epochs N`` each epoch's seconds are printed (the text cache fills during the first epochs: a clip's
 caption is drawn from its five each epoch, the validation captions are all held after the first validation).
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (an ablation task uses 1)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--size", type=int, default=None, help="demo clips [the preset's 2000]")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every variant (YAML value), repeatable")
     args = ap.parse_args()
@@ -68,13 +72,16 @@ def main() -> None:
     base = Settings().override(preset.overrides, "preset")
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="compositional_"))
-    data = work / "demo"
+    size = args.size or preset.demo_size
+    data = work / f"demo{size}"
     if not (data / "demo_metadata.json").is_file():
-        make_demo(data, seed=0, size=preset.demo_size, duration=base.audio.duration, sample_rate=8000,
+        make_demo(data, seed=0, size=size, duration=base.audio.duration, sample_rate=8000,
                   progress=False, pairs_in_split=True)
     splits = rows_of(data, base)
+    width = extra.get("model.audio_width", base.model.audio_width)
+    batch = extra.get("train.batch_size", base.train.batch_size)
     print(f"rows: train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])}; "
-          f"{base.audio.duration:g} s clips, width {base.model.audio_width}, batch {base.train.batch_size}, "
+          f"{base.audio.duration:g} s clips, width {width}, batch {batch}, "
           f"{args.threads} thread(s)")
     for name in args.variant or ["hci_order_hard"]:
         cfg = variant_config(base, VARIANTS[name], 0).override(
