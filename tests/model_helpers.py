@@ -13,7 +13,7 @@ def tiny_cfg(text_dir, **over) -> Config:
         "audio.sample_rate": 16000, "audio.hop_length": 160, "audio.n_mels": 16, "audio.duration": 0.64,
         "model.text_encoder": str(text_dir), "model.freeze_text": False, "model.audio_width": 4,
         "model.embed_dim": 16, "model.segment_size": 4, "model.segment_stride": 2, "model.max_words": 12,
-        "train.batch_size": 4, "train.lr": 3e-3,
+        "train.batch_size": 4, "train.lr": 3e-3, "train.text_train_layers": -1,
     }
     base.update(over)
     return Config().override(base)
