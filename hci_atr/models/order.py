@@ -10,8 +10,8 @@ two additions, each optional:
   - ``event_bias``: the same bias, with ``r_p`` the place *in time* of the event the phrase describes, as the
     caption's sequence markers order them (:func:`hci_atr.data.negatives.event_places`: "a knock after a beep" puts
     the beep first), and no bias at all on a phrase whose caption states no order (one event, or markers that
-    disagree) or that frames the sequence ("over a hum,"). ``position_bias`` biases a one-event caption toward the
-    middle of the clip and reads "X after Y" backwards; this mode does neither;
+    disagree) or that frames the sequence ("over a hum,"). ``position_bias`` biases a one-event caption's phrases
+    toward their places in the caption, wherever the event is, and reads "X after Y" backwards; this does neither;
   - ``soft_dtw``: the text -> audio half becomes a monotonic soft alignment: phrases in caption order take segments
     in clip order, ``D[p, s] = w_p sim[s, p] + g_p * logcumsumexp_s(D[p-1] / g_p)``, ``g_p = gamma * w_p``, scored at
     the last phrase's best segment (a soft-DTW over paths that may skip segments; gamma learnt);
