@@ -88,9 +88,11 @@ def train_and_evaluate(cfg: Settings, train_rows: list[dict], val_rows: list[dic
                           f"{len(train_rows)}/{len(val_rows)}/{len(test_rows)}); use a larger dataset or --size")
     train_rows = sorted(train_rows, key=lambda r: str(r["audio_id"]))
     model = seeded_model(cfg)
-    progress = None if label is None else (lambda end: print(epoch_line(label, end, tc.epochs, tc.early_stopping_patience),
-                                                          flush=True))
-    hooks = InProcess(cfg, train_rows, val_rows, batch_size=min(tc.batch_size, len(train_rows)), progress=progress)
+    def progress(end) -> None:
+        print(epoch_line(label, end, tc.epochs, tc.early_stopping_patience), flush=True)
+
+    hooks = InProcess(cfg, train_rows, val_rows, batch_size=min(tc.batch_size, len(train_rows)),
+                      progress=None if label is None else progress)
     result = fit(model, cfg, hooks)
     state = result.state
     hooks.restore_best(model)

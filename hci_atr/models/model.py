@@ -41,7 +41,7 @@ from hci_atr.losses import (LevelTemperatures, group_hard_negatives, hard_negati
 from hci_atr.models.ac import CaptionFusion, branch_similarity
 from hci_atr.models.audio_encoder import AudioEncoder, load_panns_checkpoint
 from hci_atr.models.hci import LEVELS, clip_similarity, fuse, masked_mean, segment_pool, set_similarity
-from hci_atr.models.order import ConcurrencyTagger, SegmentOrder, unit_set_similarity
+from hci_atr.models.order import ConcurrencyTagger, SegmentOrder, phrase_places, unit_set_similarity
 from hci_atr.models.temporal import TemporalContext
 from hci_atr.models.text_encoder import TextBatch, TextEncoder
 from hci_atr.models.weighting import UnitWeights, calibrated_fuse
@@ -240,8 +240,8 @@ class HciAtrModel(nn.Module):
             words=_norm(self.word_head(words)) * wm[..., None].to(words.dtype),
             word_mask=wm,
             phrase_concurrent=None if self._tagger is None else self._tagger(batch),
-            phrase_place=self._tagger.places(batch) if self.cfg.model.segment_order == "event_bias" and
-            self._tagger is not None else None,
+            phrase_place=phrase_places(batch.texts, batch.phrase_matrix, batch.phrase_mask)
+            if self.segment_order is not None and self.segment_order.mode == "event_bias" else None,
         )
 
     @torch.no_grad()

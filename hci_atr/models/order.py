@@ -112,11 +112,6 @@ class ConcurrencyTagger:
         return concurrent_phrases(batch.phrase_matrix, batch.phrase_mask, conc, seq,
                                   clause_starts(getattr(batch, "texts", None), batch.word_mask))
 
-    @staticmethod
-    def places(batch) -> torch.Tensor:
-        """TextBatch -> [B, P] float: each phrase's place in time (:func:`phrase_places`)."""
-        return phrase_places(batch.texts, batch.phrase_matrix, batch.phrase_mask)
-
 
 def phrase_places(texts: list[str], phrase_matrix: torch.Tensor, phrase_mask: torch.Tensor) -> torch.Tensor:
     """[B, P]: the place in time (in (0, 1)) of the event each phrase describes

@@ -25,9 +25,6 @@ import torch
 
 from hci_atr.data.text import split_words
 
-MINING_MODES = ("none", "text")
-
-
 def caption_vectors(captions: Sequence[Sequence[str]], dim: int = 1024) -> np.ndarray:
     """Each clip's captions -> [N, dim] float32, L2-normalised (zero for a clip without words): lower-cased words
     hashed (crc32) into ``dim`` buckets, counts over all the clip's captions, times idf ``log((1 + N) / (1 + df)) + 1``
